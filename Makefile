@@ -1,0 +1,39 @@
+# make demo  — build a tiny random model, start a local swarm, generate through it
+# make test  — lint, type-check and run the test suite
+# make bench — run the benchmarks under bench/
+# make proto — regenerate swarm/_proto from proto/swarm/v1
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench proto clean
+
+# The venv is (re)built when pyproject.toml changes. torch is installed first and
+# pinned: a CPU build of 2.13.0 is on these machines, while an unpinned `torch`
+# would pull several GB of CUDA wheels.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m swarm.demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: lint
+	$(VENV)/bin/pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/codecs.py
+
+proto: $(STAMP)
+	$(PY) proto/generate.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Swarm coordinator: swarm map, routing policies, failover."""

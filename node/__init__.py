@@ -1,0 +1,1 @@
+"""Swarm node: what a volunteer runs (`swarm-node join`)."""

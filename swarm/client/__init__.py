@@ -1,0 +1,1 @@
+"""Client library: run a model whose blocks are served by a swarm."""

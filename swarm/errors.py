@@ -1,0 +1,80 @@
+"""One exception hierarchy for the whole project.
+
+Callers catch `SwarmError` for anything Swarm raises on purpose. Subclasses say what
+went wrong in terms a user can act on; `retryable` tells the single retry policy
+(`swarm.retry`) whether trying again, possibly elsewhere, can help.
+"""
+
+from __future__ import annotations
+
+
+class SwarmError(Exception):
+    """Base class of every error Swarm raises deliberately."""
+
+    retryable: bool = False
+
+
+class ConfigError(SwarmError, ValueError):
+    """A configuration value is invalid (the message shows the numbers)."""
+
+
+class CheckpointError(SwarmError):
+    """A checkpoint is missing, incomplete or corrupt (the message names the file)."""
+
+
+class ProtocolError(SwarmError):
+    """A message on the wire is malformed, of another protocol version, or out of limits."""
+
+
+class PeerUnavailable(SwarmError):
+    """A peer could not be reached or failed mid-request; another peer may work."""
+
+    retryable = True
+
+
+class MissingBlocksError(SwarmError):
+    """No server in the swarm currently serves some blocks of the model."""
+
+    retryable = True
+
+    def __init__(self, model: str, blocks: list[int]) -> None:
+        self.model = model
+        self.blocks = sorted(blocks)
+        super().__init__(
+            f"no server in the swarm serves blocks {_ranges(self.blocks)} of model {model!r}; "
+            "start a node for them (swarm-node join --blocks START:END) or check --initial-peers"
+        )
+
+
+class DHTError(SwarmError):
+    """The DHT could not be started or reached."""
+
+    retryable = True
+
+
+class RemoteError(SwarmError):
+    """A node refused or failed a request; `code` is the gRPC status name."""
+
+    def __init__(self, peer: str, code: str, details: str, retryable: bool) -> None:
+        self.peer = peer
+        self.code = code
+        self.details = details
+        self.retryable = retryable
+        super().__init__(f"{peer}: {code}: {details}")
+
+
+def _ranges(blocks: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0:3, 5:6' (half-open spans, as the CLI takes them)."""
+    spans: list[str] = []
+    start = prev = None
+    for b in blocks:
+        if start is None:
+            start = prev = b
+        elif prev is not None and b == prev + 1:
+            prev = b
+        else:
+            spans.append(f"{start}:{prev + 1}" if prev is not None else "")
+            start = prev = b
+    if start is not None and prev is not None:
+        spans.append(f"{start}:{prev + 1}")
+    return ", ".join(spans)
