@@ -26,6 +26,15 @@ class ProtocolError(SwarmError):
     """A message on the wire is malformed, of another protocol version, or out of limits."""
 
 
+class LimitExceeded(ProtocolError):
+    """A request is well-formed but exceeds a limit of the node (size, batch, session length, cache).
+
+    Retryable: another node (with more free cache, say) may accept it.
+    """
+
+    retryable = True
+
+
 class PeerUnavailable(SwarmError):
     """A peer could not be reached or failed mid-request; another peer may work."""
 

@@ -1,0 +1,171 @@
+"""`DistributedModelForCausalLM`: a causal LM whose transformer blocks run in the swarm.
+
+Embeddings, the final norm and the LM head are loaded and run locally; every block runs
+on remote nodes found through the DHT. The public methods are synchronous, mirroring
+transformers; all network I/O happens on the client's background event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from hivemind.dht import DHT
+
+from swarm import checkpoint
+from swarm.client.config import ClientConfig
+from swarm.client.loop import run_sync
+from swarm.client.remote import ChannelPool, remote_forward
+from swarm.client.session import InferenceSession
+from swarm.coordinator.routing import min_latency_route
+from swarm.coordinator.swarm_map import SwarmMapCache
+from swarm.errors import ConfigError, MissingBlocksError
+from swarm.generation import SamplingConfig, generate_tokens
+from swarm.models.llama import ClientParts, LlamaConfig
+
+
+class DistributedModelForCausalLM:
+    def __init__(
+        self,
+        model_name: str,
+        config: LlamaConfig,
+        parts: ClientParts,
+        dht: DHT,
+        client_config: ClientConfig,
+    ) -> None:
+        self.model_name = model_name
+        self.config = config
+        self.parts = parts
+        self.dht = dht
+        self.client_config = client_config
+        self.swarm_map = SwarmMapCache(dht, model_name, config.num_hidden_layers, ttl=client_config.swarm_map_ttl)
+        self.pool = ChannelPool(client_config)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        initial_peers: Sequence[str] = (),
+        *,
+        client_config: ClientConfig | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> DistributedModelForCausalLM:
+        """Load the local parts of a model and find servers for all of its blocks.
+
+        Raises MissingBlocksError (naming the blocks) if the swarm does not serve them all.
+        """
+        from swarm.dht import start_dht
+
+        client_config = client_config or ClientConfig()
+        if not initial_peers:
+            raise ConfigError("initial_peers is empty: pass the multiaddr of at least one swarm peer")
+        ckpt = checkpoint.open_checkpoint(name_or_path)
+        parts = checkpoint.load_client_parts(ckpt, dtype=dtype)
+        dht = start_dht(
+            initial_peers=initial_peers, client_mode=True, startup_timeout=client_config.dht_startup_timeout
+        )
+        model = cls(checkpoint.model_name(name_or_path), ckpt.config, parts, dht, client_config)
+        try:
+            run_sync(model._await_coverage())
+        except BaseException:
+            model.shutdown()
+            raise
+        return model
+
+    async def _await_coverage(self) -> None:
+        deadline = time.monotonic() + self.client_config.wait_for_blocks
+        while True:
+            missing = (await self.swarm_map.get(refresh=True)).missing_blocks()
+            if not missing:
+                return
+            if time.monotonic() >= deadline:
+                raise MissingBlocksError(self.model_name, missing)
+            await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+    # ---- inference ----------------------------------------------------------------------------
+
+    @contextmanager
+    def inference_session(self, max_length: int, batch_size: int = 1) -> Iterator[InferenceSession]:
+        """A KV-cache session through the swarm; use `step` via `generate(session=...)`."""
+        if max_length < 1:
+            raise ConfigError(f"max_length must be >= 1, got {max_length}")
+        session = InferenceSession(
+            self.pool, self.swarm_map, self.client_config, batch_size=batch_size, max_length=max_length
+        )
+        run_sync(session.open())
+        try:
+            yield session
+        finally:
+            run_sync(session.close())
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 20,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 50,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        on_tokens: Callable[[torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """Return prompt + up to `max_new_tokens` new tokens [batch, total], like transformers."""
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        cfg = SamplingConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_ids=self.config.eos_token_ids,
+            seed=seed,
+        )
+        max_length = input_ids.shape[1] + max_new_tokens
+        with self.inference_session(max_length, batch_size=input_ids.shape[0]) as session:
+
+            def step(new_ids: torch.Tensor, start: int) -> torch.Tensor:
+                hidden = self.parts.embed(new_ids)
+                hidden = run_sync(session.step(hidden))
+                return self.parts.logits(hidden[:, -1:])[:, -1]
+
+            return generate_tokens(step, input_ids, cfg, on_tokens)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, length, vocab] for a full sequence, through Forward RPCs."""
+        hidden = self.parts.embed(input_ids)
+        hidden = run_sync(self._forward_blocks(hidden))
+        return self.parts.logits(hidden)
+
+    __call__ = forward
+
+    async def _forward_blocks(self, hidden: torch.Tensor) -> torch.Tensor:
+        route = min_latency_route(await self.swarm_map.get())
+        for hop in route:
+            hidden = await self.client_config.retry.run(
+                lambda _attempt, hop=hop, x=hidden: remote_forward(
+                    self.pool, self.model_name, hop, x, self.client_config
+                )
+            )
+        return hidden
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        try:
+            run_sync(self.pool.close(), timeout=10)
+        finally:
+            self.dht.shutdown()
+
+    def __enter__(self) -> DistributedModelForCausalLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

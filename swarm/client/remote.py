@@ -1,0 +1,146 @@
+"""gRPC calls to one node: unary Forward/Backward and the Inference stream.
+
+gRPC failures are translated here, once, into the exception hierarchy: a status that
+means "this peer failed" (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, CANCELLED,
+INTERNAL, UNKNOWN) becomes a retryable error, so the retry policy may go elsewhere;
+INVALID_ARGUMENT and friends mean our request is wrong and are raised as they are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import torch
+
+import swarm
+from swarm import wire
+from swarm._proto import swarm_pb2, swarm_pb2_grpc
+from swarm.client.config import ClientConfig
+from swarm.coordinator.routing import Hop
+from swarm.errors import PeerUnavailable, ProtocolError, RemoteError
+
+RETRYABLE_CODES = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.ABORTED,
+}
+
+
+def translate_rpc_error(peer: str, error: grpc.aio.AioRpcError) -> RemoteError:
+    code = error.code()
+    return RemoteError(peer, code.name, error.details() or "", retryable=code in RETRYABLE_CODES)
+
+
+class ChannelPool:
+    """One channel per node address, reused by every call of this client."""
+
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def stub(self, address: str) -> swarm_pb2_grpc.BlockServiceStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            options = [
+                ("grpc.max_receive_message_length", self.config.max_message_bytes),
+                ("grpc.max_send_message_length", self.config.max_message_bytes),
+                ("grpc.keepalive_time_ms", 10_000),
+                ("grpc.keepalive_timeout_ms", 5_000),
+            ]
+            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=options)
+        return swarm_pb2_grpc.BlockServiceStub(channel)
+
+    async def close(self) -> None:
+        channels, self._channels = self._channels, {}
+        for channel in channels.values():
+            await channel.close()
+
+
+def request_header(model: str, hop: Hop, codec: str) -> swarm_pb2.RequestHeader:
+    return swarm_pb2.RequestHeader(
+        protocol_version=swarm.PROTOCOL_VERSION,
+        model=model,
+        span=swarm_pb2.Span(start=hop.start, end=hop.end),
+        response_codec=wire.parse_codec(codec),  # type: ignore[arg-type]
+    )
+
+
+async def remote_forward(
+    pool: ChannelPool, model: str, hop: Hop, hidden: torch.Tensor, config: ClientConfig
+) -> torch.Tensor:
+    request = swarm_pb2.ForwardRequest(
+        header=request_header(model, hop, config.codec), hidden_states=wire.encode_tensor(hidden, config.codec)
+    )
+    stub = pool.stub(hop.server.grpc_address)
+    try:
+        response = await stub.Forward(request, timeout=config.request_timeout)
+    except grpc.aio.AioRpcError as e:
+        raise translate_rpc_error(hop.peer_id, e) from None
+    return wire.decode_tensor(response.hidden_states)
+
+
+class InferenceStream:
+    """One Inference stream = one KV-cache session on one node for blocks [hop.start, hop.end)."""
+
+    def __init__(self, pool: ChannelPool, model: str, hop: Hop, config: ClientConfig, batch_size: int, max_length: int):
+        self.pool, self.model, self.hop, self.config = pool, model, hop, config
+        self.batch_size, self.max_length = batch_size, max_length
+        self.position = 0
+        self._call: Any = None
+        self._step_id = 0
+
+    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Send new hidden states [batch, new_tokens, hidden]; get the span's outputs for them."""
+        self._step_id += 1
+        request = swarm_pb2.InferenceRequest(
+            step=swarm_pb2.InferenceStep(
+                hidden_states=wire.encode_tensor(hidden, self.config.codec),
+                position=self.position,
+                step_id=self._step_id,
+            )
+        )
+        if self._call is None:
+            self._call = self.pool.stub(self.hop.server.grpc_address).Inference()
+            request.header.CopyFrom(request_header(self.model, self.hop, self.config.codec))
+            request.open.CopyFrom(swarm_pb2.InferenceOpen(max_length=self.max_length, batch_size=self.batch_size))
+        try:
+            await asyncio.wait_for(self._call.write(request), self.config.request_timeout)
+            response = await asyncio.wait_for(self._call.read(), self.config.request_timeout)
+        except grpc.aio.AioRpcError as e:
+            raise translate_rpc_error(self.hop.peer_id, e) from None
+        except TimeoutError:
+            raise PeerUnavailable(
+                f"{self.hop.peer_id} did not answer an inference step within {self.config.request_timeout} s"
+            ) from None
+        if response is grpc.aio.EOF:
+            raise await self._stream_error()
+        if response.step_id != self._step_id:
+            raise ProtocolError(f"{self.hop.peer_id} answered step {response.step_id}, expected {self._step_id}")
+        self.position += hidden.shape[1]
+        return wire.decode_tensor(response.hidden_states)
+
+    async def _stream_error(self) -> Exception:
+        """The server ended the stream: report its status (or that it simply went away)."""
+        try:
+            code = await self._call.code()
+            details = await self._call.details()
+        except grpc.aio.AioRpcError as e:
+            return translate_rpc_error(self.hop.peer_id, e)
+        if code == grpc.StatusCode.OK:
+            return PeerUnavailable(f"{self.hop.peer_id} closed the inference stream")
+        return RemoteError(self.hop.peer_id, code.name, details or "", retryable=code in RETRYABLE_CODES)
+
+    async def close(self) -> None:
+        call, self._call = self._call, None
+        if call is not None:
+            try:
+                await call.done_writing()
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError):
+                pass
+            call.cancel()

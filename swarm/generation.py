@@ -1,0 +1,113 @@
+"""Token selection and the decoding loop, shared by the local model and the swarm client.
+
+The loop is written once against a `step` callable (new token ids + their start position
+-> logits of the last position), so local and distributed generation cannot drift apart:
+the demo's local baseline and the client decode through exactly this code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from swarm.errors import ConfigError
+
+# step(new_ids [batch, new_tokens], start) -> logits [batch, vocab] for the last new token
+StepFn = Callable[[torch.Tensor, int], torch.Tensor]
+# on_tokens(tokens [batch]) is called after each decoding step (streaming)
+TokenCallback = Callable[[torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick the next token; defaults match transformers' `generate`."""
+
+    max_new_tokens: int = 20
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ConfigError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.do_sample and not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def select_next_token(
+    logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """logits [batch, vocab] -> token ids [batch] (greedy, or sampled with temperature/top-k/top-p)."""
+    logits = logits.float()
+    if not cfg.do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits / cfg.temperature
+    if 0 < cfg.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token once the mass *before* it already reaches top_p (the first token always stays)
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= cfg.top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def generate_tokens(
+    step: StepFn,
+    input_ids: torch.Tensor,
+    cfg: SamplingConfig,
+    on_tokens: TokenCallback | None = None,
+) -> torch.Tensor:
+    """Decode up to `cfg.max_new_tokens` tokens; returns prompt + new tokens [batch, total].
+
+    Like transformers, a sequence that produced an EOS token is padded afterwards, and the
+    loop stops early once every sequence has finished.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ConfigError(f"input_ids must be [batch, length>0], got shape {list(input_ids.shape)}")
+    generator = None
+    if cfg.seed is not None:
+        generator = torch.Generator().manual_seed(cfg.seed)
+    eos = torch.tensor(cfg.eos_token_ids, dtype=torch.long)
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_ids or (0,))[0]
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    out = input_ids
+    new_ids, position = input_ids, 0
+    for _ in range(cfg.max_new_tokens):
+        logits = step(new_ids, position)
+        token = select_next_token(logits, cfg, generator)
+        token = torch.where(finished, torch.full_like(token, pad), token)
+        out = torch.cat([out, token[:, None]], dim=1)
+        if on_tokens is not None:
+            on_tokens(token)
+        position += new_ids.shape[1]
+        new_ids = token[:, None]
+        if eos.numel():
+            finished |= torch.isin(token, eos)
+            if bool(finished.all()):
+                break
+    return out
+
+
+def eos_ids(values: Sequence[int] | int | None) -> tuple[int, ...]:
+    """Normalise an eos_token_id setting (int, list or None) to a tuple."""
+    if values is None:
+        return ()
+    if isinstance(values, int):
+        return (values,)
+    return tuple(int(v) for v in values)
