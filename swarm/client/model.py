@@ -24,7 +24,7 @@ from swarm.client.session import InferenceSession
 from swarm.coordinator.routing import min_latency_route
 from swarm.coordinator.swarm_map import SwarmMapCache
 from swarm.errors import ConfigError, MissingBlocksError
-from swarm.generation import SamplingConfig, generate_tokens
+from swarm.generation import SamplingConfig, eos_ids, generate_tokens
 from swarm.models.llama import ClientParts, LlamaConfig
 
 
@@ -113,9 +113,13 @@ class DistributedModelForCausalLM:
         top_k: int = 50,
         top_p: float = 1.0,
         seed: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
         on_tokens: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
-        """Return prompt + up to `max_new_tokens` new tokens [batch, total], like transformers."""
+        """Return prompt + up to `max_new_tokens` new tokens [batch, total], like transformers.
+
+        Stops at the checkpoint's EOS token(s) unless `eos_token_id` overrides them (`[]`: never stop early).
+        """
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         cfg = SamplingConfig(
@@ -124,7 +128,7 @@ class DistributedModelForCausalLM:
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
-            eos_token_ids=self.config.eos_token_ids,
+            eos_token_ids=self.config.eos_token_ids if eos_token_id is None else eos_ids(eos_token_id),
             seed=seed,
         )
         max_length = input_ids.shape[1] + max_new_tokens

@@ -1,0 +1,117 @@
+"""Start and stop a swarm of local processes: used by `make demo`, the tests and bench/.
+
+Each process is a real `swarm-node` started with `--ready-file`; we wait for that file
+(checking the process is still alive) instead of sleeping, and stop only the processes
+we started, by PID: SIGTERM first, SIGKILL if they do not exit in time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from swarm.errors import SwarmError
+
+
+@dataclass
+class NodeProcess:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class LocalSwarm:
+    def __init__(self, workdir: Path, *, ready_timeout: float = 240.0, env: dict[str, str] | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.ready_timeout = ready_timeout
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.processes: list[NodeProcess] = []
+        self.initial_peers: list[str] = []
+
+    def _start(self, name: str, args: Sequence[str]) -> NodeProcess:
+        ready = self.workdir / f"{name}.ready.json"
+        ready.unlink(missing_ok=True)
+        log_path = self.workdir / f"{name}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "swarm.node.cli", *args, "--ready-file", str(ready)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                start_new_session=True,  # Ctrl-C in a terminal reaches only us; we stop children ourselves
+            )
+        node = NodeProcess(name, proc, log_path)
+        self.processes.append(node)
+        node.info = self._await_ready(node, ready)
+        return node
+
+    def _await_ready(self, node: NodeProcess, ready: Path) -> dict[str, Any]:
+        deadline = time.monotonic() + self.ready_timeout
+        while not ready.exists():
+            try:
+                code = node.proc.wait(timeout=0.05)  # doubles as the poll interval
+            except subprocess.TimeoutExpired:
+                code = None
+            if code is not None:
+                raise SwarmError(f"{node.name} exited with code {code} before it was ready:\n{node.log_tail()}")
+            if time.monotonic() > deadline:
+                raise SwarmError(f"{node.name} was not ready within {self.ready_timeout} s:\n{node.log_tail()}")
+        info: dict[str, Any] = json.loads(ready.read_text())
+        return info
+
+    def start_dht(self, name: str = "dht") -> NodeProcess:
+        node = self._start(name, ["dht", "--host", "127.0.0.1", "--port", "0"])
+        self.initial_peers = list(node.info["maddrs"])
+        return node
+
+    def start_node(self, model: str | Path, blocks: str, *extra: str, name: str | None = None) -> NodeProcess:
+        if not self.initial_peers:
+            raise SwarmError("start_dht() first: nodes need an initial peer")
+        name = name or f"node-{blocks.replace(':', '-')}-{len(self.processes)}"
+        args = ["join", "--model", str(model), "--blocks", blocks, "--initial-peers", *self.initial_peers, *extra]
+        return self._start(name, args)
+
+    def stop(self, node: NodeProcess, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Send `sig` to one of our processes and wait; SIGKILL if it outlives `timeout`."""
+        if node.proc.poll() is None:
+            node.proc.send_signal(sig)
+            try:
+                node.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                node.proc.kill()
+                node.proc.wait()
+        return node.proc.returncode
+
+    def close(self) -> None:
+        for node in reversed(self.processes):  # nodes before the DHT they announce to
+            if node.proc.poll() is None:
+                node.proc.send_signal(signal.SIGTERM)
+        for node in reversed(self.processes):
+            self.stop(node)
+
+    def __enter__(self) -> LocalSwarm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
