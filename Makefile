@@ -21,10 +21,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m swarm.demo
 
+# mypy cannot follow setuptools' package-dir mapping (node/ -> swarm.node), so it checks a
+# tree of symlinks laid out as the installed package is.
+TYPECHECK := build/typecheck
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/swarm
+	for f in swarm/*; do ln -s "$$PWD/$$f" $(TYPECHECK)/swarm/; done
+	ln -s "$$PWD/node" $(TYPECHECK)/swarm/node && ln -s "$$PWD/coordinator" $(TYPECHECK)/swarm/coordinator
+	MYPYPATH=$(TYPECHECK) $(VENV)/bin/mypy $(TYPECHECK)/swarm tests bench
 
 test: lint
 	$(VENV)/bin/pytest -q

@@ -9,8 +9,9 @@ import heapq
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from swarm.errors import MissingBlocksError
 from swarm.records import ServerRecord, ServerState
+
+from swarm.errors import MissingBlocksError
 
 # Cost assumed for a server whose throughput or RTT has not been measured yet.
 DEFAULT_BLOCK_THROUGHPUT = 100.0  # tokens/s through one block
@@ -32,9 +33,11 @@ class SwarmMap:
     def servers_for(self, block: int) -> list[ServerRecord]:
         return [s for s in self.online() if s.start <= block < s.end]
 
-    def missing_blocks(self, start: int = 0, end: int | None = None, banned: frozenset[str] = frozenset()) -> list[int]:
+    def missing_blocks(
+        self, start: int = 0, end: int | None = None, banned: frozenset[str] = frozenset()
+    ) -> list[int]:
         end = self.num_blocks if end is None else end
-        covered = set()
+        covered: set[int] = set()
         for s in self.online():
             if s.peer_id not in banned:
                 covered.update(range(max(s.start, start), min(s.end, end)))
@@ -90,7 +93,11 @@ def min_latency_route(
                 continue
             per_block = 1.0 / (s.compute_throughput or DEFAULT_BLOCK_THROUGHPUT)
             for j in range(i + 1, min(s.end, end) + 1):
-                candidate = (cost + rtt.get(s.peer_id, DEFAULT_RTT) + (j - i) * per_block, hops + 1, s.peer_id)
+                candidate = (
+                    cost + rtt.get(s.peer_id, DEFAULT_RTT) + (j - i) * per_block,
+                    hops + 1,
+                    s.peer_id,
+                )
                 if candidate < best.get(j, (float("inf"), 0, "")):
                     best[j] = candidate
                     came_from[j] = Hop(s, i, j)

@@ -10,7 +10,6 @@ JSON to --ready-file, so scripts and tests wait for readiness instead of sleepin
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -21,9 +20,10 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
+from swarm.node.config import DHTPeerConfig, NodeConfig
+
 from swarm.cli_args import add_config_arguments, config_from_args
 from swarm.errors import SwarmError
-from swarm.node.config import DHTPeerConfig, NodeConfig
 
 log = logging.getLogger("swarm.node")
 
@@ -60,7 +60,9 @@ def run_dht(cfg: DHTPeerConfig) -> int:
         initial_peers=cfg.initial_peers, host=cfg.host, port=cfg.port, startup_timeout=cfg.startup_timeout
     )
     try:
-        announce_ready({"peer_id": str(dht.peer_id), "maddrs": visible_maddrs(dht), "pid": os.getpid()}, cfg.ready_file)
+        announce_ready(
+            {"peer_id": str(dht.peer_id), "maddrs": visible_maddrs(dht), "pid": os.getpid()}, cfg.ready_file
+        )
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
@@ -74,7 +76,6 @@ def run_dht(cfg: DHTPeerConfig) -> int:
 
 def run_join(cfg: NodeConfig) -> int:
     import uvloop
-
     from swarm.dht import start_dht
     from swarm.node.runtime import serve
     from swarm.records import NodeIdentity

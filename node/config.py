@@ -65,7 +65,9 @@ class NodeConfig:
     announce_period: float = field(default=30.0, metadata=_help("seconds between DHT announcements"))
     max_batch: int = field(default=32, metadata=_help("largest batch a request may carry"))
     max_tokens: int = field(default=8192, metadata=_help("largest batch x length a request may carry"))
-    max_session_length: int = field(default=4096, metadata=_help("largest max_length of an inference session"))
+    max_session_length: int = field(
+        default=4096, metadata=_help("largest max_length of an inference session")
+    )
     max_message_bytes: int = field(default=256 * MiB, metadata=_help("largest gRPC message accepted or sent"))
     cache_bytes: int = field(default=2 * GiB, metadata=_help("KV-cache budget shared by inference sessions"))
     session_idle_timeout: float = field(

@@ -14,22 +14,24 @@ import torch
 from grpc_health.v1 import health_pb2
 from hivemind.dht import DHT
 from rich.progress import Progress
+from swarm.node.backend import BlockBackend, resolve_device, resolve_dtype
+from swarm.node.config import NodeConfig
+from swarm.node.server import SERVICE_NAME, BlockServicer, ServerLimits, start_grpc_server
+from swarm.records import NodeIdentity, ServerRecord, ServerState, announce, withdraw
 
 import swarm
 from swarm import checkpoint
 from swarm.errors import ConfigError
 from swarm.models.llama import LlamaBlock
-from swarm.node.backend import BlockBackend, resolve_device, resolve_dtype
-from swarm.node.config import NodeConfig
-from swarm.node.server import SERVICE_NAME, BlockServicer, ServerLimits, start_grpc_server
-from swarm.records import NodeIdentity, ServerRecord, ServerState, announce, withdraw
 
 log = logging.getLogger("swarm.node")
 # Records live this many announce periods, so one lost announcement does not drop the node.
 RECORD_TTL_PERIODS = 2.5
 
 
-def load_span(ckpt: checkpoint.Checkpoint, start: int, end: int, dtype: torch.dtype, device: torch.device) -> list[LlamaBlock]:
+def load_span(
+    ckpt: checkpoint.Checkpoint, start: int, end: int, dtype: torch.dtype, device: torch.device
+) -> list[LlamaBlock]:
     """Load blocks one at a time behind a progress bar (big spans take minutes to read)."""
     blocks: list[LlamaBlock] = []
     with Progress(transient=True) as progress:
@@ -67,7 +69,9 @@ async def serve(
     blocks = load.result()
     log.info("loaded blocks %d:%d of %s (%s on %s)", start, end, model_name, dtype, device)
 
-    backend = BlockBackend(ckpt.config, blocks, start, dtype=dtype, device=device, cache_bytes=cfg.cache_bytes)
+    backend = BlockBackend(
+        ckpt.config, blocks, start, dtype=dtype, device=device, cache_bytes=cfg.cache_bytes
+    )
     limits = ServerLimits(cfg.max_batch, cfg.max_tokens, cfg.max_session_length, cfg.max_message_bytes)
     servicer = BlockServicer(backend, model_name, str(dht.peer_id), limits)
     server, port, health = await start_grpc_server(servicer, cfg.host, cfg.port, cfg.max_message_bytes)
@@ -106,7 +110,9 @@ async def serve(
         try:
             await asyncio.wait_for(withdraw(dht, identity, record), timeout=5)
         except Exception as e:  # records expire on their own; never fail the shutdown over it
-            log.warning("could not withdraw records (%s); they expire in %.0f s", e, cfg.announce_period * 2.5)
+            log.warning(
+                "could not withdraw records (%s); they expire in %.0f s", e, cfg.announce_period * 2.5
+            )
         await server.stop(grace=5)
         backend.shutdown()
 

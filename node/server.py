@@ -16,12 +16,12 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from swarm.node.backend import BlockBackend, InferenceSession
 
 import swarm
 from swarm import wire
 from swarm._proto import swarm_pb2, swarm_pb2_grpc
 from swarm.errors import LimitExceeded, ProtocolError
-from swarm.node.backend import BlockBackend, InferenceSession
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = swarm_pb2.DESCRIPTOR.services_by_name["BlockService"].full_name
@@ -80,7 +80,9 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
 
     # ---- RPCs -------------------------------------------------------------------------------
 
-    async def Info(self, request: swarm_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> swarm_pb2.InfoResponse:
+    async def Info(
+        self, request: swarm_pb2.InfoRequest, context: grpc.aio.ServicerContext
+    ) -> swarm_pb2.InfoResponse:
         return swarm_pb2.InfoResponse(
             protocol_version=swarm.PROTOCOL_VERSION,
             model=self.model,
@@ -153,7 +155,8 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
             raise ProtocolError(f"open needs max_length >= 1 and batch_size >= 1, got {max_length}, {batch}")
         if max_length > self.limits.max_session_length:
             raise LimitExceeded(
-                f"max_length {max_length} exceeds this node's max_session_length {self.limits.max_session_length}"
+                f"max_length {max_length} exceeds this node's "
+                f"max_session_length {self.limits.max_session_length}"
             )
         if batch > self.limits.max_batch:
             raise LimitExceeded(f"batch_size {batch} exceeds this node's max_batch {self.limits.max_batch}")
@@ -202,5 +205,3 @@ async def start_grpc_server(
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     return server, bound, health_servicer
-
-

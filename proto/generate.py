@@ -41,7 +41,9 @@ def generate(out: Path = OUT) -> list[Path]:
         out.mkdir(parents=True, exist_ok=True)
         written = []
         for src in sorted(Path(tmp, "swarm", "v1").iterdir()):
-            text = re.sub(r"^from swarm\.v1 import ", "from swarm._proto import ", src.read_text(), flags=re.M)
+            text = re.sub(
+                r"^from swarm\.v1 import ", "from swarm._proto import ", src.read_text(), flags=re.M
+            )
             dst = out / src.name
             dst.write_text(HEADER + text)
             written.append(dst)

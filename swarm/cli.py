@@ -13,6 +13,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from swarm.cli_args import add_config_arguments, config_from_args
 from swarm.errors import ConfigError, SwarmError
@@ -23,7 +24,9 @@ class GenerateConfig:
     model: str = field(metadata={"help": "checkpoint directory or hub id", "metavar": "PATH_OR_ID"})
     initial_peers: tuple[str, ...] = field(metadata={"help": "multiaddrs of swarm peers"})
     prompt_ids: tuple[int, ...] = field(default=(), metadata={"help": "prompt as token ids"})
-    prompt: str | None = field(default=None, metadata={"help": "prompt as text (needs the model's tokenizer.json)"})
+    prompt: str | None = field(
+        default=None, metadata={"help": "prompt as text (needs the model's tokenizer.json)"}
+    )
     max_new_tokens: int = field(default=20, metadata={"help": "tokens to generate"})
     do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
@@ -38,7 +41,7 @@ class GenerateConfig:
             raise ConfigError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
 
 
-def _tokenizer(model: str):  # type: ignore[no-untyped-def]
+def _tokenizer(model: str) -> Any:
     path = Path(model) / "tokenizer.json"
     if not path.exists():
         raise ConfigError(f"--prompt needs a tokenizer, but {path} does not exist; pass --prompt-ids instead")
@@ -80,7 +83,9 @@ def generate(cfg: GenerateConfig) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="swarm", description="Use a model served by a Swarm.")
     commands = parser.add_subparsers(dest="command", required=True)
-    add_config_arguments(commands.add_parser("generate", help="generate text through the swarm"), GenerateConfig)
+    add_config_arguments(
+        commands.add_parser("generate", help="generate text through the swarm"), GenerateConfig
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -36,7 +36,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
         kwargs: dict[str, Any] = {"dest": field.name, "help": field.metadata.get("help", "")}
         if not required:
-            default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+            factory: Any = field.default_factory
+            default = field.default if field.default is not dataclasses.MISSING else factory()
             kwargs["default"] = default
             if kwargs["help"] and default not in (None, (), ""):
                 kwargs["help"] += f" (default: {default})"

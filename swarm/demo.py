@@ -59,7 +59,9 @@ def build_checkpoint(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def local_tokens_per_s(path: Path, input_ids: torch.Tensor, cfg: SamplingConfig) -> tuple[torch.Tensor, float]:
+def local_tokens_per_s(
+    path: Path, input_ids: torch.Tensor, cfg: SamplingConfig
+) -> tuple[torch.Tensor, float]:
     model = checkpoint.load_model(checkpoint.open_checkpoint(path))
     caches = model.new_caches(input_ids.shape[0], input_ids.shape[1] + cfg.max_new_tokens)
 
@@ -82,7 +84,9 @@ def swarm_tokens_per_s(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workdir", default=".demo", help="where the checkpoint and logs go")
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args(argv)
@@ -110,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
     local_out, local_tps = local_tokens_per_s(path, input_ids, cfg)
     same = torch.equal(swarm_out, local_out)
-    print(f"demo: generated {swarm_out.shape[1] - input_ids.shape[1]} tokens: {swarm_out[0, input_ids.shape[1]:].tolist()}")
+    new_tokens = swarm_out[0, input_ids.shape[1] :].tolist()
+    print(f"demo: generated {len(new_tokens)} tokens: {new_tokens}")
     print(f"demo: swarm and local tokens {'match' if same else 'DIFFER'}")
     print(f"demo: swarm {swarm_tps:.1f} tokens/s, local {local_tps:.1f} tokens/s", flush=True)
     return 0 if same else 1

@@ -40,7 +40,9 @@ class NodeProcess:
 
 
 class LocalSwarm:
-    def __init__(self, workdir: Path, *, ready_timeout: float = 240.0, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, *, ready_timeout: float = 240.0, env: dict[str, str] | None = None
+    ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ready_timeout = ready_timeout
@@ -74,9 +76,13 @@ class LocalSwarm:
             except subprocess.TimeoutExpired:
                 code = None
             if code is not None:
-                raise SwarmError(f"{node.name} exited with code {code} before it was ready:\n{node.log_tail()}")
+                raise SwarmError(
+                    f"{node.name} exited with code {code} before it was ready:\n{node.log_tail()}"
+                )
             if time.monotonic() > deadline:
-                raise SwarmError(f"{node.name} was not ready within {self.ready_timeout} s:\n{node.log_tail()}")
+                raise SwarmError(
+                    f"{node.name} was not ready within {self.ready_timeout} s:\n{node.log_tail()}"
+                )
         info: dict[str, Any] = json.loads(ready.read_text())
         return info
 
@@ -89,7 +95,16 @@ class LocalSwarm:
         if not self.initial_peers:
             raise SwarmError("start_dht() first: nodes need an initial peer")
         name = name or f"node-{blocks.replace(':', '-')}-{len(self.processes)}"
-        args = ["join", "--model", str(model), "--blocks", blocks, "--initial-peers", *self.initial_peers, *extra]
+        args = [
+            "join",
+            "--model",
+            str(model),
+            "--blocks",
+            blocks,
+            "--initial-peers",
+            *self.initial_peers,
+            *extra,
+        ]
         return self._start(name, args)
 
     def stop(self, node: NodeProcess, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:

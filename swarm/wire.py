@@ -19,9 +19,12 @@ pages (torch's CPU allocator does not, and page faults then cost more than the c
 from __future__ import annotations
 
 import math
+import threading
 import warnings
+import weakref
+from collections import deque
 from collections.abc import Callable
-from typing import Final
+from typing import Final, cast
 
 import numpy as np
 import torch
@@ -53,6 +56,9 @@ DEFAULT_BLOCK_SIZE: Final = 64
 _INT8_LEVELS: Final = 127.0
 _MAX_BLOCK_SIZE: Final = 2**32 - 1  # Tensor.block_size is a uint32
 _MAX_NDIM: Final = 32
+_DATA_TAG: Final = b"\x0a"  # protobuf key of Tensor.data: field 1, wire type 2 (length-delimited)
+_ALIGN: Final = 16  # numpy's allocations are 16-byte aligned
+_CACHE_GRANULE: Final = 2 << 20  # cached buffer sizes are rounded up to huge pages
 # 2**20 float32 elements = 4 MiB: several such temporaries stay in the L3 cache, and the slices are
 # still large enough for torch's intra-op threads to pay off.
 _CHUNK_ELEMENTS: Final = 1 << 20
@@ -102,7 +108,9 @@ def to_pb_dtype(dtype: torch.dtype) -> int:
         return _DTYPE_TO_PB[dtype]
     except KeyError:
         supported = ", ".join(str(d).removeprefix("torch.") for d in _DTYPE_TO_PB)
-        raise ProtocolError(f"dtype {dtype} cannot be sent on the wire; cast to one of: {supported}") from None
+        raise ProtocolError(
+            f"dtype {dtype} cannot be sent on the wire; cast to one of: {supported}"
+        ) from None
 
 
 def from_pb_dtype(value: int) -> torch.dtype:
@@ -141,20 +149,23 @@ def encode_tensor(
     pb_dtype = to_pb_dtype(t.dtype)
     if not t.is_floating_point():
         codec_value = swarm_pb2.CODEC_NONE
+    if codec_value != swarm_pb2.CODEC_INT8_BLOCKWISE:
+        block_size = 0
+    elif not 0 < block_size <= _MAX_BLOCK_SIZE:
+        raise ConfigError(f"int8 block_size must be in [1, {_MAX_BLOCK_SIZE}], got {block_size}")
     t = t.detach()
-    if codec_value == swarm_pb2.CODEC_INT8_BLOCKWISE:
-        if not 0 < block_size <= _MAX_BLOCK_SIZE:
-            raise ConfigError(f"int8 block_size must be in [1, {_MAX_BLOCK_SIZE}], got {block_size}")
-        data = _encode_int8(t, block_size)
-    elif codec_value in _HALF_CODEC_DTYPE:
-        data = _encode_as(t, _HALF_CODEC_DTYPE[codec_value])
-        block_size = 0
-    else:
-        data = _encode_as(t, t.dtype)
-        block_size = 0
-    return swarm_pb2.Tensor(
-        data=data, shape=list(t.shape), dtype=pb_dtype, codec=codec_value, block_size=block_size
+    header = swarm_pb2.Tensor(
+        shape=list(t.shape),
+        dtype=cast(swarm_pb2.DType, pb_dtype),  # plain ints at runtime; the stubs want their enum types
+        codec=cast(swarm_pb2.Codec, codec_value),
+        block_size=block_size,
     )
+    nbytes = _expected_nbytes(codec_value, t.dtype, t.numel(), block_size)
+    if codec_value == swarm_pb2.CODEC_INT8_BLOCKWISE:
+        return _serialize_into(header, nbytes, lambda data: _encode_int8(t, block_size, data))
+    target = _HALF_CODEC_DTYPE.get(codec_value, t.dtype)
+    # One copy_ gathers strides, casts and moves off the GPU at once.
+    return _serialize_into(header, nbytes, lambda data: data.view(target).view(t.shape).copy_(t))
 
 
 def _resolve_codec(codec: int | str) -> int:
@@ -162,44 +173,35 @@ def _resolve_codec(codec: int | str) -> int:
         return parse_codec(codec)
     if codec not in _CODEC_LABELS:
         raise ConfigError(f"unknown codec value {codec}; valid: {CODEC_NAMES}")
-    return int(codec)
+    return codec
 
 
-def _encode_as(t: torch.Tensor, dtype: torch.dtype) -> bytes:
-    """Raw bytes of `t` cast to `dtype` (a same-dtype contiguous CPU tensor is not copied before bytes)."""
-    if t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu":
-        flat = t.reshape(-1)
-    else:
-        flat = _empty(t.numel(), dtype)
-        flat.view(t.shape).copy_(t)  # one pass: gathers strides, casts and moves off the GPU at once
-    return _as_bytes(flat)
-
-
-def _as_bytes(flat: torch.Tensor) -> bytes:
-    # bool and the 16-bit float dtypes have no (or no usable) numpy twin; their bytes do.
-    return flat.view(torch.uint8).numpy().tobytes()
-
-
-def _encode_int8(t: torch.Tensor, block_size: int) -> bytes:
+def _encode_int8(t: torch.Tensor, block_size: int, data: torch.Tensor) -> None:
+    """Write the int8 values, then the float32 absmax of each block, into `data` (uint8, CPU)."""
     n = t.numel()
-    nblocks = -(-n // block_size)
     full = n // block_size * block_size
     src = t.reshape(-1)  # blocks follow the row-major element order; copies only if t is strided
-    out = _empty(n + 4 * nblocks, torch.uint8)
-    q = out[:n].view(torch.int8)
-    absmax = torch.empty(nblocks, dtype=torch.float32, device=t.device)
+    on_cpu = t.device.type == "cpu"
+    q = data[:n].view(torch.int8) if on_cpu else torch.empty(n, dtype=torch.int8, device=t.device)
+    absmax = torch.empty(-(-n // block_size), dtype=torch.float32, device=t.device)
     if full:
-        _quantize(src[:full].view(-1, block_size), q[:full].view(-1, block_size), absmax[: full // block_size])
+        _quantize(
+            src[:full].view(-1, block_size), q[:full].view(-1, block_size), absmax[: full // block_size]
+        )
     if full < n:
         _quantize(src[full:].view(1, -1), q[full:].view(1, -1), absmax[-1:])
-    if not bool(torch.isfinite(absmax).all()):
-        raise ProtocolError("the int8 codec cannot encode NaN or inf values; send this tensor with fp16/bf16/none")
-    out[n:].copy_(absmax.cpu().view(torch.uint8))
-    return _as_bytes(out)
+    # amax propagates NaN and inf, so one reduction over the (64x fewer) scales checks every value.
+    if absmax.numel() and not math.isfinite(absmax.amax().item()):
+        raise ProtocolError(
+            "the int8 codec cannot encode NaN or inf values; send this tensor with fp16/bf16/none"
+        )
+    if not on_cpu:
+        data[:n].view(torch.int8).copy_(q)
+    data[n:].copy_(absmax.cpu().view(torch.uint8))
 
 
 def _quantize(x: torch.Tensor, q: torch.Tensor, absmax: torch.Tensor) -> None:
-    """x [blocks, bs] (float) -> q [blocks, bs] int8 (on CPU) and absmax [blocks] float32, chunk by chunk."""
+    """x [blocks, bs] (float) -> q [blocks, bs] int8 and absmax [blocks] float32, chunk by chunk."""
     rows = max(1, _CHUNK_ELEMENTS // x.shape[1])
     scratch = torch.empty(min(rows, x.shape[0]), x.shape[1], dtype=torch.float32, device=x.device)
     inv = torch.empty(scratch.shape[0], dtype=torch.float32, device=x.device)
@@ -216,6 +218,36 @@ def _quantize(x: torch.Tensor, q: torch.Tensor, absmax: torch.Tensor) -> None:
         torch.reciprocal(am, out=inv_c).mul_(_INT8_LEVELS).nan_to_num_(nan=0.0, posinf=0.0)
         torch.mul(xc, inv_c[:, None], out=tmp).round_()
         q[lo:hi].copy_(tmp)  # |tmp| <= 127 by construction, so the int8 cast never wraps
+
+
+def _serialize_into(
+    header: swarm_pb2.Tensor, nbytes: int, fill: Callable[[torch.Tensor], object]
+) -> swarm_pb2.Tensor:
+    """Build `header` with an `nbytes` payload written by `fill`, copying the payload only once.
+
+    Setting `Tensor.data` from Python costs two full copies (tensor -> bytes -> protobuf). Instead
+    `fill` writes straight into a buffer laid out as a serialized message, field 1 (`data`) first and
+    the other fields after it (protobuf accepts any order), and `FromString` copies that buffer once.
+    """
+    prefix = _DATA_TAG + _varint(nbytes)
+    suffix = header.SerializeToString()  # `data` is still empty, so it is not in here
+    pad = -len(prefix) % _ALIGN  # cache buffers are _ALIGN-aligned: align the payload as well
+    begin, end = pad + len(prefix), pad + len(prefix) + nbytes
+    buffer = _BUFFERS.take(end + len(suffix))
+    buffer[pad:begin] = np.frombuffer(prefix, dtype=np.uint8)
+    buffer[end:] = np.frombuffer(suffix, dtype=np.uint8)
+    fill(torch.from_numpy(buffer[begin:end]))
+    # upb parses any buffer, not just bytes; its stub is narrower than the implementation.
+    return swarm_pb2.Tensor.FromString(cast(bytes, buffer[pad:].data))
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 # ------------------------------------------------------------------------------------- decoding ---
@@ -245,13 +277,16 @@ def _check_header(msg: swarm_pb2.Tensor, max_elements: int | None) -> tuple[torc
     dtype = from_pb_dtype(msg.dtype)
     if msg.codec not in _CODEC_LABELS:
         raise ProtocolError(
-            f"unknown tensor codec {msg.codec} (valid: {CODEC_NAMES}); the peer may run a newer protocol version"
+            f"unknown tensor codec {msg.codec} (valid: {CODEC_NAMES}); "
+            "the peer may run a newer protocol version"
         )
     if msg.codec != swarm_pb2.CODEC_NONE and not dtype.is_floating_point:
         raise ProtocolError(f"codec {codec_label(msg.codec)} applies to floating tensors only, not {dtype}")
     shape = list(msg.shape)
     if len(shape) > _MAX_NDIM or any(d < 0 for d in shape):
-        raise ProtocolError(f"invalid tensor shape {shape[:_MAX_NDIM + 1]}: need at most {_MAX_NDIM} dims, all >= 0")
+        raise ProtocolError(
+            f"invalid tensor shape {shape[: _MAX_NDIM + 1]}: need at most {_MAX_NDIM} dims, all >= 0"
+        )
     numel = math.prod(shape)
     if max_elements is not None and numel > max_elements:
         raise ProtocolError(
@@ -293,14 +328,18 @@ def _decode_int8(data: bytes, dtype: torch.dtype, numel: int, block_size: int) -
     nblocks = -(-numel // block_size)
     # The scales sit right after `numel` bytes, so they may be misaligned: copy them (they are few).
     absmax = torch.from_numpy(np.frombuffer(data, dtype="<f4", count=nblocks, offset=numel).copy())
-    if nblocks and not bool(((absmax >= 0) & torch.isfinite(absmax)).all()):
-        raise ProtocolError("corrupt tensor: int8 block scales must be finite and >= 0")
+    if nblocks:
+        lowest, highest = (v.item() for v in torch.aminmax(absmax))
+        if not (lowest >= 0 and math.isfinite(highest)):  # also false for NaN
+            raise ProtocolError("corrupt tensor: int8 block scales must be finite and >= 0")
     scale = absmax.div_(_INT8_LEVELS)
     q = _readonly(data, torch.int8, numel)
     out = _empty(numel, torch.float32)
     full = numel // block_size * block_size
     if full:
-        _dequantize(q[:full].view(-1, block_size), scale[: full // block_size], out[:full].view(-1, block_size))
+        _dequantize(
+            q[:full].view(-1, block_size), scale[: full // block_size], out[:full].view(-1, block_size)
+        )
     if full < numel:
         _dequantize(q[full:].view(1, -1), scale[-1:], out[full:].view(1, -1))
     return out if dtype == torch.float32 else out.to(dtype)
@@ -334,5 +373,53 @@ def _readonly(data: bytes, dtype: torch.dtype, numel: int, offset: int = 0) -> t
 
 
 def _empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """Uninitialised 1-D CPU tensor whose memory numpy allocated (huge pages for big buffers)."""
-    return torch.from_numpy(np.empty(numel * dtype.itemsize, dtype=np.uint8)).view(dtype)
+    """Uninitialised 1-D CPU tensor on memory from the buffer cache."""
+    return torch.from_numpy(_BUFFERS.take(numel * dtype.itemsize)).view(dtype)
+
+
+class _BufferCache:
+    """Recycles large host buffers, as torch's CUDA allocator does for device memory.
+
+    A fresh multi-MiB allocation is mmap-ed and the kernel zeroes every page on first touch, which
+    costs more than the codecs themselves. Buffers of at least `min_bytes` are handed out as numpy
+    views (numpy also asks for huge pages); when the last tensor using a view dies, its buffer comes
+    back here, and up to `max_bytes` of them are kept for reuse, the oldest dropped first.
+    """
+
+    def __init__(self, min_bytes: int, max_bytes: int) -> None:
+        self._min_bytes, self._max_bytes = min_bytes, max_bytes
+        self._free: deque[np.ndarray] = deque()
+        self._free_bytes = 0
+        # Finalizers run wherever a tensor happens to die, even inside take(): they only append here
+        # (atomic under the GIL) and take() files them under the lock, so nothing can deadlock.
+        self._returned: deque[np.ndarray] = deque()
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """An uninitialised uint8 array of `nbytes`, _ALIGN-aligned."""
+        if nbytes < self._min_bytes:
+            return np.empty(nbytes, dtype=np.uint8)
+        size = -(-nbytes // _CACHE_GRANULE) * _CACHE_GRANULE
+        with self._lock:
+            base = self._reuse(size)
+        if base is None:
+            base = np.empty(size, dtype=np.uint8)
+        view = base[:nbytes]
+        weakref.finalize(view, self._returned.append, base).atexit = False
+        return view
+
+    def _reuse(self, size: int) -> np.ndarray | None:
+        while self._returned:
+            self._free.append(self._returned.popleft())
+            self._free_bytes += self._free[-1].nbytes
+        while self._free_bytes > self._max_bytes:
+            self._free_bytes -= self._free.popleft().nbytes
+        for i, base in enumerate(self._free):
+            if base.nbytes == size:
+                del self._free[i]
+                self._free_bytes -= size
+                return base
+        return None
+
+
+_BUFFERS: Final = _BufferCache(min_bytes=1 << 20, max_bytes=256 << 20)

@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -26,7 +27,9 @@ from tests.checkpoints import make_checkpoint
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-llama", "llama", num_layers=8, eos_token_id=[])
+    return make_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "tiny-llama", "llama", num_layers=8, eos_token_id=[]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +51,9 @@ def node(local_swarm: LocalSwarm, name: str) -> NodeProcess:
     return next(p for p in local_swarm.processes if p.name == name)
 
 
-def test_greedy_generation_matches_transformers(client: DistributedModelForCausalLM, model_path: Path) -> None:
+def test_greedy_generation_matches_transformers(
+    client: DistributedModelForCausalLM, model_path: Path
+) -> None:
     transformers = pytest.importorskip("transformers")
     reference = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     input_ids = torch.tensor([[3, 17, 42, 99, 5, 64]])
@@ -104,19 +109,25 @@ def channel(local_swarm: LocalSwarm) -> Iterator[grpc.Channel]:
 
 
 def header(model: str = "tiny-llama", start: int = 0, end: int = 4, version: int = swarm.PROTOCOL_VERSION):
-    return swarm_pb2.RequestHeader(protocol_version=version, model=model, span=swarm_pb2.Span(start=start, end=end))
+    return swarm_pb2.RequestHeader(
+        protocol_version=version, model=model, span=swarm_pb2.Span(start=start, end=end)
+    )
 
 
-def forward(channel: grpc.Channel, hidden: torch.Tensor, **kw: object) -> torch.Tensor:
+def forward(channel: grpc.Channel, hidden: torch.Tensor, **kw: Any) -> torch.Tensor:
     stub = swarm_pb2_grpc.BlockServiceStub(channel)
-    response = stub.Forward(swarm_pb2.ForwardRequest(header=header(**kw), hidden_states=wire.encode_tensor(hidden)))
+    response = stub.Forward(
+        swarm_pb2.ForwardRequest(header=header(**kw), hidden_states=wire.encode_tensor(hidden))
+    )
     return wire.decode_tensor(response.hidden_states)
 
 
 def test_info_health_and_reflection(channel: grpc.Channel) -> None:
     info = swarm_pb2_grpc.BlockServiceStub(channel).Info(swarm_pb2.InfoRequest(protocol_version=1))
     assert (info.model, info.span.start, info.span.end) == ("tiny-llama", 0, 4)
-    status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="swarm.v1.BlockService"))
+    status = health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service="swarm.v1.BlockService")
+    )
     assert status.status == health_pb2.HealthCheckResponse.SERVING
     responses = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
         iter([reflection_pb2.ServerReflectionRequest(list_services="")])
@@ -170,12 +181,16 @@ def test_oversized_requests_get_resource_exhausted(channel: grpc.Channel) -> Non
     assert "max_tokens" in info.value.details()
 
 
-def inference(channel: grpc.Channel, requests: list[swarm_pb2.InferenceRequest]) -> list[swarm_pb2.InferenceResponse]:
+def inference(
+    channel: grpc.Channel, requests: list[swarm_pb2.InferenceRequest]
+) -> list[swarm_pb2.InferenceResponse]:
     return list(swarm_pb2_grpc.BlockServiceStub(channel).Inference(iter(requests)))
 
 
 def step(hidden: torch.Tensor, position: int, step_id: int = 1) -> swarm_pb2.InferenceStep:
-    return swarm_pb2.InferenceStep(hidden_states=wire.encode_tensor(hidden), position=position, step_id=step_id)
+    return swarm_pb2.InferenceStep(
+        hidden_states=wire.encode_tensor(hidden), position=position, step_id=step_id
+    )
 
 
 def test_inference_stream_matches_forward_and_checks_positions(channel: grpc.Channel) -> None:
@@ -199,12 +214,22 @@ def test_inference_limits(channel: grpc.Channel) -> None:
         inference(channel, [swarm_pb2.InferenceRequest(step=step(torch.zeros(1, 1, 64), 0))])
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(grpc.RpcError) as info:
-        inference(channel, [swarm_pb2.InferenceRequest(header=header(), open=swarm_pb2.InferenceOpen(max_length=10**6, batch_size=1))])
+        inference(
+            channel,
+            [
+                swarm_pb2.InferenceRequest(
+                    header=header(), open=swarm_pb2.InferenceOpen(max_length=10**6, batch_size=1)
+                )
+            ],
+        )
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "max_session_length" in info.value.details()
     open_ = swarm_pb2.InferenceOpen(max_length=4, batch_size=1)
     with pytest.raises(grpc.RpcError) as info:  # more tokens than the session was opened for
-        inference(channel, [swarm_pb2.InferenceRequest(header=header(), open=open_, step=step(torch.zeros(1, 5, 64), 0))])
+        inference(
+            channel,
+            [swarm_pb2.InferenceRequest(header=header(), open=open_, step=step(torch.zeros(1, 5, 64), 0))],
+        )
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
@@ -217,7 +242,9 @@ def test_backward_matches_local_autograd(channel: grpc.Channel, model_path: Path
     grad_out = torch.randn_like(out)
     (expected,) = torch.autograd.grad(out, hidden, grad_out)
     request = swarm_pb2.BackwardRequest(
-        header=header(), hidden_states=wire.encode_tensor(hidden.detach()), grad_outputs=wire.encode_tensor(grad_out)
+        header=header(),
+        hidden_states=wire.encode_tensor(hidden.detach()),
+        grad_outputs=wire.encode_tensor(grad_out),
     )
     got = wire.decode_tensor(swarm_pb2_grpc.BlockServiceStub(channel).Backward(request).grad_inputs)
     assert (got - expected).norm() / expected.norm() <= 1e-5
@@ -232,9 +259,24 @@ def test_cli_generate_prints_the_client_tokens(
     prompt = [3, 17, 42]
     expected = client.generate(torch.tensor([prompt]), max_new_tokens=6)[0, 3:].tolist()
     result = subprocess.run(
-        [sys.executable, "-m", "swarm.cli", "generate", "--model", str(model_path), "--initial-peers",
-         *local_swarm.initial_peers, "--prompt-ids", *map(str, prompt), "--max-new-tokens", "6"],
-        capture_output=True, text=True, timeout=240, check=True,
+        [
+            sys.executable,
+            "-m",
+            "swarm.cli",
+            "generate",
+            "--model",
+            str(model_path),
+            "--initial-peers",
+            *local_swarm.initial_peers,
+            "--prompt-ids",
+            *map(str, prompt),
+            "--max-new-tokens",
+            "6",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=True,
     )
     assert [int(t) for t in result.stdout.split()] == expected
 

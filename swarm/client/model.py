@@ -21,7 +21,7 @@ from swarm.client.config import ClientConfig
 from swarm.client.loop import run_sync
 from swarm.client.remote import ChannelPool, remote_forward
 from swarm.client.session import InferenceSession
-from swarm.coordinator.routing import min_latency_route
+from swarm.coordinator.routing import Hop, min_latency_route
 from swarm.coordinator.swarm_map import SwarmMapCache
 from swarm.errors import ConfigError, MissingBlocksError
 from swarm.generation import SamplingConfig, eos_ids, generate_tokens
@@ -42,7 +42,9 @@ class DistributedModelForCausalLM:
         self.parts = parts
         self.dht = dht
         self.client_config = client_config
-        self.swarm_map = SwarmMapCache(dht, model_name, config.num_hidden_layers, ttl=client_config.swarm_map_ttl)
+        self.swarm_map = SwarmMapCache(
+            dht, model_name, config.num_hidden_layers, ttl=client_config.swarm_map_ttl
+        )
         self.pool = ChannelPool(client_config)
 
     @classmethod
@@ -153,11 +155,11 @@ class DistributedModelForCausalLM:
     async def _forward_blocks(self, hidden: torch.Tensor) -> torch.Tensor:
         route = min_latency_route(await self.swarm_map.get())
         for hop in route:
-            hidden = await self.client_config.retry.run(
-                lambda _attempt, hop=hop, x=hidden: remote_forward(
-                    self.pool, self.model_name, hop, x, self.client_config
-                )
-            )
+
+            async def call(_attempt: int, hop: Hop = hop, x: torch.Tensor = hidden) -> torch.Tensor:
+                return await remote_forward(self.pool, self.model_name, hop, x, self.client_config)
+
+            hidden = await self.client_config.retry.run(call)
         return hidden
 
     # ---- lifecycle ----------------------------------------------------------------------------

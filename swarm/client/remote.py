@@ -9,6 +9,7 @@ INVALID_ARGUMENT and friends mean our request is wrong and are raised as they ar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import grpc
@@ -75,7 +76,8 @@ async def remote_forward(
     pool: ChannelPool, model: str, hop: Hop, hidden: torch.Tensor, config: ClientConfig
 ) -> torch.Tensor:
     request = swarm_pb2.ForwardRequest(
-        header=request_header(model, hop, config.codec), hidden_states=wire.encode_tensor(hidden, config.codec)
+        header=request_header(model, hop, config.codec),
+        hidden_states=wire.encode_tensor(hidden, config.codec),
     )
     stub = pool.stub(hop.server.grpc_address)
     try:
@@ -88,7 +90,9 @@ async def remote_forward(
 class InferenceStream:
     """One Inference stream = one KV-cache session on one node for blocks [hop.start, hop.end)."""
 
-    def __init__(self, pool: ChannelPool, model: str, hop: Hop, config: ClientConfig, batch_size: int, max_length: int):
+    def __init__(
+        self, pool: ChannelPool, model: str, hop: Hop, config: ClientConfig, batch_size: int, max_length: int
+    ):
         self.pool, self.model, self.hop, self.config = pool, model, hop, config
         self.batch_size, self.max_length = batch_size, max_length
         self.position = 0
@@ -108,7 +112,9 @@ class InferenceStream:
         if self._call is None:
             self._call = self.pool.stub(self.hop.server.grpc_address).Inference()
             request.header.CopyFrom(request_header(self.model, self.hop, self.config.codec))
-            request.open.CopyFrom(swarm_pb2.InferenceOpen(max_length=self.max_length, batch_size=self.batch_size))
+            request.open.CopyFrom(
+                swarm_pb2.InferenceOpen(max_length=self.max_length, batch_size=self.batch_size)
+            )
         try:
             await asyncio.wait_for(self._call.write(request), self.config.request_timeout)
             response = await asyncio.wait_for(self._call.read(), self.config.request_timeout)
@@ -121,7 +127,9 @@ class InferenceStream:
         if response is grpc.aio.EOF:
             raise await self._stream_error()
         if response.step_id != self._step_id:
-            raise ProtocolError(f"{self.hop.peer_id} answered step {response.step_id}, expected {self._step_id}")
+            raise ProtocolError(
+                f"{self.hop.peer_id} answered step {response.step_id}, expected {self._step_id}"
+            )
         self.position += hidden.shape[1]
         return wire.decode_tensor(response.hidden_states)
 
@@ -139,8 +147,6 @@ class InferenceStream:
     async def close(self) -> None:
         call, self._call = self._call, None
         if call is not None:
-            try:
+            with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
                 await call.done_writing()
-            except (grpc.aio.AioRpcError, grpc.aio.UsageError):
-                pass
             call.cancel()

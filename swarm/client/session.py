@@ -40,11 +40,15 @@ class InferenceSession:
 
     async def open(self) -> None:
         snapshot = await self.swarm_map.get()
-        self.streams = [self._stream(hop) for hop in min_latency_route(snapshot, banned=frozenset(self.banned))]
+        self.streams = [
+            self._stream(hop) for hop in min_latency_route(snapshot, banned=frozenset(self.banned))
+        ]
         self.history = [[] for _ in self.streams]
 
     def _stream(self, hop: Hop) -> InferenceStream:
-        return InferenceStream(self.pool, self.swarm_map.model, hop, self.config, self.batch_size, self.max_length)
+        return InferenceStream(
+            self.pool, self.swarm_map.model, hop, self.config, self.batch_size, self.max_length
+        )
 
     @property
     def route(self) -> list[str]:
@@ -82,7 +86,10 @@ class InferenceSession:
         hops = min_latency_route(snapshot, failed.hop.start, failed.hop.end, banned=frozenset(self.banned))
         log.warning(
             "peer %s failed; re-routing blocks %d:%d via %s",
-            failed.hop.peer_id, failed.hop.start, failed.hop.end, [h.peer_id for h in hops],
+            failed.hop.peer_id,
+            failed.hop.start,
+            failed.hop.end,
+            [h.peer_id for h in hops],
         )
         replacements = [self._stream(hop) for hop in hops]
         histories: list[list[torch.Tensor]] = []

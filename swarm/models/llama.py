@@ -37,6 +37,12 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 _HF_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 _POSITIVE_FIELDS = (*_HF_SIZES, "num_key_value_heads", "head_dim", "max_position_embeddings")
 
+_BIAS_LAYOUTS = {  # (qkv_bias, o_bias, mlp_bias): llama's attention_bias covers q, k, v and o
+    "llama": {(False, False, False), (False, False, True), (True, True, False), (True, True, True)},
+    "mistral": {(False, False, False)},
+    "qwen2": {(True, False, False)},
+}
+
 HF_CLIENT_KEYS: dict[str, str] = {
     "embed_tokens.weight": "model.embed_tokens.weight",
     "norm.weight": "model.norm.weight",
@@ -127,42 +133,26 @@ class LlamaConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(
-                f"num_attention_heads={self.num_attention_heads} is not divisible by "
-                f"num_key_value_heads={self.num_key_value_heads} (grouped-query attention shares each "
-                "key/value head among an equal number of query heads)"
-            )
-        if self.head_dim % 2:
-            raise ConfigError(
-                f"head_dim={self.head_dim} must be even: rotary embedding rotates pairs of dims"
-            )
-        if not (self.rms_norm_eps > 0 and self.rope_theta > 0):
-            raise ConfigError(
-                f"rms_norm_eps={self.rms_norm_eps} and rope_theta={self.rope_theta} must be > 0"
-            )
-        if self.sliding_window is not None and self.sliding_window <= 0:
-            raise ConfigError(
-                f"sliding_window must be a positive number of tokens or None, got {self.sliding_window}"
-            )
-        if self.hidden_act != "silu":
-            raise ConfigError(
-                f"hidden_act={self.hidden_act!r} is not supported (the Llama family uses 'silu')"
-            )
-        if self.model_type == "llama" and self.sliding_window is not None:
-            raise ConfigError(f"llama has no sliding window, got sliding_window={self.sliding_window}")
+        heads, kv, window = self.num_attention_heads, self.num_key_value_heads, self.sliding_window
         biases = (self.qkv_bias, self.o_bias, self.mlp_bias)
-        # Each family's checkpoints have a fixed bias layout; anything else could not be exported.
-        allowed = {
-            "llama": {(a, a, m) for a in (False, True) for m in (False, True)},
-            "mistral": {(False, False, False)},
-            "qwen2": {(True, False, False)},
-        }[self.model_type]
-        if biases not in allowed:
-            raise ConfigError(
+        problems = [  # (is wrong, what to say)
+            (heads % kv != 0, f"num_attention_heads={heads} is not divisible by num_key_value_heads={kv}"),
+            (self.head_dim % 2 == 1, f"head_dim={self.head_dim} must be even: RoPE rotates pairs of dims"),
+            (not self.rms_norm_eps > 0, f"rms_norm_eps={self.rms_norm_eps} must be > 0"),
+            (not self.rope_theta > 0, f"rope_theta={self.rope_theta} must be > 0"),
+            (window is not None and window <= 0, f"sliding_window={window} must be > 0 or None"),
+            (self.model_type == "llama" and window is not None, f"llama has no sliding window, got {window}"),
+            (self.hidden_act != "silu", f"hidden_act={self.hidden_act!r} is not supported (only 'silu')"),
+            # Each family's checkpoints have a fixed bias layout; another could not be exported.
+            (
+                biases not in _BIAS_LAYOUTS[self.model_type],
                 f"{self.model_type} does not have (qkv_bias, o_bias, mlp_bias)={biases}; "
-                f"allowed: {sorted(allowed)}"
-            )
+                f"it has one of {sorted(_BIAS_LAYOUTS[self.model_type])}",
+            ),
+        ]
+        for wrong, message in problems:
+            if wrong:
+                raise ConfigError(message)
         object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
 
     @classmethod
