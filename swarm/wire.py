@@ -79,11 +79,17 @@ _HALF_CODEC_DTYPE: Final[dict[int, torch.dtype]] = {
     swarm_pb2.CODEC_BFLOAT16: torch.bfloat16,
 }
 
-# Decoding reads `bytes` through zero-copy read-only views that are never written to (every decoded
-# tensor is freshly allocated), so torch's warning about non-writable buffers is noise here.
-warnings.filterwarnings(
-    "ignore", message="The given buffer is not writable", category=UserWarning, module=__name__
-)
+
+def _consume_frombuffer_warning() -> None:
+    """Decoding reads `bytes` through zero-copy read-only views that it never writes to (every decoded
+    tensor is freshly allocated). torch warns about such views once per process; spend that warning
+    here, silenced, instead of surprising a user at their first decode."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.frombuffer(b"\0", dtype=torch.uint8)
+
+
+_consume_frombuffer_warning()
 
 
 # ---------------------------------------------------------------------------------------- names ---
@@ -236,7 +242,8 @@ def _serialize_into(
     buffer = _BUFFERS.take(end + len(suffix))
     buffer[pad:begin] = np.frombuffer(prefix, dtype=np.uint8)
     buffer[end:] = np.frombuffer(suffix, dtype=np.uint8)
-    fill(torch.from_numpy(buffer[begin:end]))
+    if nbytes:  # torch.from_numpy gives empty arrays stride 0, which view(dtype) rejects
+        fill(torch.from_numpy(buffer[begin:end]))
     # upb parses any buffer, not just bytes; its stub is narrower than the implementation.
     return swarm_pb2.Tensor.FromString(cast(bytes, buffer[pad:].data))
 
@@ -374,6 +381,8 @@ def _readonly(data: bytes, dtype: torch.dtype, numel: int, offset: int = 0) -> t
 
 def _empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """Uninitialised 1-D CPU tensor on memory from the buffer cache."""
+    if numel == 0:  # torch.from_numpy gives empty arrays stride 0, which view(dtype) rejects
+        return torch.empty(0, dtype=dtype)
     return torch.from_numpy(_BUFFERS.take(numel * dtype.itemsize)).view(dtype)
 
 

@@ -292,6 +292,8 @@ def test_block_param_count(case: str) -> None:
         ),
         ({"vocab_size": None}, ["vocab_size"]),
         ({"rms_norm_eps": 0.0}, ["rms_norm_eps=0.0"]),
+        ({"rms_norm_eps": "tiny"}, ["malformed config", "tiny"]),
+        ({"rope_parameters": ["default"]}, ["flat dict", "['default']"]),
     ],
 )
 def test_config_errors_show_the_numbers(change: dict[str, Any], shown: list[str]) -> None:

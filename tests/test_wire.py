@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ REL_TOL = {"none": 0.0, "fp16": 2.0**-11, "bf16": 2.0**-8}
 
 
 def gaussian(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
 def roundtrip(t: torch.Tensor, codec: str, **kwargs: int) -> torch.Tensor:
@@ -40,13 +41,18 @@ def roundtrip(t: torch.Tensor, codec: str, **kwargs: int) -> torch.Tensor:
 
 
 def assert_int8_bounds(x: torch.Tensor, y: torch.Tensor, block_size: int) -> None:
-    """Every element within absmax/127 of its block (half of that, really), as documented."""
+    """Every element within absmax/127 of its block's absmax.
+
+    Quantization alone is within absmax/254 (half a level), which float32 outputs must meet; fp16/bf16
+    outputs add their own rounding (<= absmax/512) and must stay within absmax/127.
+    """
+    levels = 254 if x.dtype == torch.float32 else 127
     flat_x, flat_y = x.float().reshape(-1), y.float().reshape(-1)
     for lo in range(0, flat_x.numel(), block_size):
         block = flat_x[lo : lo + block_size]
         err = (block - flat_y[lo : lo + block_size]).abs().max()
         absmax = block.abs().max()
-        assert err <= absmax / 254 * (1 + 1e-5) + 1e-30, (lo, float(err), float(absmax))
+        assert err <= absmax / levels * (1 + 1e-5) + 1e-30, (lo, float(err), float(absmax))
 
 
 # ------------------------------------------------------------------------------------ accuracy ---
@@ -88,13 +94,12 @@ def test_half_precision_inputs_come_back_in_their_dtype(codec: str, dtype: torch
     x = gaussian(5, 77, dtype=dtype)
     y = roundtrip(x, codec)
     assert y.dtype == dtype
+    native = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     if codec == "int8":
         assert float((x.float() - y.float()).norm() / x.float().norm()) <= 0.01
-    elif codec == "fp16" and dtype == torch.bfloat16:  # bf16 -> fp16 keeps 11 bits: exact in range
-        assert torch.equal(x, y)
-    elif codec in ("none", {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]):
-        assert torch.equal(x, y)
-    else:
+    elif codec in ("none", native) or (codec, dtype) == ("fp16", torch.bfloat16):
+        assert torch.equal(x, y)  # bf16 -> fp16 keeps all 8 bits of mantissa for Gaussian values
+    else:  # fp16 -> bf16 rounds to 8 bits
         assert torch.allclose(x.float(), y.float(), rtol=2.0**-8)
 
 
@@ -179,9 +184,9 @@ def test_int8_refuses_non_finite_values_but_other_codecs_carry_them() -> None:
 def test_decoded_tensor_is_writable_and_independent_of_the_message() -> None:
     msg = encode_tensor(gaussian(1 << 20), "int8")  # large enough to use the buffer cache
     a, b = decode_tensor(msg), decode_tensor(msg)
-    a += 1.0  # writable, and does not alias b
-    assert torch.equal(a - 1.0, b)
     snapshot = b.clone()
+    a.fill_(7.0)  # writable, and does not alias b
+    assert torch.equal(b, snapshot)
     del a
     c = decode_tensor(encode_tensor(torch.zeros(1 << 20), "int8"))  # may reuse a's buffer, never b's
     assert torch.equal(b, snapshot) and torch.equal(c, torch.zeros(1 << 20))
@@ -247,18 +252,19 @@ def test_rejects_wrong_data_length() -> None:
         bad = swarm_pb2.Tensor()
         bad.CopyFrom(msg)
         bad.data = data
-        with pytest.raises(ProtocolError, match=rf"must carry {len(msg.data)} bytes of data, got {got} bytes"):
+        with pytest.raises(
+            ProtocolError, match=rf"must carry {len(msg.data)} bytes of data, got {got} bytes"
+        ):
             decode_tensor(bad)
 
 
-def _msg(**fields: object) -> swarm_pb2.Tensor:
+def _msg(shape: list[int] | None = None, **fields: int) -> swarm_pb2.Tensor:
     msg = encode_tensor(gaussian(2, 3), "none")
+    if shape is not None:
+        del msg.shape[:]
+        msg.shape.extend(shape)
     for name, value in fields.items():
-        if name == "shape":
-            del msg.shape[:]
-            msg.shape.extend(value)  # type: ignore[call-overload]
-        else:
-            setattr(msg, name, value)
+        setattr(msg, name, value)
     return msg
 
 
@@ -275,7 +281,7 @@ def _msg(**fields: object) -> swarm_pb2.Tensor:
         ({"shape": [2**40, 2**40]}, r"must carry \d+ bytes"),  # no allocation is attempted
     ],
 )
-def test_rejects_malformed_headers(fields: dict[str, object], message: str) -> None:
+def test_rejects_malformed_headers(fields: dict[str, Any], message: str) -> None:
     with pytest.raises(ProtocolError, match=message):
         decode_tensor(_msg(**fields))
 

@@ -69,11 +69,7 @@ class RopeScaling:
     original_max_position_embeddings: int | None = None
 
     def __post_init__(self) -> None:
-        if self.rope_type not in ROPE_TYPES:
-            raise ConfigError(
-                f"unsupported rope scaling type {self.rope_type!r}; Swarm implements {', '.join(ROPE_TYPES)} "
-                "and plain RoPE (rope_scaling=None)"
-            )
+        _check_rope_type(self.rope_type)
         if not self.factor > 0:
             raise ConfigError(f"rope scaling factor must be > 0, got {self.factor}")
         if self.rope_type == "llama3":
@@ -159,6 +155,15 @@ class LlamaConfig:
     def from_hf_dict(cls, d: dict[str, Any], generation_config: dict[str, Any] | None = None) -> LlamaConfig:
         """Read a transformers config.json, old layout (top-level rope_theta/rope_scaling) or new
         (rope_parameters); bos/eos come from generation_config.json first, as `generate` uses it."""
+        try:
+            return cls._from_hf_dict(d, generation_config or {})
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, AttributeError) as e:  # a value of the wrong JSON type
+            raise ConfigError(f"malformed config: {type(e).__name__}: {e}") from e
+
+    @classmethod
+    def _from_hf_dict(cls, d: dict[str, Any], gen: dict[str, Any]) -> LlamaConfig:
         model_type = d.get("model_type")
         if model_type not in ARCHITECTURES:
             raise ConfigError(
@@ -176,7 +181,6 @@ class LlamaConfig:
             "mistral": (False, False, False),
             "qwen2": (True, False, False),
         }[model_type]
-        gen = generation_config or {}
         eos = gen.get("eos_token_id")
         if eos is None:
             eos = d.get("eos_token_id", defaults["eos_token_id"])
@@ -247,6 +251,14 @@ def _required(d: dict[str, Any], key: str) -> int:
     return int(d[key])
 
 
+def _check_rope_type(rope_type: str) -> None:
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError(
+            f"unsupported rope scaling type {rope_type!r}; Swarm implements {', '.join(ROPE_TYPES)} "
+            "and plain RoPE (rope_scaling=None)"
+        )
+
+
 def _parse_rope(d: dict[str, Any], max_pos: int) -> tuple[float, RopeScaling | None]:
     # transformers gives an old-style `rope_scaling` priority over `rope_parameters`; so do we.
     params = d.get("rope_scaling") or d.get("rope_parameters") or {}
@@ -258,8 +270,8 @@ def _parse_rope(d: dict[str, Any], max_pos: int) -> tuple[float, RopeScaling | N
     rope_type = str(params.get("rope_type", params.get("type", "default")))
     if rope_type == "default":
         return theta, None
-    if rope_type not in ROPE_TYPES or "factor" not in params:
-        RopeScaling(rope_type)  # raises, naming the type, when it is unsupported
+    _check_rope_type(rope_type)
+    if "factor" not in params:
         raise ConfigError(f"rope scaling {rope_type!r} needs a 'factor', got {params!r}")
     if rope_type == "linear":
         return theta, RopeScaling("linear", factor=float(params["factor"]))

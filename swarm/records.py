@@ -1,0 +1,261 @@
+"""DHT keys and the record a node announces for every block it serves.
+
+Layout: key ``"{model}.{block}"`` -> subkey = the node's owner marker -> value = `ServerRecord` as a
+JSON-compatible dict. The subkey embeds the node's RSA public key, so hivemind's
+RSASignatureValidator lets only the holder of the matching private key write under it: nobody can
+announce (or withdraw) on another node's behalf, and honest peers drop tampered copies.
+
+Compatibility: readers ignore unknown fields, so adding an optional field needs no version bump.
+`SCHEMA_VERSION` changes only for incompatible changes, and readers skip records of a newer version.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Sequence
+from enum import Enum
+from pathlib import Path
+from typing import Any, Final
+
+import pydantic
+from hivemind.dht import DHT, DHTNode
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
+
+from swarm.dht import dht_call
+from swarm.errors import ConfigError, DHTError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "NodeIdentity",
+    "ServerRecord",
+    "ServerState",
+    "announce",
+    "block_key",
+    "fetch_records",
+    "meta_key",
+    "withdraw",
+]
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION: Final = 1
+_OWNER_PREFIX: Final = RSASignatureValidator.PUBLIC_KEY_FORMAT.split(b"_key_")[0]  # b"[owner:"
+OFFLINE_TTL: Final = 60.0  # seconds an OFFLINE record outlives the record it replaces
+
+
+def block_key(model: str, block: int) -> str:
+    return f"{model}.{block}"
+
+
+def meta_key(model: str) -> str:
+    return f"{model}.meta"
+
+
+class ServerState(str, Enum):
+    JOINING = "joining"
+    ONLINE = "online"
+    DRAINING = "draining"
+    OFFLINE = "offline"
+
+
+class ServerRecord(pydantic.BaseModel):
+    """What a node announces under every block of its span [start, end)."""
+
+    model_config = pydantic.ConfigDict(extra="ignore", frozen=True)
+
+    schema_version: int = pydantic.Field(default=SCHEMA_VERSION, ge=1)
+    state: ServerState
+    peer_id: str = pydantic.Field(min_length=1)
+    grpc_address: str  # "host:port"; IPv6 hosts in brackets: "[::1]:8080"
+    model: str = pydantic.Field(min_length=1)
+    start: int = pydantic.Field(ge=0)
+    end: int
+    compute_throughput: float = pydantic.Field(default=0.0, ge=0, allow_inf_nan=False)  # tokens/s
+    network_throughput: float = pydantic.Field(default=0.0, ge=0, allow_inf_nan=False)  # bytes/s
+    inference_rps: float = pydantic.Field(default=0.0, ge=0, allow_inf_nan=False)
+    free_cache_tokens: int = pydantic.Field(default=0, ge=0)
+    dtype: str = "float32"
+    quant: str = "none"
+    trainable_stage: int | None = pydantic.Field(default=None, ge=0)
+    software_version: str
+
+    @pydantic.model_validator(mode="after")
+    def _span_not_empty(self) -> ServerRecord:
+        if self.end <= self.start:
+            raise ValueError(f"span [start={self.start}, end={self.end}) is empty; need start < end")
+        return self
+
+    @pydantic.field_validator("grpc_address")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        ipv6_unbracketed = ":" in host and not (host.startswith("[") and host.endswith("]"))
+        if not sep or not host or ipv6_unbracketed or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"grpc_address must be 'host:port' with port 1-65535 (IPv6: '[::1]:port'), got {value!r}")
+        return value
+
+    @property
+    def blocks(self) -> range:
+        return range(self.start, self.end)
+
+
+class NodeIdentity:
+    """A node's RSA key: it signs the node's DHT records, and its public half marks their owner.
+
+    Persist it (`load_or_create`) so that a restarted node still owns, and can replace or withdraw,
+    the records it announced before.
+    """
+
+    def __init__(self, private_key: RSAPrivateKey) -> None:
+        self.private_key = private_key
+        # Built with THIS key: RSASignatureValidator() would use hivemind's process-wide key, shared
+        # by every node in the process, and then one node could sign as another.
+        self.validator = RSASignatureValidator(private_key)
+
+    @property
+    def subkey(self) -> bytes:
+        """The owner marker to store records under (contains the public key)."""
+        return self.validator.local_public_key
+
+    @classmethod
+    def generate(cls) -> NodeIdentity:
+        return cls(RSAPrivateKey())
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> NodeIdentity:
+        """Load the key at `path` (DER), or create it there, readable by the owner only."""
+        path = Path(path)
+        if path.exists():
+            return cls(_load_key(path))
+        identity = cls.generate()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(identity.private_key.to_bytes())
+        os.replace(tmp, path)  # atomic: a crash never leaves half a key behind
+        return identity
+
+
+def _load_key(path: Path) -> RSAPrivateKey:
+    key = RSAPrivateKey.__new__(RSAPrivateKey)
+    try:
+        # hivemind's own (un)pickling hook: DER bytes -> key, without unpickling anything.
+        key.__setstate__({"_private_key": path.read_bytes()})
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"node identity file {path} is not an RSA private key ({e}); move it away to start afresh")
+    return key
+
+
+# ---------------------------------------------------------------------------------------- DHT I/O ---
+
+
+async def announce(dht: DHT, identity: NodeIdentity, record: ServerRecord, *, expiration_time: float) -> None:
+    """Store `record` under every block of its span, signed by `identity`, in one batched DHT call.
+
+    `expiration_time` is absolute DHT time (`hivemind.utils.get_dht_time()` + TTL). Raises DHTError if
+    the DHT refused or failed to store it for some block (e.g. an unreachable swarm).
+    """
+    keys = [block_key(record.model, b) for b in record.blocks]
+    value = record.model_dump(mode="json")
+    stored = await dht_call(
+        dht.run_coroutine(
+            functools.partial(_store_many, keys=keys, value=value, subkey=identity.subkey, expiration=expiration_time),
+            return_future=True,
+        )
+    )
+    failed = [k for k in keys if not stored.get(k)]
+    if failed:
+        raise DHTError(f"could not announce {len(failed)} of {len(keys)} blocks ({', '.join(failed[:5])}...)")
+
+
+async def withdraw(dht: DHT, identity: NodeIdentity, record: ServerRecord) -> None:
+    """Best effort: replace our records for `record`'s span with OFFLINE ones; never raises.
+
+    The DHT keeps, per subkey, the value that expires LAST, so the OFFLINE record must expire after
+    the one it replaces: it is stored for OFFLINE_TTL past the latest expiration found (or now).
+    """
+    offline = record.model_copy(update={"state": ServerState.OFFLINE})
+    keys = [block_key(record.model, b) for b in record.blocks]
+    try:
+        await dht_call(
+            dht.run_coroutine(
+                functools.partial(
+                    _replace_own, keys=keys, value=offline.model_dump(mode="json"), subkey=identity.subkey
+                ),
+                return_future=True,
+            ),
+            timeout=30.0,
+        )
+    except Exception as e:  # leaving must not fail; the old record expires on its own anyway
+        logger.warning("could not withdraw %s blocks %d:%d from the DHT: %s", record.model, record.start, record.end, e)
+
+
+async def fetch_records(dht: DHT, model: str, blocks: Sequence[int]) -> dict[int, list[ServerRecord]]:
+    """Latest record of every server of each block, in one batched DHT lookup.
+
+    Expired, unsigned, malformed, newer-schema, other-model and other-span values are skipped (logged
+    at debug);
+    OFFLINE/DRAINING records are returned so that callers see who left. Lists are sorted by peer_id.
+    """
+    keys = {block_key(model, b): b for b in blocks}
+    found = await dht_call(
+        dht.run_coroutine(functools.partial(_get_many, keys=list(keys)), return_future=True)
+    )
+    now = get_dht_time()
+    return {block: _parse_entries(found.get(key), model, block, now) for key, block in keys.items()}
+
+
+def _parse_entries(entry: Any, model: str, block: int, now: float) -> list[ServerRecord]:
+    if entry is None or not isinstance(entry.value, dict):
+        return []
+    records = []
+    for subkey, item in entry.value.items():
+        # Unowned subkeys carry no signature, so anyone could have written them: skip those too.
+        owned = isinstance(subkey, bytes) and subkey.startswith(_OWNER_PREFIX)
+        record = _parse_record(item.value, model, block) if owned and item.expiration_time >= now else None
+        if record is None:
+            logger.debug("skipping DHT value for %s.%d under %r: %r", model, block, subkey, item)
+        else:
+            records.append(record)
+    return sorted(records, key=lambda r: r.peer_id)
+
+
+def _parse_record(value: Any, model: str, block: int) -> ServerRecord | None:
+    try:
+        record = ServerRecord.model_validate(value)
+    except pydantic.ValidationError:
+        return None
+    if record.schema_version > SCHEMA_VERSION or record.model != model or block not in record.blocks:
+        return None
+    return record
+
+
+# These run inside the DHT process (DHT.run_coroutine pickles them by reference): one pipe round trip
+# and one DHT traversal for a whole span instead of one per block.
+
+
+async def _store_many(
+    _dht: DHT, node: DHTNode, *, keys: list[str], value: dict[str, Any], subkey: bytes, expiration: float
+) -> dict[str, bool]:
+    # store_many answers per (key, subkey) when subkeys are given
+    stored = await node.store_many(keys, [value] * len(keys), expiration, subkeys=[subkey] * len(keys))
+    return {key: bool(stored.get((key, subkey))) for key in keys}
+
+
+async def _get_many(_dht: DHT, node: DHTNode, *, keys: list[str]) -> dict[str, Any]:
+    return dict(await node.get_many(keys, sufficient_expiration_time=float("inf")))
+
+
+async def _replace_own(_dht: DHT, node: DHTNode, *, keys: list[str], value: dict[str, Any], subkey: bytes) -> None:
+    found = await node.get_many(keys, sufficient_expiration_time=float("inf"))
+    latest = get_dht_time()
+    for entry in found.values():
+        own = entry.value.get(subkey) if entry is not None and isinstance(entry.value, dict) else None
+        if own is not None:
+            latest = max(latest, own.expiration_time)
+    await node.store_many(keys, [value] * len(keys), latest + OFFLINE_TTL, subkeys=[subkey] * len(keys))
