@@ -14,6 +14,7 @@ import asyncio
 import concurrent.futures
 import ipaddress
 import logging
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -65,6 +66,8 @@ def start_dht(
         identity = NodeIdentity.generate()
     peers = [_check_initial_peer(p) for p in initial_peers]
     maddr = listen_maddr(host, port)
+    if port:
+        _check_port_free(host, port)
     dht = DHT(
         initial_peers=peers,
         start=False,
@@ -93,16 +96,29 @@ def _check_initial_peer(peer: str) -> str:
     return peer
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """p2pd listens with SO_REUSEPORT, so a second node on a busy port starts "fine" and the kernel then
+    splits connections between the two. A plain bind still fails on a port someone listens on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # tolerate TIME_WAIT leftovers
+        try:
+            probe.bind((host.strip("[]"), port))
+        except OSError as e:
+            raise DHTError(
+                f"cannot listen on {host}:{port} for the DHT ({e.strerror}); is another node using port "
+                f"{port}? Pick another port, or 0 for any free one"
+            ) from None
+
+
 def _startup_hint(error: BaseException, maddr: str, peers: list[str], timeout: float) -> str:
-    what = (
-        f"timed out after {timeout:g} s"
-        if isinstance(error, concurrent.futures.TimeoutError | TimeoutError)
-        else f"{type(error).__name__}: {error}"
-    )
-    checks = [f"is {maddr.split('/tcp/')[-1]} a free port on this host (tcp {maddr})?"]
+    if isinstance(error, concurrent.futures.TimeoutError | TimeoutError):
+        what = f"timed out after {timeout:g} s"
+    else:
+        what = f"{type(error).__name__}: {error}"
+    checks = [f"can this host listen on {maddr}?", f"does hivemind's p2pd run here ({_P2PD} --help)?"]
     if peers:
         checks.insert(0, f"are the initial peers reachable from here and still running ({', '.join(peers)})?")
-    checks.append(f"does hivemind's p2pd run here ({_P2PD} --help)?")
     return f"could not start the DHT node: {what}. Check: " + " ".join(checks)
 
 
@@ -127,7 +143,7 @@ async def dht_call(future: concurrent.futures.Future[T], *, timeout: float | Non
     """
     try:
         return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
-    except (TimeoutError, asyncio.TimeoutError):
+    except TimeoutError:  # asyncio's is the builtin since 3.11
         raise DHTError(f"the DHT did not answer within {timeout} s") from None
     except asyncio.CancelledError:
         raise

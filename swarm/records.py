@@ -15,7 +15,7 @@ import functools
 import logging
 import os
 from collections.abc import Sequence
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final
 
@@ -44,7 +44,9 @@ logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION: Final = 1
 _OWNER_PREFIX: Final = RSASignatureValidator.PUBLIC_KEY_FORMAT.split(b"_key_")[0]  # b"[owner:"
-OFFLINE_TTL: Final = 60.0  # seconds an OFFLINE record outlives the record it replaces
+OFFLINE_TTL: Final = 60.0
+# A DHT whose process died never answers; bound every call. Lookups normally take well under a second.
+DHT_TIMEOUT: Final = 60.0  # seconds an OFFLINE record outlives the record it replaces
 
 
 def block_key(model: str, block: int) -> str:
@@ -55,7 +57,7 @@ def meta_key(model: str) -> str:
     return f"{model}.meta"
 
 
-class ServerState(str, Enum):
+class ServerState(StrEnum):
     JOINING = "joining"
     ONLINE = "online"
     DRAINING = "draining"
@@ -95,7 +97,9 @@ class ServerRecord(pydantic.BaseModel):
         host, sep, port = value.rpartition(":")
         ipv6_unbracketed = ":" in host and not (host.startswith("[") and host.endswith("]"))
         if not sep or not host or ipv6_unbracketed or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"grpc_address must be 'host:port' with port 1-65535 (IPv6: '[::1]:port'), got {value!r}")
+            raise ValueError(
+                f"grpc_address must be 'host:port' with port 1-65535 (IPv6: '[::1]:port'), got {value!r}"
+            )
         return value
 
     @property
@@ -147,14 +151,23 @@ def _load_key(path: Path) -> RSAPrivateKey:
         # hivemind's own (un)pickling hook: DER bytes -> key, without unpickling anything.
         key.__setstate__({"_private_key": path.read_bytes()})
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"node identity file {path} is not an RSA private key ({e}); move it away to start afresh")
+        raise ConfigError(
+            f"node identity file {path} is not an RSA private key ({e}); move it away to start afresh"
+        ) from e
     return key
 
 
 # ---------------------------------------------------------------------------------------- DHT I/O ---
 
 
-async def announce(dht: DHT, identity: NodeIdentity, record: ServerRecord, *, expiration_time: float) -> None:
+async def announce(
+    dht: DHT,
+    identity: NodeIdentity,
+    record: ServerRecord,
+    *,
+    expiration_time: float,
+    timeout: float | None = DHT_TIMEOUT,
+) -> None:
     """Store `record` under every block of its span, signed by `identity`, in one batched DHT call.
 
     `expiration_time` is absolute DHT time (`hivemind.utils.get_dht_time()` + TTL). Raises DHTError if
@@ -164,9 +177,12 @@ async def announce(dht: DHT, identity: NodeIdentity, record: ServerRecord, *, ex
     value = record.model_dump(mode="json")
     stored = await dht_call(
         dht.run_coroutine(
-            functools.partial(_store_many, keys=keys, value=value, subkey=identity.subkey, expiration=expiration_time),
+            functools.partial(
+                _store_many, keys=keys, value=value, subkey=identity.subkey, expiration=expiration_time
+            ),
             return_future=True,
-        )
+        ),
+        timeout=timeout,
     )
     failed = [k for k in keys if not stored.get(k)]
     if failed:
@@ -189,13 +205,17 @@ async def withdraw(dht: DHT, identity: NodeIdentity, record: ServerRecord) -> No
                 ),
                 return_future=True,
             ),
-            timeout=30.0,
+            timeout=DHT_TIMEOUT,
         )
     except Exception as e:  # leaving must not fail; the old record expires on its own anyway
-        logger.warning("could not withdraw %s blocks %d:%d from the DHT: %s", record.model, record.start, record.end, e)
+        logger.warning(
+            "could not withdraw %s blocks %d:%d from the DHT: %s", record.model, record.start, record.end, e
+        )
 
 
-async def fetch_records(dht: DHT, model: str, blocks: Sequence[int]) -> dict[int, list[ServerRecord]]:
+async def fetch_records(
+    dht: DHT, model: str, blocks: Sequence[int], *, timeout: float | None = DHT_TIMEOUT
+) -> dict[int, list[ServerRecord]]:
     """Latest record of every server of each block, in one batched DHT lookup.
 
     Expired, unsigned, malformed, newer-schema, other-model and other-span values are skipped (logged
@@ -204,7 +224,7 @@ async def fetch_records(dht: DHT, model: str, blocks: Sequence[int]) -> dict[int
     """
     keys = {block_key(model, b): b for b in blocks}
     found = await dht_call(
-        dht.run_coroutine(functools.partial(_get_many, keys=list(keys)), return_future=True)
+        dht.run_coroutine(functools.partial(_get_many, keys=list(keys)), return_future=True), timeout=timeout
     )
     now = get_dht_time()
     return {block: _parse_entries(found.get(key), model, block, now) for key, block in keys.items()}
@@ -236,7 +256,8 @@ def _parse_record(value: Any, model: str, block: int) -> ServerRecord | None:
 
 
 # These run inside the DHT process (DHT.run_coroutine pickles them by reference): one pipe round trip
-# and one DHT traversal for a whole span instead of one per block.
+# and one DHT traversal for a whole span instead of one per block. What they return must pickle:
+# if it does not, hivemind never resolves the future.
 
 
 async def _store_many(
@@ -251,7 +272,9 @@ async def _get_many(_dht: DHT, node: DHTNode, *, keys: list[str]) -> dict[str, A
     return dict(await node.get_many(keys, sufficient_expiration_time=float("inf")))
 
 
-async def _replace_own(_dht: DHT, node: DHTNode, *, keys: list[str], value: dict[str, Any], subkey: bytes) -> None:
+async def _replace_own(
+    _dht: DHT, node: DHTNode, *, keys: list[str], value: dict[str, Any], subkey: bytes
+) -> None:
     found = await node.get_many(keys, sufficient_expiration_time=float("inf"))
     latest = get_dht_time()
     for entry in found.values():

@@ -10,10 +10,12 @@ Codecs (the decoded tensor always has the message's `dtype`, i.e. the sender's o
   absmax_b)`` as int8. `data` is the ``numel`` int8 values followed by one little-endian float32
   ``absmax_b`` per block, so ``x̂ = q * absmax_b / 127`` and ``|x - x̂| <= absmax_b / 254``.
 
-Everything is vectorized torch; large buffers are processed in cache-sized chunks because on CPU the
-codecs are memory-bound, and big outputs are allocated through numpy, which asks the kernel for huge
-pages (torch's CPU allocator does not, and page faults then cost more than the codec itself).
 `decode_tensor` validates a message completely before it allocates anything.
+
+Speed (see bench/codecs.py): on CPU these codecs are memory-bound, so the code counts passes over
+memory. Work is done in cache-sized chunks; `encode_tensor` writes the payload straight into a
+serialized message, so protobuf copies it once instead of twice; and multi-MiB buffers come from a
+small cache (`_BufferCache`), because a fresh one costs a page fault per page, more than the codec.
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ import numpy as np
 import torch
 
 from swarm._proto import swarm_pb2
-from swarm.errors import ConfigError, ProtocolError
+from swarm.errors import ConfigError, LimitExceeded, ProtocolError
 
 __all__ = [
     "CODEC_NAMES",
     "DEFAULT_BLOCK_SIZE",
+    "codec_label",
     "decode_tensor",
     "encode_tensor",
     "encoded_nbytes",
@@ -264,9 +267,10 @@ def decode_tensor(msg: swarm_pb2.Tensor, *, max_elements: int | None = None) -> 
     """Decode a message into a new, writable CPU tensor of the message's dtype and shape.
 
     Every field is checked before anything is allocated; malformed or oversized messages raise
-    ProtocolError (oversized ones with a message starting "RESOURCE limit"). The result's storage
-    comes from numpy (for huge pages), so it cannot be resized in place (`resize_`); everything else
-    behaves as usual.
+    ProtocolError; oversized ones raise its subclass LimitExceeded ("RESOURCE limit exceeded: ..."),
+    before any allocation. The result
+    never aliases `msg`. Its storage is a numpy buffer (recycled once the tensor dies), so it cannot
+    be resized in place (`resize_`); everything else behaves as usual.
     """
     dtype, shape, numel = _check_header(msg, max_elements)
     data = msg.data  # protobuf returns a fresh copy on every access: read it exactly once
@@ -296,7 +300,7 @@ def _check_header(msg: swarm_pb2.Tensor, max_elements: int | None) -> tuple[torc
         )
     numel = math.prod(shape)
     if max_elements is not None and numel > max_elements:
-        raise ProtocolError(
+        raise LimitExceeded(
             f"RESOURCE limit exceeded: tensor of shape {shape} has {numel} elements, this peer accepts at "
             f"most {max_elements} per tensor; send fewer tokens or a smaller batch per request"
         )

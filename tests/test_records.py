@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -68,7 +70,7 @@ def test_record_round_trips_through_json_and_ignores_unknown_fields() -> None:
     assert ServerRecord.model_validate(newer) == record
     assert record.blocks == range(0, 4)
     with pytest.raises(pydantic.ValidationError):
-        record.start = 3  # type: ignore[misc]  # frozen
+        record.start = 3  # frozen
 
 
 @pytest.mark.parametrize(
@@ -113,7 +115,9 @@ def test_identity_persists_and_still_owns_its_records(tmp_path: Path) -> None:
     signed = DHTRecord(record.key, record.subkey, again.validator.sign_value(record), record.expiration_time)
     other = RSASignatureValidator(RSAPrivateKey())
     assert other.validate(signed)
-    stolen = DHTRecord(b"key", MSGPackSerializer.dumps(other.local_public_key), signed.value, signed.expiration_time)
+    stolen = DHTRecord(
+        b"key", MSGPackSerializer.dumps(other.local_public_key), signed.value, signed.expiration_time
+    )
     assert not other.validate(stolen)
 
 
@@ -214,7 +218,9 @@ async def test_peer_cannot_store_under_another_peers_subkey(swarm: Swarm) -> Non
     await announce(swarm.dhts["A"], swarm.ids["A"], genuine, expiration_time=exp)
     forged = genuine.model_copy(update={"grpc_address": "6.6.6.6:666"}).model_dump(mode="json")
     stored = await dht_call(
-        swarm.dhts["B"].store(block_key(model, 0), forged, exp + 10, subkey=swarm.ids["A"].subkey, return_future=True)
+        swarm.dhts["B"].store(
+            block_key(model, 0), forged, exp + 10, subkey=swarm.ids["A"].subkey, return_future=True
+        )
     )
     assert stored is False
     for name in "ABC":
@@ -229,31 +235,33 @@ async def test_tampered_signed_values_are_rejected_by_every_honest_peer(swarm: S
     value = MSGPackSerializer.dumps(genuine.model_dump(mode="json"))
     record = DHTRecord(DHTID.generate(source=key).to_bytes(), MSGPackSerializer.dumps(subkey), value, exp)
     signed = swarm.ids["A"].validator.sign_value(record)
-    evil = MSGPackSerializer.dumps(genuine.model_copy(update={"grpc_address": "6.6.6.6:666"}).model_dump(mode="json"))
+    evil = MSGPackSerializer.dumps(
+        genuine.model_copy(update={"grpc_address": "6.6.6.6:666"}).model_dump(mode="json")
+    )
     attacks = [
         (evil + signed[len(value) :], exp + 10),  # A's signature on other content
         (signed, exp + 1000),  # A's exact bytes, replayed with a later expiration
     ]
     for raw, expiration in attacks:
         # B (malicious) poisons its own storage and pushes the bytes straight to every peer it knows.
-        replies = swarm.dhts["B"].run_coroutine(_push_raw_value(key, subkey, raw, expiration))
+        push = functools.partial(_push_raw, key=key, subkey=subkey, raw=raw, expiration=expiration)
+        replies = await dht_call(swarm.dhts["B"].run_coroutine(push, return_future=True), timeout=30)
         assert replies and all(reply == [False] for reply in replies), replies
     for name in "AC":
         assert (await fetch_records(swarm.dhts[name], model, [0]))[0] == [genuine]
 
 
-def _push_raw_value(key: str, subkey: bytes, raw: bytes, expiration: float) -> Any:
-    import functools
-
-    return functools.partial(_push_raw, key=key, subkey=subkey, raw=raw, expiration=expiration)
-
-
-async def _push_raw(_dht: DHT, node: DHTNode, *, key: str, subkey: bytes, raw: bytes, expiration: float) -> list[Any]:
+async def _push_raw(
+    _dht: DHT, node: DHTNode, *, key: str, subkey: bytes, raw: bytes, expiration: float
+) -> list[Any]:
     """Runs inside B's DHT process, bypassing its signing: what a modified client could do."""
     key_id = DHTID.generate(source=key)
     node.protocol.storage.store_subkey(key_id, subkey, raw, expiration)
     peers = list(node.protocol.routing_table.peer_id_to_uid)
-    return [await node.protocol.call_store(p, [key_id], [raw], expiration, subkeys=[subkey]) for p in peers]
+    replies = [
+        await node.protocol.call_store(p, [key_id], [raw], expiration, subkeys=[subkey]) for p in peers
+    ]
+    return [None if r is None else list(r) for r in replies]  # protobuf containers do not pickle
 
 
 # ----------------------------------------------------------------------------------- start_dht ---
@@ -273,5 +281,14 @@ def test_start_dht_explains_an_unreachable_initial_peer(swarm: Swarm) -> None:
 
 def test_start_dht_explains_a_port_in_use(swarm: Swarm) -> None:
     port = int(visible_maddrs(swarm.dhts["A"])[0].split("/tcp/")[1].split("/")[0])
-    with pytest.raises(DHTError, match=f"is {port} a free port"):
-        start_dht(port=port, startup_timeout=30)
+    with pytest.raises(DHTError, match=f"another node using port {port}"):
+        start_dht(port=port, startup_timeout=30).shutdown()  # (shut down should it ever start)
+
+
+async def test_dht_call_turns_timeouts_and_failures_into_dht_errors() -> None:
+    with pytest.raises(DHTError, match=r"did not answer within 0\.05 s"):
+        await dht_call(concurrent.futures.Future(), timeout=0.05)
+    failed: concurrent.futures.Future[int] = concurrent.futures.Future()
+    failed.set_exception(RuntimeError("boom"))
+    with pytest.raises(DHTError, match="RuntimeError: boom"):
+        await dht_call(failed)

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from swarm._proto import swarm_pb2
-from swarm.errors import ConfigError, ProtocolError
+from swarm.errors import ConfigError, LimitExceeded, ProtocolError
 from swarm.wire import (
     CODEC_NAMES,
     decode_tensor,
@@ -288,8 +288,9 @@ def test_rejects_malformed_headers(fields: dict[str, Any], message: str) -> None
 
 def test_rejects_too_many_elements_before_allocating() -> None:
     msg = _msg(shape=[10**6, 10**6])  # would be 4 TB: must fail on the header alone
-    with pytest.raises(ProtocolError, match=r"RESOURCE limit exceeded.*10\d+ elements.*at most 4096"):
+    with pytest.raises(LimitExceeded, match=r"RESOURCE limit exceeded.*10\d+ elements.*at most 4096") as info:
         decode_tensor(msg, max_elements=4096)
+    assert isinstance(info.value, ProtocolError)
     assert decode_tensor(encode_tensor(gaussian(64, 64), "none"), max_elements=4096).numel() == 4096
 
 
