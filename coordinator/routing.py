@@ -9,9 +9,8 @@ import heapq
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from swarm.records import ServerRecord, ServerState
-
 from swarm.errors import MissingBlocksError
+from swarm.records import ServerRecord, ServerState
 
 # Cost assumed for a server whose throughput or RTT has not been measured yet.
 DEFAULT_BLOCK_THROUGHPUT = 100.0  # tokens/s through one block
