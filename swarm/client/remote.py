@@ -120,6 +120,8 @@ class InferenceStream:
             response = await asyncio.wait_for(self._call.read(), self.config.request_timeout)
         except grpc.aio.AioRpcError as e:
             raise translate_rpc_error(self.hop.peer_id, e) from None
+        except asyncio.InvalidStateError:  # the stream already ended (peer died): report why
+            raise await self._stream_error() from None
         except TimeoutError:
             raise PeerUnavailable(
                 f"{self.hop.peer_id} did not answer an inference step within {self.config.request_timeout} s"

@@ -1,0 +1,46 @@
+"""A node killed (SIGKILL) mid-generation: the session re-routes its span and replays its inputs."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import torch
+
+from swarm.client.loop import run_sync
+from swarm.client.model import DistributedModelForCausalLM
+from swarm.generation import SamplingConfig, generate_tokens
+from swarm.localswarm import LocalSwarm
+from tests.checkpoints import make_checkpoint
+
+
+def test_greedy_tokens_survive_a_killed_node(tmp_path: Path) -> None:
+    model_path = make_checkpoint(tmp_path / "failover-llama", "llama", num_layers=8, eos_token_id=[])
+    prompt = torch.tensor([[5, 9, 31, 77, 2]])
+    new_tokens, kill_after = 24, 8
+    with LocalSwarm(tmp_path / "swarm") as local:
+        local.start_dht()
+        local.start_node(model_path, "0:4")
+        second_half = [local.start_node(model_path, "4:8", name=f"half-{i}") for i in range(2)]
+        with DistributedModelForCausalLM.from_pretrained(model_path, local.initial_peers) as client:
+            expected = client.generate(prompt, max_new_tokens=new_tokens)
+            killed: list[str] = []
+
+            with client.inference_session(max_length=prompt.shape[1] + new_tokens) as session:
+
+                def step(ids: torch.Tensor, start: int) -> torch.Tensor:
+                    if start == prompt.shape[1] + kill_after:
+                        victim_id = session.streams[-1].hop.peer_id
+                        victim = next(p for p in second_half if p.info["peer_id"] == victim_id)
+                        local.stop(victim, signal.SIGKILL)
+                        killed.append(victim_id)
+                    with torch.inference_mode():
+                        hidden = run_sync(session.step(client.parts.embed(ids)))
+                        return client.parts.logits(hidden[:, -1:])[:, -1]
+
+                got = generate_tokens(step, prompt, SamplingConfig(max_new_tokens=new_tokens))
+                route_after = [s.hop.peer_id for s in session.streams]
+
+    assert killed, "the kill never happened"
+    assert killed[0] not in route_after
+    assert got.tolist() == expected.tolist()
