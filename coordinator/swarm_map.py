@@ -6,6 +6,7 @@ import asyncio
 import time
 
 from hivemind.dht import DHT
+
 from swarm.coordinator.routing import SwarmMap
 from swarm.records import ServerRecord, fetch_records
 

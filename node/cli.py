@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from swarm.node.config import DHTPeerConfig, NodeConfig
-
 from swarm.cli_args import add_config_arguments, config_from_args
 from swarm.errors import SwarmError
+from swarm.node.config import DHTPeerConfig, NodeConfig
 
 log = logging.getLogger("swarm.node")
 
@@ -76,6 +75,7 @@ def run_dht(cfg: DHTPeerConfig) -> int:
 
 def run_join(cfg: NodeConfig) -> int:
     import uvloop
+
     from swarm.dht import start_dht
     from swarm.node.runtime import serve
     from swarm.records import NodeIdentity

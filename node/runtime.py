@@ -14,15 +14,15 @@ import torch
 from grpc_health.v1 import health_pb2
 from hivemind.dht import DHT
 from rich.progress import Progress
-from swarm.node.backend import BlockBackend, resolve_device, resolve_dtype
-from swarm.node.config import NodeConfig
-from swarm.node.server import SERVICE_NAME, BlockServicer, ServerLimits, start_grpc_server
-from swarm.records import NodeIdentity, ServerRecord, ServerState, announce, withdraw
 
 import swarm
 from swarm import checkpoint
 from swarm.errors import ConfigError
 from swarm.models.llama import LlamaBlock
+from swarm.node.backend import BlockBackend, resolve_device, resolve_dtype
+from swarm.node.config import NodeConfig
+from swarm.node.server import SERVICE_NAME, BlockServicer, ServerLimits, start_grpc_server
+from swarm.records import NodeIdentity, ServerRecord, ServerState, announce, withdraw
 
 log = logging.getLogger("swarm.node")
 # Records live this many announce periods, so one lost announcement does not drop the node.

@@ -16,12 +16,12 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from swarm.node.backend import BlockBackend, InferenceSession
 
 import swarm
 from swarm import wire
 from swarm._proto import swarm_pb2, swarm_pb2_grpc
 from swarm.errors import LimitExceeded, ProtocolError
+from swarm.node.backend import BlockBackend, InferenceSession
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = swarm_pb2.DESCRIPTOR.services_by_name["BlockService"].full_name

@@ -6,10 +6,10 @@ import itertools
 import random
 
 import pytest
-from swarm.coordinator.routing import DEFAULT_RTT, Hop, SwarmMap, min_latency_route
-from swarm.records import ServerRecord, ServerState
 
+from swarm.coordinator.routing import DEFAULT_RTT, Hop, SwarmMap, min_latency_route
 from swarm.errors import MissingBlocksError
+from swarm.records import ServerRecord, ServerState
 
 
 def server(
