@@ -287,3 +287,32 @@ def test_sigterm_stops_a_node_cleanly(local_swarm: LocalSwarm, model_path: Path)
     assert local_swarm.stop(extra, signal.SIGTERM) == 0
     log = extra.log_path.read_text()
     assert "Traceback" not in log
+
+
+def test_cli_generate_takes_text_when_the_model_has_a_tokenizer(
+    local_swarm: LocalSwarm, client: DistributedModelForCausalLM, model_path: Path
+) -> None:
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {f"w{i}": i for i in range(128)}
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer.save(str(model_path / "tokenizer.json"))
+    expected = client.generate(torch.tensor([[3, 17, 42]]), max_new_tokens=5)[0, 3:].tolist()
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "swarm.cli", "generate", "--model", str(model_path)),
+            *(
+                "--initial-peers",
+                *local_swarm.initial_peers,
+                "--prompt",
+                "w3 w17 w42",
+                "--max-new-tokens",
+                "5",
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=True,
+    )
+    assert result.stdout.strip() == "".join(f"w{t}" for t in expected)
