@@ -72,7 +72,9 @@ async def serve(
     backend = BlockBackend(
         ckpt.config, blocks, start, dtype=dtype, device=device, cache_bytes=cfg.cache_bytes
     )
-    limits = ServerLimits(cfg.max_batch, cfg.max_tokens, cfg.max_session_length, cfg.max_message_bytes)
+    limits = ServerLimits(
+        cfg.max_batch, cfg.max_tokens, cfg.max_session_length, cfg.max_message_bytes, cfg.session_idle_timeout
+    )
     servicer = BlockServicer(backend, model_name, str(dht.peer_id), limits)
     server, port, health = await start_grpc_server(servicer, cfg.host, cfg.port, cfg.max_message_bytes)
     record = ServerRecord(

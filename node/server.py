@@ -8,6 +8,7 @@ never an unhandled exception.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 import swarm
 from swarm import wire
 from swarm._proto import swarm_pb2, swarm_pb2_grpc
-from swarm.errors import LimitExceeded, ProtocolError
+from swarm.errors import LimitExceeded, ProtocolError, SwarmError
 from swarm.node.backend import BlockBackend, InferenceSession
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class ServerLimits:
     max_tokens: int
     max_session_length: int
     max_message_bytes: int
+    session_idle_timeout: float
 
 
 class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
@@ -127,8 +129,18 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
     ) -> AsyncIterator[swarm_pb2.InferenceResponse]:
         session: InferenceSession | None = None
         header = swarm_pb2.RequestHeader()
+        requests = aiter(request_iterator)
         try:
-            async for request in request_iterator:
+            while True:
+                try:  # a client that stops sending must not pin its KV cache forever
+                    request = await asyncio.wait_for(anext(requests), self.limits.session_idle_timeout)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise SessionIdle(
+                        f"inference session idle for more than {self.limits.session_idle_timeout} s; "
+                        "its KV cache was released"
+                    ) from None
                 if session is None:
                     header = request.header
                     session = self._open_session(request)
@@ -165,7 +177,9 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
 
 async def _abort(context: grpc.aio.ServicerContext, error: BaseException) -> None:
     """Turn an exception into a gRPC status; unexpected ones are logged with their traceback."""
-    if isinstance(error, LimitExceeded):
+    if isinstance(error, SessionIdle):
+        code = grpc.StatusCode.DEADLINE_EXCEEDED
+    elif isinstance(error, LimitExceeded):
         code = grpc.StatusCode.RESOURCE_EXHAUSTED
     elif isinstance(error, ProtocolError):
         code = grpc.StatusCode.INVALID_ARGUMENT
@@ -175,6 +189,10 @@ async def _abort(context: grpc.aio.ServicerContext, error: BaseException) -> Non
         log.exception("request failed")
         code = grpc.StatusCode.INTERNAL
     await context.abort(code, str(error) or type(error).__name__)
+
+
+class SessionIdle(SwarmError):
+    """The client sent nothing on an open Inference stream for too long."""
 
 
 def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:

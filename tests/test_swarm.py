@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -316,3 +317,27 @@ def test_cli_generate_takes_text_when_the_model_has_a_tokenizer(
         check=True,
     )
     assert result.stdout.strip() == "".join(f"w{t}" for t in expected)
+
+
+def test_idle_inference_session_is_closed(local_swarm: LocalSwarm, model_path: Path) -> None:
+    strict = local_swarm.start_node(model_path, "0:4", "--session-idle-timeout", "0.5", name="node-strict")
+    try:
+        with grpc.insecure_channel(strict.info["grpc_address"]) as ch:
+            stub = swarm_pb2_grpc.BlockServiceStub(ch)
+            first = swarm_pb2.InferenceRequest(
+                header=header(), open=swarm_pb2.InferenceOpen(max_length=8, batch_size=1)
+            )
+            # The request stream never ends after the open: the node must give up, not wait forever.
+            stall = threading.Event()
+
+            def requests() -> Iterator[swarm_pb2.InferenceRequest]:
+                yield first
+                stall.wait(30)
+
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.Inference(requests(), timeout=30))
+            stall.set()
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "idle for more than 0.5 s" in (info.value.details() or "")
+    finally:
+        local_swarm.stop(strict)
