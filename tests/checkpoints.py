@@ -22,6 +22,18 @@ FAMILIES: dict[str, tuple[type[Any], type[Any]]] = {
 }
 
 
+# llama3 rope scaling for tiny models: with head_dim 16 and a short original context, all three
+# llama3 bands (kept, interpolated, slowed) occur.
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    # short, so that with head_dim 16 all three llama3 bands (kept, interpolated, slowed) occur
+    "original_max_position_embeddings": 32,
+}
+
+
 def make_hf_model(
     family: str = "llama",
     *,

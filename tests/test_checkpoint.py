@@ -28,16 +28,9 @@ from swarm.checkpoint import (
 )
 from swarm.errors import CheckpointError, ConfigError
 from swarm.models.llama import LlamaForCausalLM
-from tests.checkpoints import make_checkpoint
+from tests.checkpoints import LLAMA3, make_checkpoint
 
 TOL = 1e-4
-LLAMA3 = {
-    "rope_type": "llama3",
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 32,
-}
 
 
 @pytest.fixture(scope="module")

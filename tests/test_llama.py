@@ -18,17 +18,9 @@ from swarm.models.llama import (
     RopeScaling,
     hf_block_prefix,
 )
-from tests.checkpoints import make_hf_model, to_legacy_layout
+from tests.checkpoints import LLAMA3, make_hf_model, to_legacy_layout
 
 TOL = 1e-4
-LLAMA3 = {
-    "rope_type": "llama3",
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    # short, so that with head_dim 16 all three llama3 bands (kept, interpolated, slowed) occur
-    "original_max_position_embeddings": 32,
-}
 CASES: dict[str, dict[str, Any]] = {
     "llama": {"family": "llama"},
     "llama-mha": {"family": "llama", "num_kv_heads": 4},
