@@ -22,8 +22,7 @@ FAMILIES: dict[str, tuple[type[Any], type[Any]]] = {
 }
 
 
-# llama3 rope scaling for tiny models: with head_dim 16 and a short original context, all three
-# llama3 bands (kept, interpolated, slowed) occur.
+# llama3 rope scaling sized for the tiny test models
 LLAMA3 = {
     "rope_type": "llama3",
     "factor": 8.0,
