@@ -8,18 +8,14 @@ import time
 from hivemind.dht import DHT
 
 from swarm.coordinator.routing import SwarmMap
-from swarm.records import ServerRecord, fetch_records
+from swarm.records import fetch_records, latest_per_peer
 
 
 async def fetch_swarm_map(dht: DHT, model: str, num_blocks: int) -> SwarmMap:
-    """Read every block's records; a server announcing a span appears once."""
+    """Read every block's records; a server appears once, as its newest announcement says."""
     per_block = await fetch_records(dht, model, list(range(num_blocks)))
-    servers: dict[str, ServerRecord] = {}
-    for records in per_block.values():
-        for record in records:
-            servers.setdefault(record.peer_id, record)
-    ordered = tuple(sorted(servers.values(), key=lambda r: (r.start, r.peer_id)))
-    return SwarmMap(model=model, num_blocks=num_blocks, servers=ordered, taken_at=time.time())
+    servers = latest_per_peer(r for records in per_block.values() for r in records)
+    return SwarmMap(model=model, num_blocks=num_blocks, servers=tuple(servers), taken_at=time.time())
 
 
 class SwarmMapCache:

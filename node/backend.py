@@ -1,25 +1,51 @@
 """Execution of the served blocks: one compute worker per device, and the KV-cache budget.
 
-All compute runs on a single worker thread per node, so the asyncio event loop (gRPC,
-DHT announcements) never blocks on a matrix multiply and requests never race on the
-device. torch releases the GIL inside its kernels, so the loop stays responsive.
+All compute runs on one worker thread per backend, so the asyncio event loop (gRPC, DHT
+announcements) never blocks on a matrix multiply and requests never race on the device;
+torch releases the GIL inside its kernels, so the loop stays responsive.
+
+The worker takes work by priority: inference steps (a person is waiting for the next
+token) before forward passes before backward passes; FIFO within a priority. When it takes
+a forward or backward request it also takes the queued requests of the same kind, span and
+sequence length, up to `batch_tokens`, and runs them as one batch: on a device the cost of a
+pass over a span is dominated by reading its weights, so eight small requests cost little
+more than one. Merging is exact: attention, norms and MLPs work on each sample on its own.
+
+A request whose deadline passed while it waited is dropped with `DeadlineExceeded`; one
+whose caller went away (its coroutine was cancelled) is dropped silently. Neither is computed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import logging
+import threading
+import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeVar
+from functools import partial
 
 import torch
+from torch import Tensor
 
-from swarm.errors import ConfigError, LimitExceeded, ProtocolError
+from swarm.errors import ConfigError, DeadlineExceeded, LimitExceeded, ProtocolError, SwarmError
 from swarm.models.llama import LayerCache, LlamaBlock, LlamaConfig
 
-T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+INFERENCE, FORWARD, BACKWARD = 0, 1, 2  # priorities: lower runs first
+KINDS = ("inference", "forward", "backward")  # names by priority, as metrics label them
+DEFAULT_BATCH_TOKENS = 8192
+
+# on_batch(kind, n_requests, tokens, queue_wait_s): called on the worker thread just before a
+# batch runs; queue_wait_s is how long its oldest request waited. It must be quick and thread-safe.
+OnBatch = Callable[[str, int, int, float], None]
+# What a task computes: its inputs (on the device, in the compute dtype, possibly several
+# requests concatenated along the batch dim) -> one output of the same batch size.
+Compute = Callable[[list[Tensor]], Tensor]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -36,6 +62,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def deadline_after(seconds: float | None) -> float | None:
+    """The deadline `seconds` from now, on the clock the backend checks (time.monotonic)."""
+    return None if seconds is None else time.monotonic() + seconds
+
+
+class BackendClosed(SwarmError):
+    """The node is shutting down; the request was not run. Another node can take it."""
+
+    retryable = True
 
 
 class CacheBudget:
@@ -77,7 +114,228 @@ class InferenceSession:
         return self.caches[0].length if self.caches else 0
 
 
+# ----------------------------------------------------------------------------- the worker
+
+
+@dataclass(eq=False)  # identity equality: deque.remove must find this very task
+class _Task:
+    kind: int
+    inputs: list[Tensor]
+    compute: Compute
+    key: tuple[int, ...] | None  # equal keys may share one run; None: always runs alone
+    tokens: int
+    future: asyncio.Future[Tensor]
+    loop: asyncio.AbstractEventLoop
+    deadline: float | None
+    enqueued: float = field(default_factory=time.monotonic)
+    cancelled: bool = False  # the caller went away; set under the worker's lock
+
+    def resolve(self, result: Tensor | BaseException) -> None:
+        """Hand a result to the awaiting coroutine, on its own loop (callable from any thread)."""
+        # RuntimeError: that loop is closed, so nobody awaits the result any more
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(_set_future, self.future, result)
+
+
+def _set_future(future: asyncio.Future[Tensor], result: Tensor | BaseException) -> None:
+    if future.done():  # cancelled while it ran
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
+
+
+class ComputeWorker:
+    """One thread that runs submitted tasks by priority, merging compatible ones into batches."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        batching: bool = True,
+        batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        on_batch: OnBatch | None = None,
+    ) -> None:
+        if batch_tokens < 1:
+            raise ConfigError(f"batch_tokens must be >= 1, got {batch_tokens}")
+        self.device, self.dtype = device, dtype
+        self.batching, self.batch_tokens, self.on_batch = batching, batch_tokens, on_batch
+        self._queues: tuple[deque[_Task], ...] = tuple(deque() for _ in KINDS)
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve, name="swarm-compute", daemon=True)
+        self._thread.start()
+
+    async def submit(
+        self,
+        kind: int,
+        inputs: list[Tensor],
+        compute: Compute,
+        *,
+        key: tuple[int, ...] | None = None,
+        deadline: float | None = None,
+    ) -> Tensor:
+        """Queue `compute(inputs)` and wait for its result (inputs are [batch, length, ...])."""
+        loop = asyncio.get_running_loop()
+        tokens = inputs[0].shape[0] * inputs[0].shape[1]
+        task = _Task(kind, inputs, compute, key, tokens, loop.create_future(), loop, deadline)
+        with self._cond:
+            if self._closed:
+                raise BackendClosed("this node is shutting down; send the request to another node")
+            self._queues[kind].append(task)
+            self._cond.notify()
+        task.future.add_done_callback(lambda f: self._discard(task) if f.cancelled() else None)
+        return await task.future
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def depth(self) -> dict[str, int]:
+        with self._cond:
+            return {name: len(queue) for name, queue in zip(KINDS, self._queues, strict=True)}
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Fail every queued task, let a running batch finish, and stop the thread (waits <= timeout)."""
+        with self._cond:
+            self._closed = True
+            dropped = [task for queue in self._queues for task in queue]
+            for queue in self._queues:
+                queue.clear()
+            self._cond.notify_all()
+        for task in dropped:
+            task.resolve(BackendClosed("this node shut down before running the request; try another node"))
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def _discard(self, task: _Task) -> None:
+        """The caller was cancelled: unqueue its task so the worker never computes it."""
+        with self._cond:
+            task.cancelled = True
+            # ValueError: the worker already took it (running or done)
+            with contextlib.suppress(ValueError):
+                self._queues[task.kind].remove(task)
+
+    def _serve(self) -> None:
+        while (batch := self._take()) is not None:
+            try:
+                self._run(batch)
+            except BaseException as e:  # never let the worker die: the node would hang
+                log.exception("compute worker failed")
+                for task in batch:
+                    task.resolve(e)
+
+    def _take(self) -> list[_Task] | None:
+        """Block until there is work; return the next batch, or None once closed."""
+        with self._cond:
+            while not self._closed and not any(self._queues):
+                self._cond.wait()
+            if self._closed:
+                return None
+            queue = next(q for q in self._queues if q)
+            head = queue.popleft()
+            if not self.batching or head.key is None:
+                return [head]
+            return [head, *self._companions(head, queue)]
+
+    def _companions(self, head: _Task, queue: deque[_Task]) -> list[_Task]:
+        """Remove and return queued tasks that can share head's run, FIFO, within the token budget."""
+        taken: list[_Task] = []
+        tokens = head.tokens
+        for task in list(queue):
+            if task.key == head.key and tokens + task.tokens <= self.batch_tokens:
+                taken.append(task)
+                tokens += task.tokens
+                queue.remove(task)
+        return taken
+
+    def _run(self, batch: list[_Task]) -> None:
+        now = time.monotonic()
+        live = []
+        for task in batch:
+            if task.cancelled:
+                continue
+            if task.deadline is not None and now > task.deadline:
+                waited = now - task.enqueued
+                task.resolve(
+                    DeadlineExceeded(f"deadline passed after {waited:.3f} s in this busy node's queue")
+                )
+                continue
+            live.append(task)
+        if not live:
+            return
+        if self.on_batch is not None:
+            _report(self.on_batch, live, now)
+        try:
+            outputs = self._compute(live)
+        except Exception as e:  # e.g. out of memory: every request of the batch gets the error
+            for task in live:
+                task.resolve(e)
+            return
+        for task, out in zip(live, outputs, strict=True):
+            task.resolve(out)
+
+    def _compute(self, live: list[_Task]) -> list[Tensor]:
+        """Concatenate the tasks' inputs along batch, run once, split the output back."""
+        n_inputs = len(live[0].inputs)
+        inputs = []
+        for i in range(n_inputs):
+            parts = [t.inputs[i].to(self.device, self.dtype) for t in live]
+            inputs.append(torch.cat(parts) if len(parts) > 1 else parts[0])  # alone: no copy
+        out = live[0].compute(inputs).cpu()
+        return list(out.split([t.inputs[0].shape[0] for t in live]))
+
+
+def _report(on_batch: OnBatch, live: list[_Task], now: float) -> None:
+    try:
+        tokens = sum(t.tokens for t in live)
+        on_batch(KINDS[live[0].kind], len(live), tokens, now - live[0].enqueued)
+    except Exception:  # a metrics bug must not fail requests
+        log.exception("on_batch hook failed")
+
+
+# ----------------------------------------------------------------------------- the backend
+
+
+def _forward(blocks: list[LlamaBlock], inputs: list[Tensor]) -> Tensor:
+    (h,) = inputs
+    with torch.inference_mode():
+        for block in blocks:
+            h = block(h)
+    return h
+
+
+def _backward(blocks: list[LlamaBlock], inputs: list[Tensor]) -> Tensor:
+    """Recompute the span under autograd; return d(loss)/d(inputs) (weights are frozen)."""
+    hidden, grad_outputs = inputs
+    with torch.enable_grad():
+        h_in = hidden.detach().requires_grad_(True)
+        h = h_in
+        for block in blocks:
+            h = block(h)
+        (grad,) = torch.autograd.grad(h, h_in, grad_outputs)
+    return grad
+
+
+def _step(blocks: list[LlamaBlock], caches: list[LayerCache], position: int, inputs: list[Tensor]) -> Tensor:
+    (h,) = inputs
+    with torch.inference_mode():
+        for block, cache in zip(blocks, caches, strict=True):
+            h = block(h, start=position, cache=cache)
+    return h
+
+
 class BlockBackend:
+    """The blocks [start, end) of one model on one device, behind a `ComputeWorker`.
+
+    batching/batch_tokens: merge queued forward (and backward) requests of the same span and
+    length into batches of up to batch_tokens tokens (batch x length); a larger request runs
+    alone. on_batch: see `OnBatch`. forward/backward/step take an optional `deadline`
+    (`time.monotonic()` seconds) past which the request is dropped unrun.
+    """
+
     def __init__(
         self,
         config: LlamaConfig,
@@ -87,20 +345,29 @@ class BlockBackend:
         dtype: torch.dtype,
         device: torch.device,
         cache_bytes: int,
+        batching: bool = True,
+        batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        on_batch: OnBatch | None = None,
     ) -> None:
         self.config = config
         self.blocks = blocks
+        for block in blocks:  # serving mode: Backward computes input gradients only
+            block.requires_grad_(False)
         self.start, self.end = start, start + len(blocks)
         self.dtype, self.device = dtype, device
         self.budget = CacheBudget(cache_bytes)
         self.sessions: dict[int, InferenceSession] = {}
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-compute")
+        self.worker = ComputeWorker(
+            device, dtype, batching=batching, batch_tokens=batch_tokens, on_batch=on_batch
+        )
 
-    def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Fail queued requests with BackendClosed and stop the worker (a running batch finishes)."""
+        self.worker.close(timeout)
 
-    async def _run(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+    def queue_depth(self) -> dict[str, int]:
+        """Requests waiting (not running) by kind: 'inference', 'forward', 'backward'."""
+        return self.worker.depth()
 
     def _blocks(self, start: int, end: int) -> list[LlamaBlock]:
         if not (self.start <= start < end <= self.end):
@@ -109,7 +376,7 @@ class BlockBackend:
             )
         return self.blocks[start - self.start : end - self.start]
 
-    def _check_hidden(self, hidden: torch.Tensor, what: str = "hidden_states") -> None:
+    def _check_hidden(self, hidden: Tensor, what: str = "hidden_states") -> None:
         if hidden.dim() != 3 or hidden.shape[-1] != self.config.hidden_size:
             raise ProtocolError(
                 f"{what} must be [batch, length, {self.config.hidden_size}], got {list(hidden.shape)}"
@@ -117,22 +384,17 @@ class BlockBackend:
         if not hidden.is_floating_point():
             raise ProtocolError(f"{what} must be a floating-point tensor, got {hidden.dtype}")
 
-    async def forward(self, hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    async def forward(self, hidden: Tensor, start: int, end: int, *, deadline: float | None = None) -> Tensor:
         blocks = self._blocks(start, end)
         self._check_hidden(hidden)
-
-        def compute() -> torch.Tensor:
-            with torch.inference_mode():
-                h = hidden.to(self.device, self.dtype)
-                for block in blocks:
-                    h = block(h)
-                return h.cpu()
-
-        return await self._run(compute)
+        key = (start, end, hidden.shape[1])
+        return await self.worker.submit(
+            FORWARD, [hidden], partial(_forward, blocks), key=key, deadline=deadline
+        )
 
     async def backward(
-        self, hidden: torch.Tensor, grad_outputs: torch.Tensor, start: int, end: int
-    ) -> torch.Tensor:
+        self, hidden: Tensor, grad_outputs: Tensor, start: int, end: int, *, deadline: float | None = None
+    ) -> Tensor:
         """Stateless backward: recompute the span's forward under autograd, return d(loss)/d(inputs)."""
         blocks = self._blocks(start, end)
         self._check_hidden(hidden)
@@ -141,17 +403,9 @@ class BlockBackend:
             raise ProtocolError(
                 f"grad_outputs shape {list(grad_outputs.shape)} != hidden_states shape {list(hidden.shape)}"
             )
-
-        def compute() -> torch.Tensor:
-            with torch.enable_grad():
-                h_in = hidden.to(self.device, self.dtype).requires_grad_(True)
-                h = h_in
-                for block in blocks:
-                    h = block(h)
-                (grad,) = torch.autograd.grad(h, h_in, grad_outputs.to(self.device, self.dtype))
-            return grad.cpu()
-
-        return await self._run(compute)
+        key = (start, end, hidden.shape[1])
+        compute = partial(_backward, blocks)
+        return await self.worker.submit(BACKWARD, [hidden, grad_outputs], compute, key=key, deadline=deadline)
 
     def open_session(self, start: int, end: int, batch_size: int, max_length: int) -> InferenceSession:
         blocks = self._blocks(start, end)
@@ -174,7 +428,9 @@ class BlockBackend:
             session.caches.clear()
             self.budget.release(session.nbytes)
 
-    async def step(self, session: InferenceSession, hidden: torch.Tensor, position: int) -> torch.Tensor:
+    async def step(
+        self, session: InferenceSession, hidden: Tensor, position: int, *, deadline: float | None = None
+    ) -> Tensor:
         self._check_hidden(hidden)
         batch, new_tokens, _ = hidden.shape
         if batch != session.batch_size:
@@ -189,12 +445,7 @@ class BlockBackend:
                 f"step adds {new_tokens}"
             )
         blocks = self._blocks(session.start, session.end)
-
-        def compute() -> torch.Tensor:
-            with torch.inference_mode():
-                h = hidden.to(self.device, self.dtype)
-                for block, cache in zip(blocks, session.caches, strict=True):
-                    h = block(h, start=position, cache=cache)
-                return h.cpu()
-
-        return await self._run(compute)
+        # The caches are captured now: close_session may clear the list while the step runs.
+        caches = list(session.caches)
+        compute = partial(_step, blocks, caches, position)
+        return await self.worker.submit(INFERENCE, [hidden], compute, deadline=deadline)

@@ -1,7 +1,8 @@
 """`swarm-node`: what a volunteer runs.
 
     swarm-node dht  [--host H] [--port P] [--ready-file F]          a bootstrap DHT peer
-    swarm-node join --model M --initial-peers MADDR --blocks A:B    serve blocks A..B-1
+    swarm-node join --model M --initial-peers MADDR                 serve the blocks the swarm needs
+    swarm-node join --model M --initial-peers MADDR --blocks A:B    serve blocks A..B-1, never move
 
 Both print one line `swarm-node ready: ...` once they serve, and write the same facts as
 JSON to --ready-file, so scripts and tests wait for readiness instead of sleeping.
@@ -43,7 +44,11 @@ def setup_logging() -> None:
 
 def announce_ready(facts: dict[str, Any], ready_file: str | None) -> None:
     """Print the ready line and (atomically) write the same facts as JSON."""
-    parts = [f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in facts.items()]
+    parts = [
+        f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
+        for k, v in facts.items()
+        if v is not None
+    ]
     print("swarm-node ready: " + " ".join(parts), flush=True)
     if ready_file:
         path = Path(ready_file)

@@ -46,48 +46,112 @@ class DHTPeerConfig:
 
 @dataclass(frozen=True)
 class NodeConfig:
-    """`swarm-node join`: serve blocks [start, end) of a model to the swarm."""
+    """`swarm-node join`: serve blocks of a model to the swarm (chosen automatically unless --blocks)."""
 
     model: str = field(metadata=_help("checkpoint directory or hub id", metavar="PATH_OR_ID"))
-    blocks: str = field(metadata=_help("half-open block range to serve", metavar="START:END"))
+    blocks: str | None = field(
+        default=None,
+        metadata=_help("serve exactly this half-open block range and never move", metavar="START:END"),
+    )
+    num_blocks: int | None = field(
+        default=None,
+        metadata=_help("how many blocks to serve, placed where the swarm needs them; default: what fits"),
+    )
     initial_peers: tuple[str, ...] = field(default=(), metadata=_help("multiaddrs of DHT peers to join"))
     host: str = field(default="127.0.0.1", metadata=_help("address the gRPC and DHT servers bind"))
     port: int = field(default=0, metadata=_help("gRPC port; 0 picks a free one"))
+    announce_host: str | None = field(
+        default=None, metadata=_help("host other peers dial, when it differs from --host (NAT, containers)")
+    )
+    announce_port: int | None = field(
+        default=None, metadata=_help("port other peers dial, when it differs from the bound port")
+    )
+    check_reachability: bool = field(
+        default=True, metadata=_help("ask a peer to dial the announced address back before going online")
+    )
     dht_port: int = field(default=0, metadata=_help("DHT port; 0 picks a free one"))
+    metrics_port: int | None = field(
+        default=None, metadata=_help("serve Prometheus metrics on this port (0 picks a free one)")
+    )
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=_help("compute device"))
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
         default="auto", metadata=_help("compute dtype; auto = bfloat16 on GPUs that support it, else float32")
+    )
+    quant: Literal["none", "int8", "nf4"] = field(
+        default="none", metadata=_help("quantize block weights with bitsandbytes (CUDA only)")
+    )
+    throughput: float | None = field(
+        default=None, metadata=_help("announce this many tokens/s through the span instead of measuring")
+    )
+    network_throughput: float | None = field(
+        default=None, metadata=_help("network bytes/s to announce instead of measuring against a peer")
+    )
+    throughput_cache: str | None = field(
+        default=None, metadata=_help("file caching measured compute throughput (default: ~/.cache/swarm)")
     )
     ready_file: str | None = field(default=None, metadata=_help("write the ready line as JSON here"))
     identity_file: str | None = field(
         default=None, metadata=_help("RSA key file, created if missing, so a restarted node owns its records")
     )
     announce_period: float = field(default=30.0, metadata=_help("seconds between DHT announcements"))
+    rebalance_period: float = field(
+        default=120.0, metadata=_help("mean seconds between checks whether moving to other blocks pays")
+    )
+    balance_threshold: float = field(
+        default=0.15, metadata=_help("move only if swarm throughput rises by more than this fraction")
+    )
+    drain_timeout: float = field(
+        default=30.0, metadata=_help("seconds in-flight work may take to finish when stopping or moving")
+    )
     max_batch: int = field(default=32, metadata=_help("largest batch a request may carry"))
     max_tokens: int = field(default=8192, metadata=_help("largest batch x length a request may carry"))
+    batch_tokens: int = field(
+        default=8192, metadata=_help("merge queued forward/backward requests up to this many tokens")
+    )
+    batching: bool = field(default=True, metadata=_help("merge compatible queued requests into one batch"))
     max_session_length: int = field(
         default=4096, metadata=_help("largest max_length of an inference session")
     )
     max_message_bytes: int = field(default=256 * MiB, metadata=_help("largest gRPC message accepted or sent"))
-    cache_bytes: int = field(default=2 * GiB, metadata=_help("KV-cache budget shared by inference sessions"))
+    cache_bytes: int | None = field(
+        default=None,
+        metadata=_help("KV-cache budget shared by inference sessions; default: from free memory"),
+    )
     session_idle_timeout: float = field(
         default=300.0, metadata=_help("seconds an inference session may wait for its next step")
     )
     startup_timeout: float = field(default=120.0, metadata=_help("seconds to wait for the DHT daemon"))
 
     def __post_init__(self) -> None:
-        parse_span(self.blocks)
-        for name in ("port", "dht_port"):
+        if self.blocks is not None:
+            parse_span(self.blocks)
+            if self.num_blocks is not None:
+                raise ConfigError("give either --blocks START:END or --num-blocks N, not both")
+        for name in ("port", "dht_port", "announce_port", "metrics_port"):
             value = getattr(self, name)
-            if not 0 <= value < 65536:
+            if value is not None and not 0 <= value < 65536:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 65535], got {value}")
-        for name in ("max_batch", "max_tokens", "max_session_length", "max_message_bytes", "cache_bytes"):
+        positive = [
+            *("max_batch", "max_tokens", "max_session_length", "max_message_bytes", "batch_tokens"),
+            *(
+                "announce_period",
+                "rebalance_period",
+                "drain_timeout",
+                "session_idle_timeout",
+                "startup_timeout",
+            ),
+        ]
+        for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        for name in ("announce_period", "session_idle_timeout", "startup_timeout"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        for name in ("num_blocks", "cache_bytes", "throughput", "network_throughput"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        if self.balance_threshold < 0:
+            raise ConfigError(f"--balance-threshold must be >= 0, got {self.balance_threshold}")
 
     @property
-    def span(self) -> tuple[int, int]:
-        return parse_span(self.blocks)
+    def span(self) -> tuple[int, int] | None:
+        """The fixed span of --blocks, or None when the node chooses (and may move)."""
+        return parse_span(self.blocks) if self.blocks is not None else None

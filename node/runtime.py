@@ -1,15 +1,26 @@
-"""A node's life: load the span, serve it over gRPC, announce it, stop cleanly."""
+"""A node's life: measure, choose blocks, load, serve, announce, rebalance, drain, stop.
+
+    joining ──(reachable, blocks loaded)──► online ──(a move pays)──► draining ──► joining ...
+                                              └──(SIGTERM)──► draining ──► offline
+
+Every step that can take long (measuring, loading, draining) gives way to SIGTERM/SIGINT.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
+import random
 import signal
-import time
-from collections.abc import Callable
-from typing import Any
+import socket
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
 
+import grpc
 import torch
 from grpc_health.v1 import health_pb2
 from hivemind.dht import DHT
@@ -17,29 +28,324 @@ from rich.progress import Progress
 
 import swarm
 from swarm import checkpoint
+from swarm._proto import swarm_pb2, swarm_pb2_grpc
 from swarm.errors import ConfigError
-from swarm.models.llama import LlamaBlock
-from swarm.node.backend import BlockBackend, resolve_device, resolve_dtype
+from swarm.models.llama import LayerCache, LlamaBlock, LlamaConfig
+from swarm.node import device as devices
+from swarm.node import selection
+from swarm.node.announcer import Announcer
+from swarm.node.backend import BlockBackend
 from swarm.node.config import NodeConfig
+from swarm.node.metrics import NodeMetrics, start_metrics_server
 from swarm.node.server import SERVICE_NAME, BlockServicer, ServerLimits, start_grpc_server
-from swarm.records import NodeIdentity, ServerRecord, ServerState, announce, withdraw
+from swarm.node.throughput import Throughput, default_cache_path, get_throughput
+from swarm.records import NodeIdentity, ServerRecord, ServerState, fetch_records, latest_per_peer
 
 log = logging.getLogger("swarm.node")
-# Records live this many announce periods, so one lost announcement does not drop the node.
-RECORD_TTL_PERIODS = 2.5
+T = TypeVar("T")
+DEFAULT_NETWORK_BPS = 100e6 / 8  # assumed when no peer is known to measure against: 100 Mbit/s
+REACHABILITY_PEERS = 3  # peers asked to dial back before giving up on the check
+
+
+class Stopped(Exception):
+    """SIGTERM/SIGINT arrived while the node was still starting or moving."""
 
 
 def load_span(
-    ckpt: checkpoint.Checkpoint, start: int, end: int, dtype: torch.dtype, device: torch.device
+    ckpt: checkpoint.Checkpoint,
+    span: tuple[int, int],
+    dtype: torch.dtype,
+    device: torch.device,
+    quant: devices.Quant,
 ) -> list[LlamaBlock]:
     """Load blocks one at a time behind a progress bar (big spans take minutes to read)."""
+    start, end = span
     blocks: list[LlamaBlock] = []
     with Progress(transient=True) as progress:
         task = progress.add_task(f"loading blocks {start}:{end}", total=end - start)
         for index in range(start, end):
-            blocks.extend(checkpoint.load_blocks(ckpt, index, index + 1, dtype=dtype, device=device))
+            # Quantize on the CPU copy before it moves, so a full-precision span never sits on the GPU.
+            (block,) = checkpoint.load_blocks(ckpt, index, index + 1, dtype=dtype, device=torch.device("cpu"))
+            if quant != "none":
+                block = devices.quantize_block(block, quant, device)  # type: ignore[assignment]
+            blocks.append(block.to(device))
             progress.advance(task)
     return blocks
+
+
+@dataclass
+class Node:
+    """Everything a running node holds; `serve` drives it through its states."""
+
+    cfg: NodeConfig
+    ckpt: checkpoint.Checkpoint
+    model: str
+    device: torch.device
+    dtype: torch.dtype
+    dht: DHT
+    servicer: BlockServicer
+    announcer: Announcer
+    metrics: NodeMetrics
+    address: str
+    stop: asyncio.Event
+    throughput: Throughput | None = None
+    cache_bytes: int = 0
+    span: tuple[int, int] = (0, 0)
+
+    @property
+    def config(self) -> LlamaConfig:
+        return self.ckpt.config
+
+    @property
+    def peer_id(self) -> str:
+        return self.servicer.peer_id
+
+    def span_throughput(self, num_blocks: int) -> float:
+        assert self.throughput is not None, "measured before any span is chosen"
+        return self.throughput.span_throughput(num_blocks, self.config.hidden_size)
+
+    # ---- states -----------------------------------------------------------------------------------
+
+    def record(self, state: ServerState) -> ServerRecord:
+        start, end = self.span
+        tp = self.throughput
+        return ServerRecord(
+            state=state,
+            peer_id=self.peer_id,
+            grpc_address=self.address,
+            model=self.model,
+            start=start,
+            end=end,
+            compute_throughput=tp.forward_tps if tp else 0.0,
+            inference_rps=tp.inference_rps if tp else 0.0,
+            network_throughput=tp.network_bps if tp else 0.0,
+            throughput=self.span_throughput(end - start) if tp else 0.0,
+            free_cache_tokens=self.free_cache_tokens(),
+            dtype=str(self.dtype).removeprefix("torch."),
+            quant=self.cfg.quant,
+            software_version=swarm.__version__,
+        )
+
+    def free_cache_tokens(self) -> int:
+        """Tokens of KV cache a new session could still reserve on the whole span."""
+        backend = self.servicer.backend
+        if backend is None:
+            return 0
+        per_token = LayerCache.bytes_needed(self.config, 1, 1, self.dtype) * (backend.end - backend.start)
+        return max(0, backend.budget.total - backend.budget.used) // per_token
+
+    async def enter(self, state: ServerState, *, required: bool = False) -> None:
+        self.servicer.state = str(state)
+        self.metrics.set_state(str(state))
+        await self.announcer.publish(self.record(state), required=required)
+
+    async def until_stopped(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run `work`, or raise Stopped as soon as a stop signal arrives."""
+        task = asyncio.ensure_future(work)
+        stopped = asyncio.ensure_future(self.stop.wait())
+        try:
+            await asyncio.wait([task, stopped], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if not task.done():
+            task.cancel()
+            raise Stopped
+        return task.result()
+
+    async def load(self, span: tuple[int, int]) -> None:
+        """Load `span` and serve it; the node must serve nothing when called."""
+        cfg = self.cfg
+        blocks = await self.until_stopped(
+            asyncio.to_thread(load_span, self.ckpt, span, self.dtype, self.device, cfg.quant)
+        )
+        self.servicer.backend = BlockBackend(
+            self.config,
+            blocks,
+            span[0],
+            dtype=self.dtype,
+            device=self.device,
+            cache_bytes=self.cache_bytes,
+            batching=cfg.batching,
+            batch_tokens=cfg.batch_tokens,
+            on_batch=self._on_batch,
+        )
+        self.span = span
+        self.metrics.set_span(*span)
+        log.info("serving blocks %d:%d of %s (%s on %s)", *span, self.model, self.dtype, self.device)
+
+    def _on_batch(self, kind: str, requests: int, tokens: int, queue_wait: float) -> None:
+        # called on the compute thread; prometheus_client metrics are thread-safe
+        self.metrics.batch_size.observe(requests)
+        self.metrics.queue_wait_seconds.labels(priority=kind).observe(queue_wait)
+
+    async def drain(self) -> None:
+        """Wait (up to --drain-timeout) for in-flight requests and sessions to finish."""
+        try:
+            await asyncio.wait_for(self.servicer.idle.wait(), timeout=self.cfg.drain_timeout)
+        except TimeoutError:
+            log.warning(
+                "%d request(s)/session(s) still running after %.0f s; ending them",
+                self.servicer.active,
+                self.cfg.drain_timeout,
+            )
+
+    def unload(self) -> None:
+        backend, self.servicer.backend = self.servicer.backend, None
+        if backend is not None:
+            backend.shutdown()
+            backend.blocks.clear()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    async def move(self, span: tuple[int, int]) -> None:
+        log.info("moving from blocks %d:%d to %d:%d: the swarm needs them more", *self.span, *span)
+        old = self.record(ServerState.DRAINING)
+        await self.enter(ServerState.DRAINING)
+        await self.drain()
+        self.unload()
+        self.span = span
+        await self.enter(ServerState.JOINING)
+        await self.load(span)
+        await self.enter(ServerState.ONLINE)
+        await self.announcer.announce_elsewhere(old)  # after ONLINE: newest record says where we are
+        self.metrics.rebalances.inc()
+
+
+# ---- the swarm as this node sees it ---------------------------------------------------------------
+
+
+async def swarm_records(node: Node) -> list[ServerRecord]:
+    """Every other peer's newest record for this model (this node's own state is known locally)."""
+    per_block = await fetch_records(node.dht, node.model, list(range(node.config.num_hidden_layers)))
+    records = latest_per_peer(r for rs in per_block.values() for r in rs)
+    return [r for r in records if r.peer_id != node.peer_id]
+
+
+async def check_reachable(node: Node, peers: list[ServerRecord]) -> None:
+    """Ask a peer to dial our announced address; refuse to go online if it cannot."""
+    if not peers:
+        log.info("no other node yet: cannot check that %s is reachable from outside", node.address)
+        return
+    request = swarm_pb2.ReachabilityRequest(address=node.address, expected_peer_id=node.peer_id)
+    for peer in peers[:REACHABILITY_PEERS]:
+        try:
+            async with grpc.aio.insecure_channel(peer.grpc_address) as channel:
+                reply = await swarm_pb2_grpc.BlockServiceStub(channel).CheckReachability(request, timeout=15)
+        except grpc.aio.AioRpcError as e:
+            log.info("peer %s could not check reachability (%s); asking another", peer.peer_id, e.code().name)
+            continue
+        if reply.reachable:
+            log.info("peer %s reached this node at %s", peer.peer_id, node.address)
+            return
+        port = node.address.rpartition(":")[2]
+        raise ConfigError(
+            f"other peers cannot reach this node at {node.address} ({reply.error}). If this machine is "
+            f"behind NAT or a firewall, forward TCP port {port} to it, or set --announce-host/"
+            "--announce-port to the public address and port that lead to this node's --port"
+        )
+    log.warning("no peer could check whether %s is reachable; going online anyway", node.address)
+
+
+def announce_host(cfg: NodeConfig) -> str:
+    if cfg.announce_host:
+        return cfg.announce_host
+    if cfg.host not in ("0.0.0.0", "::", ""):
+        return cfg.host
+    # Bound to every interface: announce the address of the default route. Connecting a UDP
+    # socket sends nothing; it only asks the kernel which source address it would use.
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1, never routed to anyone
+            return str(s.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
+
+
+# ---- setup ----------------------------------------------------------------------------------------
+
+
+async def measure(node: Node, peers: list[ServerRecord]) -> None:
+    cfg = node.cfg
+    online = [p for p in peers if p.state == ServerState.ONLINE]
+    cache_path = Path(cfg.throughput_cache) if cfg.throughput_cache else default_cache_path()
+    node.throughput = await node.until_stopped(
+        get_throughput(
+            node.config,
+            node.device,
+            node.dtype,
+            cfg.quant,
+            device_name=devices.device_name(node.device),
+            cache_path=cache_path,
+            override=cfg.throughput,
+            network_override=cfg.network_throughput,
+            peer_address=online[0].grpc_address if online else None,
+            default_network_bps=DEFAULT_NETWORK_BPS,
+        )
+    )
+    tp = node.throughput
+    node.metrics.throughput.labels(kind="compute").set(tp.forward_tps)
+    node.metrics.throughput.labels(kind="inference").set(tp.inference_rps)
+    node.metrics.network_bytes_per_second.set(tp.network_bps)
+
+
+def plan_span(node: Node, peers: list[ServerRecord]) -> tuple[int, int]:
+    """The fixed --blocks span, or the span of --num-blocks (or what fits) the swarm needs most."""
+    cfg, num_layers = node.cfg, node.config.num_hidden_layers
+    if cfg.span is not None:
+        start, end = cfg.span
+        if end > num_layers:
+            raise ConfigError(f"--blocks {start}:{end} is out of range: the model has {num_layers} blocks")
+        return start, end
+    count = cfg.num_blocks or devices.default_num_blocks(node.config, node.dtype, cfg.quant, node.device)
+    if count > num_layers:
+        raise ConfigError(f"--num-blocks {count} is more than the model's {num_layers} blocks")
+    return selection.choose_span(peers, num_layers, count, node.span_throughput(count), rng=random.Random())
+
+
+def plan_memory(node: Node, span: tuple[int, int]) -> None:
+    cfg, count = node.cfg, span[1] - span[0]
+    weights = devices.span_bytes(node.config, count, node.dtype, cfg.quant)
+    node.cache_bytes = cfg.cache_bytes or devices.default_cache_bytes(node.device, weights_bytes=weights)
+    devices.check_fits(node.config, count, node.dtype, cfg.quant, node.device, node.cache_bytes)
+
+
+async def watch_swarm(node: Node) -> None:
+    """Every ~rebalance period (jittered, so nodes do not move in lockstep): look at the swarm, and
+    move when another span raises its throughput by more than --balance-threshold."""
+    rng = random.Random()
+    fixed = node.cfg.span is not None
+    while not node.stop.is_set():
+        try:
+            await asyncio.wait_for(
+                node.stop.wait(), timeout=node.cfg.rebalance_period * rng.uniform(0.5, 1.5)
+            )
+            return
+        except TimeoutError:
+            pass
+        try:
+            peers = await swarm_records(node)
+        except Exception as e:  # the announcer reports DHT trouble; just look again next time
+            log.debug("could not read the swarm map: %s", e)
+            continue
+        node.metrics.dht_peers.set(len(peers) + 1)
+        if fixed or node.servicer.state != ServerState.ONLINE:
+            continue
+        me = node.record(ServerState.ONLINE)
+        target = selection.plan_move(
+            [*peers, me],
+            node.config.num_hidden_layers,
+            node.peer_id,
+            node.span,
+            me.throughput,
+            threshold=node.cfg.balance_threshold,
+            rng=rng,
+        )
+        if target is not None:
+            await node.move(target)
+
+
+# ---- the whole life -------------------------------------------------------------------------------
 
 
 async def serve(
@@ -51,76 +357,110 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
 
     ckpt = await asyncio.to_thread(checkpoint.open_checkpoint, cfg.model)
-    start, end = cfg.span
-    if end > ckpt.config.num_hidden_layers:
-        raise ConfigError(
-            f"--blocks {start}:{end} is out of range: the model has {ckpt.config.num_hidden_layers} blocks"
-        )
-    model_name = checkpoint.model_name(cfg.model)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    load = asyncio.ensure_future(asyncio.to_thread(load_span, ckpt, start, end, dtype, device))
-    stopped = asyncio.ensure_future(stop.wait())
-    await asyncio.wait([load, stopped], return_when=asyncio.FIRST_COMPLETED)
-    if stop.is_set():
-        log.info("stopped while loading")
-        return
-    stopped.cancel()
-    blocks = load.result()
-    log.info("loaded blocks %d:%d of %s (%s on %s)", start, end, model_name, dtype, device)
+    model = checkpoint.model_name(cfg.model)
+    device = devices.resolve_device(cfg.device)
+    dtype = devices.resolve_dtype(cfg.dtype, device)
+    devices.check_quant(cfg.quant, device)
 
-    backend = BlockBackend(
-        ckpt.config, blocks, start, dtype=dtype, device=device, cache_bytes=cfg.cache_bytes
+    metrics = NodeMetrics()
+    metrics.set_info(
+        version=swarm.__version__,
+        model=model,
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        quant=cfg.quant,
+        peer_id=str(dht.peer_id),
     )
     limits = ServerLimits(
         cfg.max_batch, cfg.max_tokens, cfg.max_session_length, cfg.max_message_bytes, cfg.session_idle_timeout
     )
-    servicer = BlockServicer(backend, model_name, str(dht.peer_id), limits)
+    servicer = BlockServicer(None, model, str(dht.peer_id), limits, quant=cfg.quant, metrics=metrics)
     server, port, health = await start_grpc_server(servicer, cfg.host, cfg.port, cfg.max_message_bytes)
-    record = ServerRecord(
-        state=ServerState.ONLINE,
-        peer_id=str(dht.peer_id),
-        grpc_address=f"{cfg.host}:{port}",
-        model=model_name,
-        start=start,
-        end=end,
-        free_cache_tokens=0,
-        dtype=str(dtype).removeprefix("torch."),
-        software_version=swarm.__version__,
+    stop_metrics: Callable[[], None] = lambda: None  # noqa: E731
+    metrics_port = None
+    if cfg.metrics_port is not None:
+        metrics_port, stop_metrics = start_metrics_server(metrics, cfg.host, cfg.metrics_port)
+    address = f"{announce_host(cfg)}:{cfg.announce_port or port}"
+    node = Node(
+        cfg,
+        ckpt,
+        model,
+        device,
+        dtype,
+        dht,
+        servicer,
+        Announcer(dht, identity, cfg.announce_period),
+        metrics,
+        address,
+        stop,
     )
+    node.announcer.refresh = lambda r: r.model_copy(update={"free_cache_tokens": node.free_cache_tokens()})
+    _export_live_gauges(node)
+    background: list[asyncio.Task[None]] = []
     try:
-        ttl = cfg.announce_period * RECORD_TTL_PERIODS
-        await announce(dht, identity, record, expiration_time=time.time() + ttl)
+        await start_serving(node)
         on_ready(
             {
-                "peer_id": str(dht.peer_id),
-                "grpc_address": record.grpc_address,
-                "model": model_name,
-                "span": f"{start}:{end}",
+                "peer_id": node.peer_id,
+                "grpc_address": node.address,
+                "model": model,
+                "span": f"{node.span[0]}:{node.span[1]}",
+                "throughput": round(node.span_throughput(node.span[1] - node.span[0]), 3),
                 "maddrs": [str(m) for m in dht.get_visible_maddrs()],
+                "metrics_port": metrics_port,
                 "pid": os.getpid(),
             }
         )
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=cfg.announce_period)
-            except TimeoutError:
-                await _announce_safely(dht, identity, record, ttl)
+        background = [asyncio.create_task(node.announcer.run(stop)), asyncio.create_task(watch_swarm(node))]
+        await stop.wait()
+    except Stopped:
+        log.info("stopped while %s", servicer.state)
     finally:
-        log.info("shutting down: withdrawing records, finishing in-flight requests")
-        await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
-        try:
-            await asyncio.wait_for(withdraw(dht, identity, record), timeout=5)
-        except Exception as e:  # records expire on their own; never fail the shutdown over it
-            log.warning(
-                "could not withdraw records (%s); they expire in %.0f s", e, cfg.announce_period * 2.5
-            )
-        await server.stop(grace=5)
-        backend.shutdown()
+        for task in background:
+            task.cancel()
+        await shut_down(node, server, health)
+        stop_metrics()
 
 
-async def _announce_safely(dht: DHT, identity: NodeIdentity, record: ServerRecord, ttl: float) -> None:
-    try:
-        await announce(dht, identity, record, expiration_time=time.time() + ttl)
-    except Exception as e:  # keep serving in-flight work; the next period tries again
-        log.warning("announcing to the DHT failed (%s); retrying next period", e)
+async def start_serving(node: Node) -> None:
+    peers = await node.until_stopped(swarm_records(node))
+    await measure(node, peers)
+    span = plan_span(node, peers)
+    plan_memory(node, span)
+    node.span = span
+    await node.enter(ServerState.JOINING, required=True)
+    if node.cfg.check_reachability:
+        await node.until_stopped(check_reachable(node, [p for p in peers if p.state == ServerState.ONLINE]))
+    await node.load(span)
+    await node.enter(ServerState.ONLINE, required=True)
+
+
+async def shut_down(node: Node, server: grpc.aio.Server, health: Any) -> None:
+    log.info("shutting down: draining in-flight work, then withdrawing records")
+    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if node.servicer.backend is not None:
+        await node.enter(ServerState.DRAINING)
+        await node.drain()
+    node.metrics.set_state("offline")
+    await node.announcer.withdraw()
+    await server.stop(grace=2)
+    node.unload()
+
+
+def _export_live_gauges(node: Node) -> None:
+    """Gauges read at scrape time, so they are never stale and need no refresh loop."""
+    m = node.metrics
+
+    def backend_value(fn: Callable[[BlockBackend], float]) -> Callable[[], float]:
+        return lambda: fn(node.servicer.backend) if node.servicer.backend is not None else 0.0
+
+    m.cache_used_bytes.set_function(backend_value(lambda b: b.budget.used))
+    m.cache_total_bytes.set_function(backend_value(lambda b: b.budget.total))
+    m.inference_sessions.set_function(backend_value(lambda b: len(b.sessions)))
+    for priority in ("inference", "forward", "backward"):
+        m.queue_depth.labels(priority=priority).set_function(
+            backend_value(lambda b, p=priority: b.queue_depth().get(p, 0))  # type: ignore[misc]
+        )
+    m.throughput.labels(kind="announced").set_function(
+        lambda: node.span_throughput(node.span[1] - node.span[0]) if node.throughput and node.span[1] else 0.0
+    )

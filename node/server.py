@@ -9,8 +9,10 @@ never an unhandled exception.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -21,11 +23,14 @@ from grpc_reflection.v1alpha import reflection
 import swarm
 from swarm import wire
 from swarm._proto import swarm_pb2, swarm_pb2_grpc
-from swarm.errors import LimitExceeded, ProtocolError, SwarmError
-from swarm.node.backend import BlockBackend, InferenceSession
+from swarm.errors import DeadlineExceeded, LimitExceeded, ProtocolError, SwarmError
+from swarm.node.backend import BackendClosed, BlockBackend, InferenceSession, deadline_after
+from swarm.node.metrics import NodeMetrics, RequestOutcome
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = swarm_pb2.DESCRIPTOR.services_by_name["BlockService"].full_name
+MAX_PING_BYTES = 16 << 20  # a bandwidth probe needs a few MiB, not the whole message limit
+REACHABILITY_TIMEOUT = 5.0  # seconds to dial a joining node back
 
 
 @dataclass(frozen=True)
@@ -38,15 +43,55 @@ class ServerLimits:
 
 
 class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
-    def __init__(self, backend: BlockBackend, model: str, peer_id: str, limits: ServerLimits) -> None:
+    def __init__(
+        self,
+        backend: BlockBackend | None,
+        model: str,
+        peer_id: str,
+        limits: ServerLimits,
+        quant: str = "none",
+        metrics: NodeMetrics | None = None,
+    ) -> None:
         self.backend = backend
         self.model = model
         self.peer_id = peer_id
         self.limits = limits
+        self.quant = quant
+        self.metrics = metrics or NodeMetrics()
+        # Set by the runtime as the node's life goes on; reported by Info. A servicer built
+        # around a ready backend (tests, benchmarks) is online from the start.
+        self.state = "online" if backend is not None else "joining"
+        self.compute_throughput = 0.0
+        # Requests and sessions in progress; draining waits for `idle`.
+        self.active = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    @contextlib.contextmanager
+    def _track(self, rpc: str, context: grpc.aio.ServicerContext) -> Iterator[RequestOutcome]:
+        """Count the request as in flight (for draining) and record its latency and status."""
+        self.active += 1
+        self.idle.clear()
+        try:
+            with self.metrics.track_request(rpc, context) as outcome:
+                yield outcome
+        finally:
+            self.active -= 1
+            if self.active == 0:
+                self.idle.set()
 
     # ---- validation -------------------------------------------------------------------------
 
+    def _backend(self) -> BlockBackend:
+        """The backend, or NotServing while the node loads or moves to another span."""
+        if self.backend is None:
+            raise NotServing(f"this node is {self.state} and serves no blocks right now; use another server")
+        return self.backend
+
     def _check_header(self, header: swarm_pb2.RequestHeader) -> tuple[int, int]:
+        backend = self._backend()
+        if self.state != "online":
+            raise NotServing(f"this node is {self.state} and takes no new requests; use another server")
         if header.protocol_version != swarm.PROTOCOL_VERSION:
             raise ProtocolError(
                 f"protocol version {header.protocol_version} is not supported; "
@@ -55,10 +100,9 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
         if header.model != self.model:
             raise ProtocolError(f"this node serves model {self.model!r}, the request names {header.model!r}")
         start, end = header.span.start, header.span.end
-        if not (self.backend.start <= start < end <= self.backend.end):
+        if not (backend.start <= start < end <= backend.end):
             raise ProtocolError(
-                f"this node serves blocks {self.backend.start}:{self.backend.end}, "
-                f"the request asks for {start}:{end}"
+                f"this node serves blocks {backend.start}:{backend.end}, the request asks for {start}:{end}"
             )
         return start, end
 
@@ -74,57 +118,95 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
                 f"batch x length = {batch} x {length} = {batch * length} tokens exceeds "
                 f"this node's max_tokens {self.limits.max_tokens}"
             )
-        max_elements = self.limits.max_tokens * self.backend.config.hidden_size
-        return wire.decode_tensor(msg, max_elements=max_elements)
+        max_elements = self.limits.max_tokens * self._backend().config.hidden_size
+        tensor = wire.decode_tensor(msg, max_elements=max_elements)
+        self.metrics.observe_wire("received", wire.raw_nbytes(tensor), wire.encoded_nbytes(msg))
+        return tensor
+
+    def _count_tokens(self, rpc: str, hidden: torch.Tensor) -> None:
+        self.metrics.tokens.labels(rpc=rpc).inc(hidden.shape[0] * hidden.shape[1])
 
     def _encode(self, t: torch.Tensor, header: swarm_pb2.RequestHeader) -> swarm_pb2.Tensor:
-        return wire.encode_tensor(t, header.response_codec)
+        msg = wire.encode_tensor(t, header.response_codec)
+        self.metrics.observe_wire("sent", wire.raw_nbytes(t), wire.encoded_nbytes(msg))
+        return msg
 
     # ---- RPCs -------------------------------------------------------------------------------
 
     async def Info(
         self, request: swarm_pb2.InfoRequest, context: grpc.aio.ServicerContext
     ) -> swarm_pb2.InfoResponse:
+        self.metrics.requests.labels(rpc="Info", code="OK").inc()
         return swarm_pb2.InfoResponse(
             protocol_version=swarm.PROTOCOL_VERSION,
             model=self.model,
-            span=swarm_pb2.Span(start=self.backend.start, end=self.backend.end),
+            span=swarm_pb2.Span(start=self.backend.start, end=self.backend.end) if self.backend else None,
             peer_id=self.peer_id,
             version=swarm.__version__,
-            dtype=str(self.backend.dtype).removeprefix("torch."),
-            device=str(self.backend.device),
+            dtype=str(self.backend.dtype).removeprefix("torch.") if self.backend else "",
+            device=str(self.backend.device) if self.backend else "",
             max_message_bytes=self.limits.max_message_bytes,
             max_batch=self.limits.max_batch,
             max_tokens=self.limits.max_tokens,
             max_session_length=self.limits.max_session_length,
+            compute_throughput=self.compute_throughput,
+            state=self.state,
+            quant=self.quant,
         )
+
+    async def Ping(
+        self, request: swarm_pb2.PingRequest, context: grpc.aio.ServicerContext
+    ) -> swarm_pb2.PingResponse:
+        self.metrics.requests.labels(rpc="Ping", code="OK").inc()
+        reply_bytes = min(request.reply_bytes, MAX_PING_BYTES, self.limits.max_message_bytes - 1024)
+        return swarm_pb2.PingResponse(payload=bytes(max(0, reply_bytes)))
+
+    async def CheckReachability(
+        self, request: swarm_pb2.ReachabilityRequest, context: grpc.aio.ServicerContext
+    ) -> swarm_pb2.ReachabilityResponse:
+        self.metrics.requests.labels(rpc="CheckReachability", code="OK").inc()
+        error = await dial_back(request.address, request.expected_peer_id, REACHABILITY_TIMEOUT)
+        return swarm_pb2.ReachabilityResponse(reachable=error is None, error=error or "")
 
     async def Forward(
         self, request: swarm_pb2.ForwardRequest, context: grpc.aio.ServicerContext
     ) -> swarm_pb2.ForwardResponse:
-        try:
-            start, end = self._check_header(request.header)
-            hidden = self._decode_hidden(request.hidden_states)
-            out = await self.backend.forward(hidden, start, end)
-            return swarm_pb2.ForwardResponse(hidden_states=self._encode(out, request.header))
-        except Exception as e:
-            await _abort(context, e)
-            raise  # unreachable: abort raises
+        with self._track("Forward", context):
+            try:
+                start, end = self._check_header(request.header)
+                hidden = self._decode_hidden(request.hidden_states)
+                deadline = deadline_after(context.time_remaining())
+                out = await self._backend().forward(hidden, start, end, deadline=deadline)
+                self._count_tokens("Forward", hidden)
+                return swarm_pb2.ForwardResponse(hidden_states=self._encode(out, request.header))
+            except Exception as e:
+                await _abort(context, e)
+                raise  # unreachable: abort raises
 
     async def Backward(
         self, request: swarm_pb2.BackwardRequest, context: grpc.aio.ServicerContext
     ) -> swarm_pb2.BackwardResponse:
-        try:
-            start, end = self._check_header(request.header)
-            hidden = self._decode_hidden(request.hidden_states)
-            grad_out = self._decode_hidden(request.grad_outputs, "grad_outputs")
-            grad_in = await self.backend.backward(hidden, grad_out, start, end)
-            return swarm_pb2.BackwardResponse(grad_inputs=self._encode(grad_in, request.header))
-        except Exception as e:
-            await _abort(context, e)
-            raise
+        with self._track("Backward", context):
+            try:
+                start, end = self._check_header(request.header)
+                hidden = self._decode_hidden(request.hidden_states)
+                grad_out = self._decode_hidden(request.grad_outputs, "grad_outputs")
+                deadline = deadline_after(context.time_remaining())
+                grad_in = await self._backend().backward(hidden, grad_out, start, end, deadline=deadline)
+                self._count_tokens("Backward", hidden)
+                return swarm_pb2.BackwardResponse(grad_inputs=self._encode(grad_in, request.header))
+            except Exception as e:
+                await _abort(context, e)
+                raise
 
     async def Inference(
+        self, request_iterator: AsyncIterator[swarm_pb2.InferenceRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[swarm_pb2.InferenceResponse]:
+        with self._track("Inference", context):
+            async for response in self._inference(request_iterator, context):
+                yield response
+
+    async def _inference(
         self, request_iterator: AsyncIterator[swarm_pb2.InferenceRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[swarm_pb2.InferenceResponse]:
         session: InferenceSession | None = None
@@ -143,12 +225,17 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
                     ) from None
                 if session is None:
                     header = request.header
+                    backend = self._backend()  # the session stays on it even if the node moves
                     session = self._open_session(request)
                 if not request.HasField("step"):
                     continue
                 step = request.step
                 hidden = self._decode_hidden(step.hidden_states)
-                out = await self.backend.step(session, hidden, step.position)
+                deadline = deadline_after(context.time_remaining())
+                started = time.perf_counter()
+                out = await backend.step(session, hidden, step.position, deadline=deadline)
+                self.metrics.step_seconds.observe(time.perf_counter() - started)
+                self._count_tokens("Inference", hidden)
                 yield swarm_pb2.InferenceResponse(
                     hidden_states=self._encode(out, header), step_id=step.step_id, length=session.length
                 )
@@ -156,7 +243,7 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
             await _abort(context, e)
         finally:
             if session is not None:
-                self.backend.close_session(session)
+                backend.close_session(session)
 
     def _open_session(self, request: swarm_pb2.InferenceRequest) -> InferenceSession:
         if not request.HasField("header") or not request.HasField("open"):
@@ -172,13 +259,17 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
             )
         if batch > self.limits.max_batch:
             raise LimitExceeded(f"batch_size {batch} exceeds this node's max_batch {self.limits.max_batch}")
-        return self.backend.open_session(start, end, batch, max_length)
+        return self._backend().open_session(start, end, batch, max_length)
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: BaseException) -> None:
     """Turn an exception into a gRPC status; unexpected ones are logged with their traceback."""
-    if isinstance(error, SessionIdle):
+    if isinstance(error, NotServing):
+        code = grpc.StatusCode.UNAVAILABLE
+    elif isinstance(error, SessionIdle | DeadlineExceeded):
         code = grpc.StatusCode.DEADLINE_EXCEEDED
+    elif isinstance(error, BackendClosed):
+        code = grpc.StatusCode.UNAVAILABLE
     elif isinstance(error, LimitExceeded):
         code = grpc.StatusCode.RESOURCE_EXHAUSTED
     elif isinstance(error, ProtocolError):
@@ -191,8 +282,29 @@ async def _abort(context: grpc.aio.ServicerContext, error: BaseException) -> Non
     await context.abort(code, str(error) or type(error).__name__)
 
 
+async def dial_back(address: str, expected_peer_id: str, timeout: float) -> str | None:
+    """Call Info at `address`; None when it answers as `expected_peer_id`, else why not."""
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = swarm_pb2_grpc.BlockServiceStub(channel)
+            info = await stub.Info(
+                swarm_pb2.InfoRequest(protocol_version=swarm.PROTOCOL_VERSION), timeout=timeout
+            )
+    except grpc.aio.AioRpcError as e:
+        return f"dialling {address} failed: {e.code().name} {e.details() or ''}".strip()
+    except Exception as e:  # a malformed address, say; the joining node gets the reason
+        return f"dialling {address} failed: {e}"
+    if expected_peer_id and info.peer_id != expected_peer_id:
+        return f"{address} answered as peer {info.peer_id}, not {expected_peer_id} (another node's port?)"
+    return None
+
+
 class SessionIdle(SwarmError):
     """The client sent nothing on an open Inference stream for too long."""
+
+
+class NotServing(SwarmError):
+    """The node is loading, moving or draining: the client should go to another server."""
 
 
 def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:

@@ -35,6 +35,15 @@ class LimitExceeded(ProtocolError):
     retryable = True
 
 
+class DeadlineExceeded(SwarmError):
+    """A request's deadline passed before a node could start it (its queue was too long).
+
+    Retryable: a less loaded node may answer in time.
+    """
+
+    retryable = True
+
+
 class PeerUnavailable(SwarmError):
     """A peer could not be reached or failed mid-request; another peer may work."""
 

@@ -46,7 +46,16 @@ class LocalSwarm:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ready_timeout = ready_timeout
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # Measured throughput is cached per swarm, not in the user's ~/.cache.
+        cache = str(self.workdir / "cache")
+        # COLUMNS: wide log lines, so an error message is never wrapped mid-flag.
+        self.env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "COLUMNS": "400",
+            "SWARM_CACHE_DIR": cache,
+            **(env or {}),
+        }
         self.processes: list[NodeProcess] = []
         self.initial_peers: list[str] = []
 
@@ -91,20 +100,16 @@ class LocalSwarm:
         self.initial_peers = list(node.info["maddrs"])
         return node
 
-    def start_node(self, model: str | Path, blocks: str, *extra: str, name: str | None = None) -> NodeProcess:
+    def start_node(
+        self, model: str | Path, blocks: str | None, *extra: str, name: str | None = None
+    ) -> NodeProcess:
+        """Start `swarm-node join`; blocks=None lets the node choose (and move) by itself."""
         if not self.initial_peers:
             raise SwarmError("start_dht() first: nodes need an initial peer")
-        name = name or f"node-{blocks.replace(':', '-')}-{len(self.processes)}"
-        args = [
-            "join",
-            "--model",
-            str(model),
-            "--blocks",
-            blocks,
-            "--initial-peers",
-            *self.initial_peers,
-            *extra,
-        ]
+        label = blocks.replace(":", "-") if blocks else "auto"
+        name = name or f"node-{label}-{len(self.processes)}"
+        span = ["--blocks", blocks] if blocks else []
+        args = ["join", "--model", str(model), *span, "--initial-peers", *self.initial_peers, *extra]
         return self._start(name, args)
 
     def stop(self, node: NodeProcess, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:

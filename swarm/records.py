@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final
@@ -36,6 +36,7 @@ __all__ = [
     "announce",
     "block_key",
     "fetch_records",
+    "latest_per_peer",
     "meta_key",
     "withdraw",
 ]
@@ -44,9 +45,9 @@ logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION: Final = 1
 _OWNER_PREFIX: Final = RSASignatureValidator.PUBLIC_KEY_FORMAT.split(b"_key_")[0]  # b"[owner:"
-OFFLINE_TTL: Final = 60.0
+OFFLINE_TTL: Final = 60.0  # seconds an OFFLINE record outlives the record it replaces
 # A DHT whose process died never answers; bound every call. Lookups normally take well under a second.
-DHT_TIMEOUT: Final = 60.0  # seconds an OFFLINE record outlives the record it replaces
+DHT_TIMEOUT: Final = 60.0
 
 
 def block_key(model: str, block: int) -> str:
@@ -76,14 +77,22 @@ class ServerRecord(pydantic.BaseModel):
     model: str = pydantic.Field(min_length=1)
     start: int = pydantic.Field(ge=0)
     end: int
-    compute_throughput: float = pydantic.Field(default=0.0, ge=0, allow_inf_nan=False)  # tokens/s
-    network_throughput: float = pydantic.Field(default=0.0, ge=0, allow_inf_nan=False)  # bytes/s
+    # Measured per block: forward tokens/s (compute_throughput) and single-token inference
+    # steps/s (inference_rps); network_throughput is bytes/s. `throughput` is what routing and
+    # block selection use: tokens/s this node can push through its WHOLE span, the min of the
+    # compute bound (compute_throughput / span length) and the network bound.
+    compute_throughput: float = pydantic.Field(default=0.0, ge=0, allow_inf_nan=False)
+    network_throughput: float = pydantic.Field(default=0.0, ge=0, allow_inf_nan=False)
     inference_rps: float = pydantic.Field(default=0.0, ge=0, allow_inf_nan=False)
+    throughput: float = pydantic.Field(default=0.0, ge=0, allow_inf_nan=False)
     free_cache_tokens: int = pydantic.Field(default=0, ge=0)
     dtype: str = "float32"
     quant: str = "none"
     trainable_stage: int | None = pydantic.Field(default=None, ge=0)
     software_version: str
+    # Wall-clock time of the announcement. A node that moved still has records under its old
+    # blocks until they expire; readers keep each peer's newest record (see `latest_per_peer`).
+    announced_at: float = pydantic.Field(default=0.0, ge=0, allow_inf_nan=False)
 
     @pydantic.model_validator(mode="after")
     def _span_not_empty(self) -> ServerRecord:
@@ -167,18 +176,26 @@ async def announce(
     *,
     expiration_time: float,
     timeout: float | None = DHT_TIMEOUT,
+    supersede: bool = False,
 ) -> None:
     """Store `record` under every block of its span, signed by `identity`, in one batched DHT call.
 
-    `expiration_time` is absolute DHT time (`hivemind.utils.get_dht_time()` + TTL). Raises DHTError if
-    the DHT refused or failed to store it for some block (e.g. an unreachable swarm).
+    `expiration_time` is absolute DHT time (`hivemind.utils.get_dht_time()` + TTL). The DHT keeps, per
+    subkey, the value that expires last; with `supersede`, the record is stored to expire just after
+    any value this node stored there before (an OFFLINE record of an earlier run, say), so a state
+    change always takes. Raises DHTError if the DHT refused or failed to store it for some block.
     """
     keys = [block_key(record.model, b) for b in record.blocks]
     value = record.model_dump(mode="json")
     stored = await dht_call(
         dht.run_coroutine(
             functools.partial(
-                _store_many, keys=keys, value=value, subkey=identity.subkey, expiration=expiration_time
+                _store_many,
+                keys=keys,
+                value=value,
+                subkey=identity.subkey,
+                expiration=expiration_time,
+                supersede=supersede,
             ),
             return_future=True,
         ),
@@ -230,6 +247,16 @@ async def fetch_records(
     return {block: _parse_entries(found.get(key), model, block, now) for key, block in keys.items()}
 
 
+def latest_per_peer(records: Iterable[ServerRecord]) -> list[ServerRecord]:
+    """One record per peer: its newest announcement (a node that moved left older ones behind)."""
+    latest: dict[str, ServerRecord] = {}
+    for record in records:
+        seen = latest.get(record.peer_id)
+        if seen is None or record.announced_at > seen.announced_at:
+            latest[record.peer_id] = record
+    return sorted(latest.values(), key=lambda r: (r.start, r.peer_id))
+
+
 def _parse_entries(entry: Any, model: str, block: int, now: float) -> list[ServerRecord]:
     if entry is None or not isinstance(entry.value, dict):
         return []
@@ -261,8 +288,17 @@ def _parse_record(value: Any, model: str, block: int) -> ServerRecord | None:
 
 
 async def _store_many(
-    _dht: DHT, node: DHTNode, *, keys: list[str], value: dict[str, Any], subkey: bytes, expiration: float
+    _dht: DHT,
+    node: DHTNode,
+    *,
+    keys: list[str],
+    value: dict[str, Any],
+    subkey: bytes,
+    expiration: float,
+    supersede: bool,
 ) -> dict[str, bool]:
+    if supersede:
+        expiration = max(expiration, await _own_latest_expiration(node, keys, subkey) + 1.0)
     # store_many answers per (key, subkey) when subkeys are given
     stored = await node.store_many(keys, [value] * len(keys), expiration, subkeys=[subkey] * len(keys))
     return {key: bool(stored.get((key, subkey))) for key in keys}
@@ -275,10 +311,16 @@ async def _get_many(_dht: DHT, node: DHTNode, *, keys: list[str]) -> dict[str, A
 async def _replace_own(
     _dht: DHT, node: DHTNode, *, keys: list[str], value: dict[str, Any], subkey: bytes
 ) -> None:
+    latest = await _own_latest_expiration(node, keys, subkey)
+    await node.store_many(keys, [value] * len(keys), latest + OFFLINE_TTL, subkeys=[subkey] * len(keys))
+
+
+async def _own_latest_expiration(node: DHTNode, keys: list[str], subkey: bytes) -> float:
+    """The latest expiration of this node's values under `keys`, or now when it has none."""
     found = await node.get_many(keys, sufficient_expiration_time=float("inf"))
     latest = get_dht_time()
     for entry in found.values():
         own = entry.value.get(subkey) if entry is not None and isinstance(entry.value, dict) else None
         if own is not None:
             latest = max(latest, own.expiration_time)
-    await node.store_many(keys, [value] * len(keys), latest + OFFLINE_TTL, subkeys=[subkey] * len(keys))
+    return latest

@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14swarm/v1/swarm.proto\x12\x08swarm.v1\"y\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x1e\n\x05\x64type\x18\x03 \x01(\x0e\x32\x0f.swarm.v1.DType\x12\x1e\n\x05\x63odec\x18\x04 \x01(\x0e\x32\x0f.swarm.v1.Codec\x12\x12\n\nblock_size\x18\x05 \x01(\r\"\"\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"\x7f\n\rRequestHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1c\n\x04span\x18\x03 \x01(\x0b\x32\x0e.swarm.v1.Span\x12\'\n\x0eresponse_codec\x18\x04 \x01(\x0e\x32\x0f.swarm.v1.Codec\"\'\n\x0bInfoRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\"\x90\x02\n\x0cInfoResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1c\n\x04span\x18\x03 \x01(\x0b\x32\x0e.swarm.v1.Span\x12\x0f\n\x07peer_id\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x19\n\x11max_message_bytes\x18\x08 \x01(\x04\x12\x11\n\tmax_batch\x18\t \x01(\r\x12\x12\n\nmax_tokens\x18\n \x01(\r\x12\x1a\n\x12max_session_length\x18\x0b \x01(\r\x12\x1a\n\x12\x63ompute_throughput\x18\x0c \x01(\x02\"b\n\x0e\x46orwardRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.swarm.v1.RequestHeader\x12\'\n\rhidden_states\x18\x02 \x01(\x0b\x32\x10.swarm.v1.Tensor\":\n\x0f\x46orwardResponse\x12\'\n\rhidden_states\x18\x01 \x01(\x0b\x32\x10.swarm.v1.Tensor\"\x8b\x01\n\x0f\x42\x61\x63kwardRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.swarm.v1.RequestHeader\x12\'\n\rhidden_states\x18\x02 \x01(\x0b\x32\x10.swarm.v1.Tensor\x12&\n\x0cgrad_outputs\x18\x03 \x01(\x0b\x32\x10.swarm.v1.Tensor\"9\n\x10\x42\x61\x63kwardResponse\x12%\n\x0bgrad_inputs\x18\x01 \x01(\x0b\x32\x10.swarm.v1.Tensor\"7\n\rInferenceOpen\x12\x12\n\nmax_length\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\"[\n\rInferenceStep\x12\'\n\rhidden_states\x18\x01 \x01(\x0b\x32\x10.swarm.v1.Tensor\x12\x10\n\x08position\x18\x02 \x01(\r\x12\x0f\n\x07step_id\x18\x03 \x01(\x04\"\x89\x01\n\x10InferenceRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.swarm.v1.RequestHeader\x12%\n\x04open\x18\x02 \x01(\x0b\x32\x17.swarm.v1.InferenceOpen\x12%\n\x04step\x18\x03 \x01(\x0b\x32\x17.swarm.v1.InferenceStep\"]\n\x11InferenceResponse\x12\'\n\rhidden_states\x18\x01 \x01(\x0b\x32\x10.swarm.v1.Tensor\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\r*\xab\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x0e\n\nDTYPE_INT8\x10\x06\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x07\x12\x0e\n\nDTYPE_BOOL\x10\x08*X\n\x05\x43odec\x12\x0e\n\nCODEC_NONE\x10\x00\x12\x11\n\rCODEC_FLOAT16\x10\x01\x12\x12\n\x0e\x43ODEC_BFLOAT16\x10\x02\x12\x18\n\x14\x43ODEC_INT8_BLOCKWISE\x10\x03\x32\x92\x02\n\x0c\x42lockService\x12\x35\n\x04Info\x12\x15.swarm.v1.InfoRequest\x1a\x16.swarm.v1.InfoResponse\x12>\n\x07\x46orward\x12\x18.swarm.v1.ForwardRequest\x1a\x19.swarm.v1.ForwardResponse\x12\x41\n\x08\x42\x61\x63kward\x12\x19.swarm.v1.BackwardRequest\x1a\x1a.swarm.v1.BackwardResponse\x12H\n\tInference\x12\x1a.swarm.v1.InferenceRequest\x1a\x1b.swarm.v1.InferenceResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14swarm/v1/swarm.proto\x12\x08swarm.v1\"y\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x1e\n\x05\x64type\x18\x03 \x01(\x0e\x32\x0f.swarm.v1.DType\x12\x1e\n\x05\x63odec\x18\x04 \x01(\x0e\x32\x0f.swarm.v1.Codec\x12\x12\n\nblock_size\x18\x05 \x01(\r\"\"\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"\x7f\n\rRequestHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1c\n\x04span\x18\x03 \x01(\x0b\x32\x0e.swarm.v1.Span\x12\'\n\x0eresponse_codec\x18\x04 \x01(\x0e\x32\x0f.swarm.v1.Codec\"\'\n\x0bInfoRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\"\xae\x02\n\x0cInfoResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1c\n\x04span\x18\x03 \x01(\x0b\x32\x0e.swarm.v1.Span\x12\x0f\n\x07peer_id\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x19\n\x11max_message_bytes\x18\x08 \x01(\x04\x12\x11\n\tmax_batch\x18\t \x01(\r\x12\x12\n\nmax_tokens\x18\n \x01(\r\x12\x1a\n\x12max_session_length\x18\x0b \x01(\r\x12\x1a\n\x12\x63ompute_throughput\x18\x0c \x01(\x02\x12\r\n\x05state\x18\r \x01(\t\x12\r\n\x05quant\x18\x0e \x01(\t\"b\n\x0e\x46orwardRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.swarm.v1.RequestHeader\x12\'\n\rhidden_states\x18\x02 \x01(\x0b\x32\x10.swarm.v1.Tensor\":\n\x0f\x46orwardResponse\x12\'\n\rhidden_states\x18\x01 \x01(\x0b\x32\x10.swarm.v1.Tensor\"\x8b\x01\n\x0f\x42\x61\x63kwardRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.swarm.v1.RequestHeader\x12\'\n\rhidden_states\x18\x02 \x01(\x0b\x32\x10.swarm.v1.Tensor\x12&\n\x0cgrad_outputs\x18\x03 \x01(\x0b\x32\x10.swarm.v1.Tensor\"9\n\x10\x42\x61\x63kwardResponse\x12%\n\x0bgrad_inputs\x18\x01 \x01(\x0b\x32\x10.swarm.v1.Tensor\"7\n\rInferenceOpen\x12\x12\n\nmax_length\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\"[\n\rInferenceStep\x12\'\n\rhidden_states\x18\x01 \x01(\x0b\x32\x10.swarm.v1.Tensor\x12\x10\n\x08position\x18\x02 \x01(\r\x12\x0f\n\x07step_id\x18\x03 \x01(\x04\"\x89\x01\n\x10InferenceRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.swarm.v1.RequestHeader\x12%\n\x04open\x18\x02 \x01(\x0b\x32\x17.swarm.v1.InferenceOpen\x12%\n\x04step\x18\x03 \x01(\x0b\x32\x17.swarm.v1.InferenceStep\"]\n\x11InferenceResponse\x12\'\n\rhidden_states\x18\x01 \x01(\x0b\x32\x10.swarm.v1.Tensor\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\r\"3\n\x0bPingRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x13\n\x0breply_bytes\x18\x02 \x01(\r\"\x1f\n\x0cPingResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"@\n\x13ReachabilityRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x18\n\x10\x65xpected_peer_id\x18\x02 \x01(\t\"8\n\x14ReachabilityResponse\x12\x11\n\treachable\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t*\xab\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x0e\n\nDTYPE_INT8\x10\x06\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x07\x12\x0e\n\nDTYPE_BOOL\x10\x08*X\n\x05\x43odec\x12\x0e\n\nCODEC_NONE\x10\x00\x12\x11\n\rCODEC_FLOAT16\x10\x01\x12\x12\n\x0e\x43ODEC_BFLOAT16\x10\x02\x12\x18\n\x14\x43ODEC_INT8_BLOCKWISE\x10\x03\x32\x9d\x03\n\x0c\x42lockService\x12\x35\n\x04Info\x12\x15.swarm.v1.InfoRequest\x1a\x16.swarm.v1.InfoResponse\x12\x35\n\x04Ping\x12\x15.swarm.v1.PingRequest\x1a\x16.swarm.v1.PingResponse\x12R\n\x11\x43heckReachability\x12\x1d.swarm.v1.ReachabilityRequest\x1a\x1e.swarm.v1.ReachabilityResponse\x12>\n\x07\x46orward\x12\x18.swarm.v1.ForwardRequest\x1a\x19.swarm.v1.ForwardResponse\x12\x41\n\x08\x42\x61\x63kward\x12\x19.swarm.v1.BackwardRequest\x1a\x1a.swarm.v1.BackwardResponse\x12H\n\tInference\x12\x1a.swarm.v1.InferenceRequest\x1a\x1b.swarm.v1.InferenceResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'swarm.v1.swarm_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1385
-  _globals['_DTYPE']._serialized_end=1556
-  _globals['_CODEC']._serialized_start=1558
-  _globals['_CODEC']._serialized_end=1646
+  _globals['_DTYPE']._serialized_start=1625
+  _globals['_DTYPE']._serialized_end=1796
+  _globals['_CODEC']._serialized_start=1798
+  _globals['_CODEC']._serialized_end=1886
   _globals['_TENSOR']._serialized_start=34
   _globals['_TENSOR']._serialized_end=155
   _globals['_SPAN']._serialized_start=157
@@ -45,23 +45,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFOREQUEST']._serialized_start=322
   _globals['_INFOREQUEST']._serialized_end=361
   _globals['_INFORESPONSE']._serialized_start=364
-  _globals['_INFORESPONSE']._serialized_end=636
-  _globals['_FORWARDREQUEST']._serialized_start=638
-  _globals['_FORWARDREQUEST']._serialized_end=736
-  _globals['_FORWARDRESPONSE']._serialized_start=738
-  _globals['_FORWARDRESPONSE']._serialized_end=796
-  _globals['_BACKWARDREQUEST']._serialized_start=799
-  _globals['_BACKWARDREQUEST']._serialized_end=938
-  _globals['_BACKWARDRESPONSE']._serialized_start=940
-  _globals['_BACKWARDRESPONSE']._serialized_end=997
-  _globals['_INFERENCEOPEN']._serialized_start=999
-  _globals['_INFERENCEOPEN']._serialized_end=1054
-  _globals['_INFERENCESTEP']._serialized_start=1056
-  _globals['_INFERENCESTEP']._serialized_end=1147
-  _globals['_INFERENCEREQUEST']._serialized_start=1150
-  _globals['_INFERENCEREQUEST']._serialized_end=1287
-  _globals['_INFERENCERESPONSE']._serialized_start=1289
-  _globals['_INFERENCERESPONSE']._serialized_end=1382
-  _globals['_BLOCKSERVICE']._serialized_start=1649
-  _globals['_BLOCKSERVICE']._serialized_end=1923
+  _globals['_INFORESPONSE']._serialized_end=666
+  _globals['_FORWARDREQUEST']._serialized_start=668
+  _globals['_FORWARDREQUEST']._serialized_end=766
+  _globals['_FORWARDRESPONSE']._serialized_start=768
+  _globals['_FORWARDRESPONSE']._serialized_end=826
+  _globals['_BACKWARDREQUEST']._serialized_start=829
+  _globals['_BACKWARDREQUEST']._serialized_end=968
+  _globals['_BACKWARDRESPONSE']._serialized_start=970
+  _globals['_BACKWARDRESPONSE']._serialized_end=1027
+  _globals['_INFERENCEOPEN']._serialized_start=1029
+  _globals['_INFERENCEOPEN']._serialized_end=1084
+  _globals['_INFERENCESTEP']._serialized_start=1086
+  _globals['_INFERENCESTEP']._serialized_end=1177
+  _globals['_INFERENCEREQUEST']._serialized_start=1180
+  _globals['_INFERENCEREQUEST']._serialized_end=1317
+  _globals['_INFERENCERESPONSE']._serialized_start=1319
+  _globals['_INFERENCERESPONSE']._serialized_end=1412
+  _globals['_PINGREQUEST']._serialized_start=1414
+  _globals['_PINGREQUEST']._serialized_end=1465
+  _globals['_PINGRESPONSE']._serialized_start=1467
+  _globals['_PINGRESPONSE']._serialized_end=1498
+  _globals['_REACHABILITYREQUEST']._serialized_start=1500
+  _globals['_REACHABILITYREQUEST']._serialized_end=1564
+  _globals['_REACHABILITYRESPONSE']._serialized_start=1566
+  _globals['_REACHABILITYRESPONSE']._serialized_end=1622
+  _globals['_BLOCKSERVICE']._serialized_start=1889
+  _globals['_BLOCKSERVICE']._serialized_end=2302
 # @@protoc_insertion_point(module_scope)

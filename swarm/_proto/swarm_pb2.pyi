@@ -81,7 +81,7 @@ class InfoRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("protocol_version", "model", "span", "peer_id", "version", "dtype", "device", "max_message_bytes", "max_batch", "max_tokens", "max_session_length", "compute_throughput")
+    __slots__ = ("protocol_version", "model", "span", "peer_id", "version", "dtype", "device", "max_message_bytes", "max_batch", "max_tokens", "max_session_length", "compute_throughput", "state", "quant")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SPAN_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,8 @@ class InfoResponse(_message.Message):
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSION_LENGTH_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_THROUGHPUT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    QUANT_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     model: str
     span: Span
@@ -106,7 +108,9 @@ class InfoResponse(_message.Message):
     max_tokens: int
     max_session_length: int
     compute_throughput: float
-    def __init__(self, protocol_version: _Optional[int] = ..., model: _Optional[str] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., peer_id: _Optional[str] = ..., version: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_tokens: _Optional[int] = ..., max_session_length: _Optional[int] = ..., compute_throughput: _Optional[float] = ...) -> None: ...
+    state: str
+    quant: str
+    def __init__(self, protocol_version: _Optional[int] = ..., model: _Optional[str] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., peer_id: _Optional[str] = ..., version: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_tokens: _Optional[int] = ..., max_session_length: _Optional[int] = ..., compute_throughput: _Optional[float] = ..., state: _Optional[str] = ..., quant: _Optional[str] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("header", "hidden_states")
@@ -175,3 +179,33 @@ class InferenceResponse(_message.Message):
     step_id: int
     length: int
     def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., step_id: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+
+class PingRequest(_message.Message):
+    __slots__ = ("payload", "reply_bytes")
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    REPLY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    reply_bytes: int
+    def __init__(self, payload: _Optional[bytes] = ..., reply_bytes: _Optional[int] = ...) -> None: ...
+
+class PingResponse(_message.Message):
+    __slots__ = ("payload",)
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    def __init__(self, payload: _Optional[bytes] = ...) -> None: ...
+
+class ReachabilityRequest(_message.Message):
+    __slots__ = ("address", "expected_peer_id")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    expected_peer_id: str
+    def __init__(self, address: _Optional[str] = ..., expected_peer_id: _Optional[str] = ...) -> None: ...
+
+class ReachabilityResponse(_message.Message):
+    __slots__ = ("reachable", "error")
+    REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    reachable: bool
+    error: str
+    def __init__(self, reachable: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...

@@ -40,6 +40,16 @@ class BlockServiceStub:
                 request_serializer=swarm_dot_v1_dot_swarm__pb2.InfoRequest.SerializeToString,
                 response_deserializer=swarm_dot_v1_dot_swarm__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.Ping = channel.unary_unary(
+                '/swarm.v1.BlockService/Ping',
+                request_serializer=swarm_dot_v1_dot_swarm__pb2.PingRequest.SerializeToString,
+                response_deserializer=swarm_dot_v1_dot_swarm__pb2.PingResponse.FromString,
+                _registered_method=True)
+        self.CheckReachability = channel.unary_unary(
+                '/swarm.v1.BlockService/CheckReachability',
+                request_serializer=swarm_dot_v1_dot_swarm__pb2.ReachabilityRequest.SerializeToString,
+                response_deserializer=swarm_dot_v1_dot_swarm__pb2.ReachabilityResponse.FromString,
+                _registered_method=True)
         self.Forward = channel.unary_unary(
                 '/swarm.v1.BlockService/Forward',
                 request_serializer=swarm_dot_v1_dot_swarm__pb2.ForwardRequest.SerializeToString,
@@ -61,6 +71,18 @@ class BlockServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Info(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Ping(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckReachability(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -91,6 +113,16 @@ def add_BlockServiceServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=swarm_dot_v1_dot_swarm__pb2.InfoRequest.FromString,
                     response_serializer=swarm_dot_v1_dot_swarm__pb2.InfoResponse.SerializeToString,
+            ),
+            'Ping': grpc.unary_unary_rpc_method_handler(
+                    servicer.Ping,
+                    request_deserializer=swarm_dot_v1_dot_swarm__pb2.PingRequest.FromString,
+                    response_serializer=swarm_dot_v1_dot_swarm__pb2.PingResponse.SerializeToString,
+            ),
+            'CheckReachability': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckReachability,
+                    request_deserializer=swarm_dot_v1_dot_swarm__pb2.ReachabilityRequest.FromString,
+                    response_serializer=swarm_dot_v1_dot_swarm__pb2.ReachabilityResponse.SerializeToString,
             ),
             'Forward': grpc.unary_unary_rpc_method_handler(
                     servicer.Forward,
@@ -135,6 +167,60 @@ class BlockService:
             '/swarm.v1.BlockService/Info',
             swarm_dot_v1_dot_swarm__pb2.InfoRequest.SerializeToString,
             swarm_dot_v1_dot_swarm__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Ping(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm.v1.BlockService/Ping',
+            swarm_dot_v1_dot_swarm__pb2.PingRequest.SerializeToString,
+            swarm_dot_v1_dot_swarm__pb2.PingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckReachability(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm.v1.BlockService/CheckReachability',
+            swarm_dot_v1_dot_swarm__pb2.ReachabilityRequest.SerializeToString,
+            swarm_dot_v1_dot_swarm__pb2.ReachabilityResponse.FromString,
             options,
             channel_credentials,
             insecure,
