@@ -31,7 +31,6 @@ from torch import nn
 from swarm._proto import swarm_pb2, swarm_pb2_grpc
 from swarm.errors import ConfigError, PeerUnavailable
 from swarm.models.llama import LayerCache, LlamaBlock, LlamaConfig
-from swarm.node.server import grpc_options
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +230,13 @@ def _read_cache(path: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------- network ---
 
 
+def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    # Imported here: measuring compute (e.g. on a bare GPU box) needs no gRPC server stack.
+    from swarm.node.server import grpc_options
+
+    return grpc_options(max_message_bytes)
+
+
 async def measure_network(
     address: str, *, payload_bytes: int = 4 << 20, timeout: float = 10.0, rounds: int = 3
 ) -> float:
@@ -241,10 +247,8 @@ async def measure_network(
         raise ValueError(f"payload_bytes and rounds must be > 0, got {payload_bytes}, {rounds}")
     payload = os.urandom(payload_bytes)  # incompressible, in case something on the path compresses
     try:
-        async with (
-            asyncio.timeout(timeout),
-            grpc.aio.insecure_channel(address, options=grpc_options(payload_bytes + (1 << 20))) as channel,
-        ):
+        options = _channel_options(payload_bytes + (1 << 20))
+        async with asyncio.timeout(timeout), grpc.aio.insecure_channel(address, options=options) as channel:
             stub = swarm_pb2_grpc.BlockServiceStub(channel)
             await stub.Ping(swarm_pb2.PingRequest(), timeout=timeout)  # connect first: setup is not bandwidth
             return max([await _ping_bps(stub, payload, timeout) for _ in range(rounds)])
