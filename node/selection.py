@@ -139,9 +139,7 @@ def choose_span(
         (base.with_span(s, s + span_len, my_throughput).quality(), s)
         for s in range(num_blocks - span_len + 1)
     ]
-    best = max(q for q, _ in scored)
-    ties = [s for q, s in scored if q == best]
-    start = ties[0] if rng is None else rng.choice(ties)
+    start = _best_start(scored, rng)
     return start, start + span_len
 
 
@@ -157,11 +155,20 @@ def plan_move(
 ) -> tuple[int, int] | None:
     """The span `me` should move to (same length), or None to stay.
 
-    `me`'s own records are ignored: it is placed at `my_span` with `my_throughput`. Moving must
-    leave fewer uncovered blocks, or as many and fewer under-replicated ones, or, with both counts
-    unchanged, raise the bottleneck above (1 + threshold) times what it is now. The threshold keeps
-    nodes from reloading weights for a marginal gain, and since every move strictly improves the
-    whole swarm's state, nodes that take turns cannot move in circles.
+    `me`'s own records are ignored: it is placed at `my_span` with `my_throughput`. Of the spans worth
+    moving to, the one that leaves the swarm in the best state (as `choose_span` judges) wins, ties as
+    there. A span is worth moving to when, with `me` there instead,
+      * fewer blocks are uncovered, or as many and fewer are under-replicated; or, both counts unchanged,
+      * the bottleneck B rises above (1 + threshold) * B; or
+      * B does not fall, no block joins the weak ones (those below (1 + threshold) * B), and their
+        shortfall, the throughput they lack to reach (1 + threshold) * B, shrinks by more than
+        `threshold` of itself. Such a move does not raise B by itself, but it is a large step towards
+        the move that will: with only the bottleneck rule, weak blocks in several places (the usual
+        result of nodes joining one by one) stop every single move, though nodes moving one after
+        another could lift them all.
+    The threshold keeps nodes from reloading weights for a marginal gain. Every move strictly raises
+    (-uncovered, -under-replicated, B, -shortfall below (1 + threshold) * B), a function of the whole
+    swarm's state, so nodes that take turns cannot move in circles.
     """
     start, end = my_span
     if not 0 <= start < end <= num_blocks:
@@ -170,13 +177,26 @@ def plan_move(
         )
     if not (math.isfinite(threshold) and threshold >= 0):
         raise ConfigError(f"threshold must be a finite number >= 0, got {threshold}")
+    _check_throughput(my_throughput)
+    span_len = end - start
     others = block_stats(records, num_blocks, exclude=me)
-    new_span = choose_span(records, num_blocks, end - start, my_throughput, exclude=me, rng=rng)
-    if new_span == (start, end):
-        return None
     now = others.with_span(start, end, my_throughput)
-    after = others.with_span(*new_span, my_throughput)
-    return new_span if _worth_moving(now, after, threshold) else None
+    scored = []
+    for s in range(num_blocks - span_len + 1):
+        after = others.with_span(s, s + span_len, my_throughput)
+        if s != start and _worth_moving(now, after, threshold):
+            scored.append((after.quality(), s))
+    if not scored:
+        return None
+    new_start = _best_start(scored, rng)
+    return new_start, new_start + span_len
+
+
+def _best_start(scored: Sequence[tuple[Quality, int]], rng: random.Random | None) -> int:
+    """The start of best quality; exact ties go to `rng.choice`, or to the lowest start without one."""
+    best = max(q for q, _ in scored)
+    ties = [s for q, s in scored if q == best]
+    return ties[0] if rng is None else rng.choice(ties)
 
 
 def _worth_moving(now: BlockStats, after: BlockStats, threshold: float) -> bool:
@@ -188,7 +208,20 @@ def _worth_moving(now: BlockStats, after: BlockStats, threshold: float) -> bool:
         return counts_after < counts_now
     if now.bottleneck == 0:
         return after.bottleneck > 0
-    return after.bottleneck > now.bottleneck * (1 + threshold)
+    level = now.bottleneck * (1 + threshold)
+    if after.bottleneck > level:
+        return True
+    if after.bottleneck < now.bottleneck:
+        return False
+    weak_now, short_now = _shortfall(now, level)
+    weak_after, short_after = _shortfall(after, level)
+    return weak_after <= weak_now and short_after < (1 - threshold) * short_now
+
+
+def _shortfall(stats: BlockStats, level: float) -> tuple[int, float]:
+    """How many blocks fall short of `level`, and by how much throughput in all."""
+    gaps = [level - t for t in stats.totals if t < level]
+    return len(gaps), sum(gaps)
 
 
 def _check_num_blocks(num_blocks: int) -> None:

@@ -34,4 +34,6 @@ def test_service_has_the_contracted_rpcs() -> None:
         "Forward": (False, False),
         "Backward": (False, False),
         "Inference": (True, True),
+        "Ping": (False, False),
+        "CheckReachability": (False, False),
     }
