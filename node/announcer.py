@@ -35,9 +35,13 @@ class Announcer:
         self.refresh = refresh  # fills in what changes between announcements (free cache)
         self.record: ServerRecord | None = None
         self.failures = 0  # consecutive periods in which the DHT refused or did not answer
+        self.attempts = 0  # periodic refreshes tried so far
+        self.attempted = asyncio.Event()  # set after each periodic refresh, to wait on
         self._wake = asyncio.Event()
         # Within one period: a few quick retries, then wait for the next period.
-        self._policy = RetryPolicy(max_attempts=4, base_delay=0.5, max_delay=min(8.0, period))
+        self._policy = RetryPolicy(
+            max_attempts=4, base_delay=min(0.5, period / 4), max_delay=min(8.0, period)
+        )
 
     @property
     def ttl(self) -> float:
@@ -85,11 +89,13 @@ class Announcer:
             except Exception as e:
                 self.failures += 1
                 log.warning(
-                    "DHT unreachable for %d period(s) (%s); still serving, retrying in %.0f s",
+                    "DHT unreachable for %d period(s) (%s); still serving, retrying in %.1f s",
                     self.failures,
                     e,
                     self.period,
                 )
+            self.attempts += 1
+            self.attempted.set()
 
     async def _refresh_once(self, record: ServerRecord, attempt: int) -> None:
         await self._announce(record, supersede=False)
@@ -104,6 +110,13 @@ class Announcer:
             log.warning("could not withdraw records (%s); they expire within %.0f s", e, self.ttl)
 
     async def _announce(self, record: ServerRecord, *, supersede: bool) -> None:
+        # A partitioned DHT never answers: give up within about a period, so the retries and the
+        # next refresh still come before the records (TTL = 2.5 periods) expire.
         await announce(
-            self.dht, self.identity, record, expiration_time=get_dht_time() + self.ttl, supersede=supersede
+            self.dht,
+            self.identity,
+            record,
+            expiration_time=get_dht_time() + self.ttl,
+            supersede=supersede,
+            timeout=max(5.0, self.period),
         )
