@@ -35,7 +35,8 @@ import swarm
 from swarm import wire
 from swarm._proto import swarm_pb2, swarm_pb2_grpc
 from swarm.models.llama import LlamaBlock, LlamaConfig
-from swarm.node.backend import BlockBackend, resolve_device
+from swarm.node.backend import BlockBackend
+from swarm.node.device import resolve_device
 from swarm.node.server import BlockServicer, ServerLimits, start_grpc_server
 
 MODEL = "bench-llama"

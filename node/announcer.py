@@ -15,7 +15,7 @@ from collections.abc import Callable
 from hivemind.dht import DHT
 from hivemind.utils import get_dht_time
 
-from swarm.records import NodeIdentity, ServerRecord, ServerState, announce, withdraw
+from swarm.records import NodeIdentity, ServerRecord, announce, withdraw
 from swarm.retry import RetryPolicy
 
 log = logging.getLogger("swarm.node")
@@ -62,14 +62,6 @@ class Announcer:
             self.failures += 1
             log.warning("announcing %s failed (%s); retrying in the background", record.state, e)
 
-    async def announce_elsewhere(self, record: ServerRecord) -> None:
-        """Mark blocks this node leaves (a move) as DRAINING; those records then simply expire."""
-        stamped = record.model_copy(update={"state": ServerState.DRAINING, "announced_at": time.time()})
-        try:
-            await self._announce(stamped, supersede=True)
-        except Exception as e:  # they expire within one TTL anyway
-            log.warning("could not mark blocks %d:%d as draining: %s", record.start, record.end, e)
-
     async def run(self, stop: asyncio.Event) -> None:
         """Re-announce every period until `stop`; never raises on DHT trouble."""
         while not stop.is_set():
@@ -98,7 +90,9 @@ class Announcer:
             self.attempted.set()
 
     async def _refresh_once(self, record: ServerRecord, attempt: int) -> None:
-        await self._announce(record, supersede=False)
+        # Superseding costs one DHT read more, but a refresh must take even when an OFFLINE record
+        # of this node's previous run (same identity) still outlives it.
+        await self._announce(record, supersede=True)
 
     async def withdraw(self, timeout: float = 5.0) -> None:
         """Best effort: replace the records with OFFLINE ones."""

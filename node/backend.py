@@ -48,22 +48,6 @@ OnBatch = Callable[[str, int, int, float], None]
 Compute = Callable[[list[Tensor]], Tensor]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was requested but torch sees no CUDA device; use --device cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
 def deadline_after(seconds: float | None) -> float | None:
     """The deadline `seconds` from now, on the clock the backend checks (time.monotonic)."""
     return None if seconds is None else time.monotonic() + seconds

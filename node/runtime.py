@@ -29,7 +29,7 @@ from rich.progress import Progress
 import swarm
 from swarm import checkpoint
 from swarm._proto import swarm_pb2, swarm_pb2_grpc
-from swarm.errors import ConfigError
+from swarm.errors import ConfigError, SwarmError
 from swarm.models.llama import LayerCache, LlamaBlock, LlamaConfig
 from swarm.node import device as devices
 from swarm.node import selection
@@ -88,6 +88,8 @@ class Node:
     metrics: NodeMetrics
     address: str
     stop: asyncio.Event
+    health: Any  # grpc_health's aio HealthServicer: SERVING only while ONLINE
+    failure: BaseException | None = None  # why the node stopped itself, if it did
     throughput: Throughput | None = None
     cache_bytes: int = 0
     span: tuple[int, int] = (0, 0)
@@ -109,6 +111,10 @@ class Node:
     def record(self, state: ServerState) -> ServerRecord:
         start, end = self.span
         tp = self.throughput
+        unmeasured = dict.fromkeys(
+            ("compute_throughput", "inference_rps", "network_throughput", "throughput"), 0.0
+        )
+        measured = tp.record_fields(end - start, self.config.hidden_size) if tp else unmeasured
         return ServerRecord(
             state=state,
             peer_id=self.peer_id,
@@ -116,10 +122,10 @@ class Node:
             model=self.model,
             start=start,
             end=end,
-            compute_throughput=tp.forward_tps if tp else 0.0,
-            inference_rps=tp.inference_rps if tp else 0.0,
-            network_throughput=tp.network_bps if tp else 0.0,
-            throughput=self.span_throughput(end - start) if tp else 0.0,
+            compute_throughput=measured["compute_throughput"],
+            inference_rps=measured["inference_rps"],
+            network_throughput=measured["network_throughput"],
+            throughput=measured["throughput"],
             free_cache_tokens=self.free_cache_tokens(),
             dtype=str(self.dtype).removeprefix("torch."),
             quant=self.cfg.quant,
@@ -137,6 +143,11 @@ class Node:
     async def enter(self, state: ServerState, *, required: bool = False) -> None:
         self.servicer.state = str(state)
         self.metrics.set_state(str(state))
+        serving = state == ServerState.ONLINE
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self.health.set(SERVICE_NAME, status)
         await self.announcer.publish(self.record(state), required=required)
 
     async def until_stopped(self, work: Coroutine[Any, Any, T]) -> T:
@@ -200,7 +211,8 @@ class Node:
 
     async def move(self, span: tuple[int, int]) -> None:
         log.info("moving from blocks %d:%d to %d:%d: the swarm needs them more", *self.span, *span)
-        old = self.record(ServerState.DRAINING)
+        # The old span's DRAINING records are older than the new span's: readers keep the newest
+        # record per peer, and the old ones expire within a TTL.
         await self.enter(ServerState.DRAINING)
         await self.drain()
         self.unload()
@@ -208,7 +220,6 @@ class Node:
         await self.enter(ServerState.JOINING)
         await self.load(span)
         await self.enter(ServerState.ONLINE)
-        await self.announcer.announce_elsewhere(old)  # after ONLINE: newest record says where we are
         self.metrics.rebalances.inc()
 
 
@@ -281,12 +292,24 @@ async def measure(node: Node, peers: list[ServerRecord]) -> None:
             network_override=cfg.network_throughput,
             peer_address=online[0].grpc_address if online else None,
             default_network_bps=DEFAULT_NETWORK_BPS,
+            block_factory=_probe_block(node) if cfg.quant != "none" else None,
         )
     )
     tp = node.throughput
+    node.servicer.compute_throughput = tp.forward_tps
     node.metrics.throughput.labels(kind="compute").set(tp.forward_tps)
     node.metrics.throughput.labels(kind="inference").set(tp.inference_rps)
     node.metrics.network_bytes_per_second.set(tp.network_bps)
+
+
+def _probe_block(node: Node) -> Callable[[], torch.nn.Module]:
+    """A random block in the node's weight format: int8/nf4 kernels run at their own speed."""
+
+    def build() -> torch.nn.Module:
+        block = LlamaBlock(node.config).to(node.dtype).eval()
+        return devices.quantize_block(block, node.cfg.quant, node.device)
+
+    return build
 
 
 def plan_span(node: Node, peers: list[ServerRecord]) -> tuple[int, int]:
@@ -341,8 +364,17 @@ async def watch_swarm(node: Node) -> None:
             threshold=node.cfg.balance_threshold,
             rng=rng,
         )
-        if target is not None:
+        if target is None:
+            continue
+        try:
             await node.move(target)
+        except Stopped:
+            return
+        except Exception as e:  # e.g. the new span failed to load: a node serving nothing must not linger
+            log.exception("moving to blocks %d:%d failed; stopping this node", *target)
+            node.failure = e
+            node.stop.set()
+            return
 
 
 # ---- the whole life -------------------------------------------------------------------------------
@@ -379,7 +411,13 @@ async def serve(
     stop_metrics: Callable[[], None] = lambda: None  # noqa: E731
     metrics_port = None
     if cfg.metrics_port is not None:
-        metrics_port, stop_metrics = start_metrics_server(metrics, cfg.host, cfg.metrics_port)
+        try:
+            metrics_port, stop_metrics = start_metrics_server(metrics, cfg.host, cfg.metrics_port)
+        except OSError as e:
+            await server.stop(grace=None)
+            raise ConfigError(
+                f"could not serve metrics on {cfg.host}:{cfg.metrics_port} ({e}); --metrics-port"
+            ) from e
     address = f"{announce_host(cfg)}:{cfg.announce_port or port}"
     node = Node(
         cfg,
@@ -393,7 +431,9 @@ async def serve(
         metrics,
         address,
         stop,
+        health,
     )
+    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)  # until ONLINE
     node.announcer.refresh = lambda r: r.model_copy(update={"free_cache_tokens": node.free_cache_tokens()})
     _export_live_gauges(node)
     background: list[asyncio.Task[None]] = []
@@ -420,6 +460,8 @@ async def serve(
             task.cancel()
         await shut_down(node, server, health)
         stop_metrics()
+    if node.failure is not None:  # exit non-zero, so a supervisor restarts the node
+        raise SwarmError(f"the node stopped itself: {node.failure}") from node.failure
 
 
 async def start_serving(node: Node) -> None:

@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 import swarm
 from swarm import wire
 from swarm._proto import swarm_pb2, swarm_pb2_grpc
-from swarm.errors import DeadlineExceeded, LimitExceeded, ProtocolError, SwarmError
+from swarm.errors import ConfigError, DeadlineExceeded, LimitExceeded, ProtocolError, SwarmError
 from swarm.node.backend import BackendClosed, BlockBackend, InferenceSession, deadline_after
 from swarm.node.metrics import NodeMetrics, RequestOutcome
 
@@ -330,7 +330,7 @@ async def start_grpc_server(
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
-        raise OSError(f"could not bind the gRPC server to {host}:{port} (port in use?)")
+        raise ConfigError(f"could not bind the gRPC server to {host}:{port}: is the port in use? (--port)")
     await server.start()
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

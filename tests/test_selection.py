@@ -6,16 +6,18 @@ import itertools
 import math
 import random
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy.optimize import Bounds, LinearConstraint, milp
 
 from swarm.errors import ConfigError
 from swarm.node.selection import (
+    MIN_REPLICAS,
     BlockStats,
     block_stats,
     bottleneck_upper_bound,
@@ -114,8 +116,8 @@ def test_redundancy_comes_before_throughput() -> None:
 def test_a_server_holding_every_block_does_not_hide_missing_redundancy() -> None:
     records = [server("huge", 0, 8, 1000.0)]
     for i in range(2):
-        span = choose_span(records, 8, 4, 1.0)
-        records.append(server(f"small{i}", *span, 1.0))
+        start, end = choose_span(records, 8, 4, 1.0)
+        records.append(server(f"small{i}", start, end, 1.0))
     assert block_stats(records, 8).under_replicated == 0
 
 
@@ -196,6 +198,19 @@ def test_plan_move_needs_more_than_the_threshold() -> None:
     assert plan_move(records, 8, "me", (0, 4), 2.0, threshold=0.05) == (4, 8)
 
 
+def test_plan_move_lifts_part_of_a_split_bottleneck() -> None:
+    # blocks 0-1 and 6-7 hold the bottleneck (20); no span of 2 lifts it, but me (4 tokens/s) moving from
+    # 2-4 to 0-2 halves the shortfall below 1.15 * 20 = 23 (4 blocks short by 3 -> 2 blocks), and adds
+    # no block below 23: a large step towards the move (of another node) that lifts 6-7 too.
+    records = [server("a", 0, 8, 10.0), server("b", 0, 8, 10.0), server("c", 2, 6, 5.0)]
+    assert block_stats(records, 8).with_span(2, 4, 4.0).totals == (20, 20, 29, 29, 25, 25, 20, 20)
+    assert plan_move(records, 8, "me", (2, 4), 4.0) == (0, 2)
+    # 0.5 tokens/s cuts the shortfall only from 12 to 11: not by more than the threshold (15%) ...
+    assert plan_move(records, 8, "me", (2, 4), 0.5) is None
+    # ... but from 4 to 3 below 1.05 * 20, more than 5%
+    assert plan_move(records, 8, "me", (2, 4), 0.5, threshold=0.05) == (0, 2)
+
+
 # ------------------------------------------------------------------------------------ simulations ---
 
 
@@ -214,8 +229,8 @@ def make_nodes(rng: random.Random, count: int, lengths: tuple[int, int]) -> list
 def join_one_by_one(nodes: list[Node], num_blocks: int, rng: random.Random) -> dict[str, ServerRecord]:
     swarm: dict[str, ServerRecord] = {}
     for n in nodes:
-        span = choose_span(list(swarm.values()), num_blocks, n.span_len, n.throughput, rng=rng)
-        swarm[n.peer] = server(n.peer, *span, n.throughput, state=ServerState.JOINING)
+        start, end = choose_span(list(swarm.values()), num_blocks, n.span_len, n.throughput, rng=rng)
+        swarm[n.peer] = server(n.peer, start, end, n.throughput, state=ServerState.JOINING)
     return swarm
 
 
@@ -231,7 +246,7 @@ def rebalance_round(
             list(swarm.values()), num_blocks, n.peer, (mine.start, mine.end), n.throughput, rng=rng
         )
         if span is not None:
-            swarm[n.peer] = server(n.peer, *span, n.throughput)
+            swarm[n.peer] = server(n.peer, span[0], span[1], n.throughput)
             moved += 1
     return moved
 
@@ -253,7 +268,9 @@ def two_cover_is_feasible(nodes: list[Node], num_blocks: int) -> bool:
 
 
 NUM_BLOCKS = 24
-SEEDS = range(5)
+# The exact optimum (a MILP) takes 0.4-18 s per seed, 1.4 s median: these are the first five seeds of
+# 0-9 whose MILP takes about a second. On the other five the ratio to the optimum is 0.90-0.95.
+SEEDS = (0, 2, 6, 7, 8)
 RECOVER_ROUNDS = 2  # B: rounds within which the 8 survivors must cover every block again
 
 
@@ -261,11 +278,13 @@ RECOVER_ROUNDS = 2  # B: rounds within which the 8 survivors must cover every bl
 def test_simulation_joins_then_rebalances(seed: int) -> None:
     """A: 12 nodes (1x-8x throughput, spans of 6-12 blocks) join a 24-block model, then rebalance.
 
-    The bound is the LP relaxation (capacity spread perfectly), which whole contiguous spans rarely
-    reach; with the 15% threshold nodes also stop at local optima (when the weakest blocks lie in
-    several places, no single move lifts them all). Observed ratio 0.75-0.82 on these seeds (0.67-0.79
-    min-mean over seeds 0-99), so 0.6 is a regression guard; the 80% check against the exact optimum is
-    the brute-force test below. B: re-covering took 1 round on every one of seeds 0-99.
+    The bottleneck reached must be >= 80% of the best any placement achieves with every block on 2+
+    servers (the policy puts redundancy first, so it is judged against the optimum under the same
+    constraint), found exactly by `exact_best_bottleneck`. Over seeds 0-99 the ratio is 0.784 min,
+    0.896 median and mean; 2 seeds stay below 0.8 (51: 0.784, 56: 0.794), where weak blocks that
+    joining left in several places can only be lifted by several nodes moving at once (a node moving
+    alone would open a deeper hole where it leaves). Joining alone reaches 0.83 on average.
+    B: re-covering took 1 round on every one of seeds 0-99.
     """
     rng = random.Random(seed)
     nodes = make_nodes(rng, 12, (6, 12))
@@ -274,15 +293,18 @@ def test_simulation_joins_then_rebalances(seed: int) -> None:
     rounds = rebalance(swarm, nodes, NUM_BLOCKS, rng, max_rounds=10)
     stats = block_stats(swarm.values(), NUM_BLOCKS)
     bound = bottleneck_upper_bound([(n.throughput, n.span_len) for n in nodes], NUM_BLOCKS)
-    print(
-        f"\nA seed={seed}: bottleneck after joins {joined:.2f}, after {rounds} rebalancing rounds "
-        f"{stats.bottleneck:.2f}; LP bound {bound:.2f}; ratio {stats.bottleneck / bound:.3f}"
-    )
     assert rounds < 10
     assert stats.uncovered == 0
     assert two_cover_is_feasible(nodes, NUM_BLOCKS) and stats.under_replicated == 0
+    best = exact_best_bottleneck(nodes, NUM_BLOCKS, MIN_REPLICAS)
+    assert best is not None  # the policy's own placement has 2+ servers on every block
+    print(
+        f"\nA seed={seed}: bottleneck after joins {joined:.2f}, after {rounds} rebalancing rounds "
+        f"{stats.bottleneck:.2f}; exact optimum {best:.2f}, LP bound {bound:.2f}; "
+        f"ratio to the optimum {stats.bottleneck / best:.3f}, to the LP bound {stats.bottleneck / bound:.3f}"
+    )
     assert stats.bottleneck >= joined
-    assert stats.bottleneck >= 0.6 * bound
+    assert stats.bottleneck >= 0.8 * best
 
     # B: the 4 nodes whose loss leaves the most blocks bare leave; the other 8 re-cover every block
     # using plan_move alone, then rebalance until quiet.
@@ -315,9 +337,8 @@ def worst_leavers(swarm: dict[str, ServerRecord], num_blocks: int, count: int) -
     return set(max(itertools.combinations(sorted(swarm), count), key=bare_without))
 
 
-def exact_optimum(nodes: list[Node], num_blocks: int) -> tuple[int, int, float]:
-    """Best (uncovered, under-replicated, bottleneck) over ALL start combinations, judged as choose_span
-    judges (fewest uncovered, then fewest under-replicated, then highest bottleneck)."""
+def all_placements(nodes: Sequence[Node], num_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-block totals and replica counts (one row each) of EVERY combination of the nodes' starts."""
     totals = np.zeros((1, num_blocks))
     replicas = np.zeros((1, num_blocks), dtype=np.int64)
     for n in nodes:  # extend every partial placement by every start of the next node
@@ -326,10 +347,78 @@ def exact_optimum(nodes: list[Node], num_blocks: int) -> tuple[int, int, float]:
         )
         totals = (totals[:, None, :] + n.throughput * cover[None]).reshape(-1, num_blocks)
         replicas = (replicas[:, None, :] + cover[None]).reshape(-1, num_blocks)
+    return totals, replicas
+
+
+def exact_optimum(nodes: list[Node], num_blocks: int) -> tuple[int, int, float]:
+    """Best (uncovered, under-replicated, bottleneck) over ALL start combinations, judged as choose_span
+    judges (fewest uncovered, then fewest under-replicated, then highest bottleneck)."""
+    totals, replicas = all_placements(nodes, num_blocks)
     uncovered = (replicas == 0).sum(axis=1)
     under = (replicas < 2).sum(axis=1)
     best = np.lexsort((-totals.min(axis=1), under, uncovered))[0]
     return int(uncovered[best]), int(under[best]), float(totals[best].min())
+
+
+def exact_best_bottleneck(nodes: Sequence[Node], num_blocks: int, min_replicas: int) -> float | None:
+    """The best bottleneck of any placement of `nodes` with >= `min_replicas` servers on every block
+    (None if there is none), by a mixed-integer program solved with HiGHS.
+
+    Binary x[i, s]: node i starts at block s; every node starts once; T (continuous) <= every block's
+    total; maximise T. The fastest node is kept in the model's left half (a placement and its mirror
+    image are equally good), which about halves the search. What is returned is the solver's bound on
+    the optimum: the optimum itself (to HiGHS's 1e-4 relative gap) when the search ends, and above it
+    when the 20 s limit cuts the search short, so a ratio to it never flatters the policy.
+    """
+    starts = [(i, s) for i, n in enumerate(nodes) for s in range(num_blocks - n.span_len + 1)]
+    t = len(starts)  # column of T, after the x columns
+    once = np.zeros((len(nodes), t + 1))
+    cover = np.zeros((num_blocks, t + 1))
+    mirror = np.zeros(t + 1)
+    fastest = max(range(len(nodes)), key=lambda i: nodes[i].throughput)
+    for col, (i, s) in enumerate(starts):
+        once[i, col] = 1
+        cover[s : s + nodes[i].span_len, col] = 1
+        if i == fastest:  # start <= its mirror image's start, num_blocks - span_len - start
+            mirror[col] = 2 * s + nodes[i].span_len - num_blocks
+    load = cover * np.array([nodes[i].throughput for i, _ in starts] + [0.0])
+    load[:, t] = -1.0
+    objective = np.zeros(t + 1)
+    objective[t] = -1.0  # milp minimises
+    integrality = np.ones(t + 1)
+    integrality[t] = 0
+    upper = np.ones(t + 1)
+    upper[t] = np.inf
+    result = milp(
+        objective,
+        integrality=integrality,
+        bounds=Bounds(0.0, upper),
+        constraints=[
+            LinearConstraint(once, 1.0, 1.0),
+            LinearConstraint(load, 0.0, np.inf),
+            LinearConstraint(cover, min_replicas, np.inf),
+            LinearConstraint(mirror[None], -np.inf, 0.0),
+        ],
+        options={"time_limit": 20},
+    )
+    if result.status == 2:  # infeasible
+        return None
+    assert result.status in (0, 1) and result.mip_dual_bound is not None, result.message  # 1: time limit
+    return float(-result.mip_dual_bound)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_exact_best_bottleneck_matches_brute_force(seed: int) -> None:
+    """The MILP against enumerating every placement: 5 nodes (spans of 4-8 blocks) on 10 blocks."""
+    nodes = make_nodes(random.Random(seed), 5, (4, 8))
+    totals, replicas = all_placements(nodes, 10)
+    for min_replicas in range(4):
+        feasible = (replicas >= min_replicas).all(axis=1)
+        expected = float(totals[feasible].min(axis=1).max()) if feasible.any() else None
+        got = exact_best_bottleneck(nodes, 10, min_replicas)
+        assert (got is None) == (expected is None), (min_replicas, got, expected)
+        if got is not None:
+            assert got == pytest.approx(expected, rel=1e-3)
 
 
 def test_small_swarm_against_the_exact_optimum() -> None:
@@ -384,7 +473,7 @@ def test_choose_span_stays_in_range(
 
 @settings(max_examples=200, deadline=None)
 @given(records_strategy, st.integers(1, 12), st.data())
-def test_plan_move_never_makes_coverage_worse(
+def test_plan_move_never_makes_coverage_worse_and_always_makes_progress(
     records: list[ServerRecord], num_blocks: int, data: st.DataObject
 ) -> None:
     start = data.draw(st.integers(0, num_blocks - 1))
@@ -399,3 +488,14 @@ def test_plan_move_never_makes_coverage_worse(
     assert new[1] - new[0] == end - start
     assert after.uncovered <= before.uncovered
     assert (after.uncovered, after.under_replicated) <= (before.uncovered, before.under_replicated)
+    # every move strictly raises (-uncovered, -under-replicated, bottleneck, -shortfall below 1.15 *
+    # bottleneck), a function of the whole swarm: nodes taking turns cannot move in circles
+    if (after.uncovered, after.under_replicated) == (before.uncovered, before.under_replicated):
+        assert after.bottleneck >= before.bottleneck
+        if after.bottleneck == before.bottleneck:
+            level = 1.15 * before.bottleneck
+            assert shortfall(after, level) < shortfall(before, level)
+
+
+def shortfall(stats: BlockStats, level: float) -> float:
+    return sum(level - t for t in stats.totals if t < level)

@@ -195,14 +195,16 @@ def step(hidden: torch.Tensor, position: int, step_id: int = 1) -> swarm_pb2.Inf
 
 
 def test_inference_stream_matches_forward_and_checks_positions(channel: grpc.Channel) -> None:
-    hidden = torch.randn(1, 6, 64)
+    hidden = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(6))
     first = swarm_pb2.InferenceRequest(
         header=header(), open=swarm_pb2.InferenceOpen(max_length=8, batch_size=1), step=step(hidden[:, :5], 0)
     )
     responses = inference(channel, [first, swarm_pb2.InferenceRequest(step=step(hidden[:, 5:], 5, 2))])
     outputs = torch.cat([wire.decode_tensor(r.hidden_states) for r in responses], dim=1)
     assert [r.length for r in responses] == [5, 6]
-    assert torch.allclose(outputs, forward(channel, hidden), atol=1e-5)
+    # Cached and uncached attention add in different orders: equal up to float32 rounding,
+    # which grows with the activations' magnitude (~10 after four random blocks).
+    torch.testing.assert_close(outputs, forward(channel, hidden), rtol=1e-4, atol=1e-4)
 
     with pytest.raises(grpc.RpcError) as info:  # a step at the wrong position
         inference(channel, [first, swarm_pb2.InferenceRequest(step=step(hidden[:, 5:], 3, 2))])
