@@ -98,7 +98,11 @@ class NodeConfig:
         default=120.0, metadata=_help("mean seconds between checks whether moving to other blocks pays")
     )
     balance_threshold: float = field(
-        default=0.15, metadata=_help("move only if swarm throughput rises by more than this fraction")
+        default=0.15,
+        metadata=_help(
+            "move only if the weakest blocks gain more than this fraction "
+            "(the bottleneck, or their total shortfall)"
+        ),
     )
     drain_timeout: float = field(
         default=30.0, metadata=_help("seconds in-flight work may take to finish when stopping or moving")

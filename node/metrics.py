@@ -94,7 +94,11 @@ class NodeMetrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
-        self.dht_peers = Gauge("swarm_node_dht_peers", "Peers serving this model in the last DHT read, this node included.", registry=r)
+        self.dht_peers = Gauge(
+            "swarm_node_dht_peers",
+            "Peers serving this model in the last DHT read, this node included.",
+            registry=r,
+        )
         self.state = Gauge(
             "swarm_node_state", "1 for the node's current state, else 0.", ["state"], registry=r
         )

@@ -335,7 +335,8 @@ def plan_memory(node: Node, span: tuple[int, int]) -> None:
 
 async def watch_swarm(node: Node) -> None:
     """Every ~rebalance period (jittered, so nodes do not move in lockstep): look at the swarm, and
-    move when another span raises its throughput by more than --balance-threshold."""
+    move when another span helps the weakest blocks by more than --balance-threshold
+    (see selection.plan_move)."""
     rng = random.Random()
     fixed = node.cfg.span is not None
     while not node.stop.is_set():

@@ -365,10 +365,10 @@ def exact_best_bottleneck(nodes: Sequence[Node], num_blocks: int, min_replicas: 
     (None if there is none), by a mixed-integer program solved with HiGHS.
 
     Binary x[i, s]: node i starts at block s; every node starts once; T (continuous) <= every block's
-    total; maximise T. The fastest node is kept in the model's left half (a placement and its mirror
-    image are equally good), which about halves the search. What is returned is the solver's bound on
-    the optimum: the optimum itself (to HiGHS's 1e-4 relative gap) when the search ends, and above it
-    when the 20 s limit cuts the search short, so a ratio to it never flatters the policy.
+    total; maximise T. The fastest node is kept in the model's left half: a placement and its mirror
+    image are equally good, so this only rules one of each pair out. What is returned is the solver's
+    bound on the optimum: the optimum itself (to HiGHS's 1e-4 relative gap) when the search ends, and
+    above it when the 20 s limit cuts the search short, so a ratio to it never flatters the policy.
     """
     starts = [(i, s) for i, n in enumerate(nodes) for s in range(num_blocks - n.span_len + 1)]
     t = len(starts)  # column of T, after the x columns
