@@ -14,7 +14,6 @@ import logging
 import os
 import random
 import signal
-import socket
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,6 @@ from rich.progress import Progress
 
 import swarm
 from swarm import checkpoint
-from swarm._proto import swarm_pb2, swarm_pb2_grpc
 from swarm.errors import ConfigError, SwarmError
 from swarm.models.llama import LayerCache, LlamaBlock, LlamaConfig
 from swarm.node import device as devices
@@ -37,6 +35,7 @@ from swarm.node.announcer import Announcer
 from swarm.node.backend import BlockBackend
 from swarm.node.config import NodeConfig
 from swarm.node.metrics import NodeMetrics, start_metrics_server
+from swarm.node.reachability import announce_host, check_reachable
 from swarm.node.server import SERVICE_NAME, BlockServicer, ServerLimits, start_grpc_server
 from swarm.node.throughput import Throughput, default_cache_path, get_throughput
 from swarm.records import NodeIdentity, ServerRecord, ServerState, fetch_records, latest_per_peer
@@ -44,7 +43,6 @@ from swarm.records import NodeIdentity, ServerRecord, ServerState, fetch_records
 log = logging.getLogger("swarm.node")
 T = TypeVar("T")
 DEFAULT_NETWORK_BPS = 100e6 / 8  # assumed when no peer is known to measure against: 100 Mbit/s
-REACHABILITY_PEERS = 3  # peers asked to dial back before giving up on the check
 
 
 class Stopped(Exception):
@@ -231,46 +229,6 @@ async def swarm_records(node: Node) -> list[ServerRecord]:
     per_block = await fetch_records(node.dht, node.model, list(range(node.config.num_hidden_layers)))
     records = latest_per_peer(r for rs in per_block.values() for r in rs)
     return [r for r in records if r.peer_id != node.peer_id]
-
-
-async def check_reachable(node: Node, peers: list[ServerRecord]) -> None:
-    """Ask a peer to dial our announced address; refuse to go online if it cannot."""
-    if not peers:
-        log.info("no other node yet: cannot check that %s is reachable from outside", node.address)
-        return
-    request = swarm_pb2.ReachabilityRequest(address=node.address, expected_peer_id=node.peer_id)
-    for peer in peers[:REACHABILITY_PEERS]:
-        try:
-            async with grpc.aio.insecure_channel(peer.grpc_address) as channel:
-                reply = await swarm_pb2_grpc.BlockServiceStub(channel).CheckReachability(request, timeout=15)
-        except grpc.aio.AioRpcError as e:
-            log.info("peer %s could not check reachability (%s); asking another", peer.peer_id, e.code().name)
-            continue
-        if reply.reachable:
-            log.info("peer %s reached this node at %s", peer.peer_id, node.address)
-            return
-        port = node.address.rpartition(":")[2]
-        raise ConfigError(
-            f"other peers cannot reach this node at {node.address} ({reply.error}). If this machine is "
-            f"behind NAT or a firewall, forward TCP port {port} to it, or set --announce-host/"
-            "--announce-port to the public address and port that lead to this node's --port"
-        )
-    log.warning("no peer could check whether %s is reachable; going online anyway", node.address)
-
-
-def announce_host(cfg: NodeConfig) -> str:
-    if cfg.announce_host:
-        return cfg.announce_host
-    if cfg.host not in ("0.0.0.0", "::", ""):
-        return cfg.host
-    # Bound to every interface: announce the address of the default route. Connecting a UDP
-    # socket sends nothing; it only asks the kernel which source address it would use.
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("192.0.2.1", 9))  # TEST-NET-1, never routed to anyone
-            return str(s.getsockname()[0])
-    except OSError:
-        return "127.0.0.1"
 
 
 # ---- setup ----------------------------------------------------------------------------------------
@@ -473,7 +431,8 @@ async def start_serving(node: Node) -> None:
     node.span = span
     await node.enter(ServerState.JOINING, required=True)
     if node.cfg.check_reachability:
-        await node.until_stopped(check_reachable(node, [p for p in peers if p.state == ServerState.ONLINE]))
+        online = [p for p in peers if p.state == ServerState.ONLINE]
+        await node.until_stopped(check_reachable(node.address, node.peer_id, online))
     await node.load(span)
     await node.enter(ServerState.ONLINE, required=True)
 
