@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import torch
 
+from swarm.client.config import ClientConfig
 from swarm.client.loop import run_sync
 from swarm.client.model import DistributedModelForCausalLM
 from swarm.generation import SamplingConfig, generate_tokens
-from swarm.localswarm import LocalSwarm
+from swarm.localswarm import LocalSwarm, NodeProcess
 from tests.checkpoints import make_checkpoint
 
 
@@ -44,3 +46,48 @@ def test_greedy_tokens_survive_a_killed_node(tmp_path: Path) -> None:
     assert killed, "the kill never happened"
     assert killed[0] not in route_after
     assert got.tolist() == expected.tolist()
+
+
+def test_a_hung_node_is_caught_by_the_step_deadline(tmp_path: Path) -> None:
+    """SIGSTOP keeps the TCP connection open, so only the per-step deadline can tell."""
+    model_path = make_checkpoint(tmp_path / "hung-llama", "llama", num_layers=8, eos_token_id=[])
+    prompt = torch.tensor([[6, 1, 28, 3]])
+    new_tokens, stop_after = 24, 6
+    with LocalSwarm(tmp_path / "swarm") as local:
+        local.start_dht()
+        local.start_node(model_path, "0:4")
+        second_half = [local.start_node(model_path, "4:8", name=f"half-{i}") for i in range(2)]
+        with DistributedModelForCausalLM.from_pretrained(model_path, local.initial_peers) as client:
+            started = time.monotonic()
+            expected = client.generate(prompt, max_new_tokens=new_tokens)
+            undisturbed = time.monotonic() - started
+            hung: list[NodeProcess] = []
+
+            with client.inference_session(max_length=prompt.shape[1] + new_tokens) as session:
+
+                def step(ids: torch.Tensor, start: int) -> torch.Tensor:
+                    if start == prompt.shape[1] + stop_after:
+                        victim_id = session.streams[-1].hop.peer_id
+                        victim = next(p for p in second_half if p.info["peer_id"] == victim_id)
+                        victim.proc.send_signal(signal.SIGSTOP)
+                        hung.append(victim)
+                    with torch.inference_mode():
+                        hidden = run_sync(session.step(client.parts.embed(ids)))
+                        return client.parts.logits(hidden[:, -1:])[:, -1]
+
+                started = time.monotonic()
+                try:
+                    got = generate_tokens(step, prompt, SamplingConfig(max_new_tokens=new_tokens))
+                finally:
+                    for victim in hung:  # let it run again so it can be stopped normally
+                        victim.proc.send_signal(signal.SIGCONT)
+                disturbed = time.monotonic() - started
+                route_after = [s.hop.peer_id for s in session.streams]
+
+    assert hung, "the SIGSTOP never happened"
+    assert hung[0].info["peer_id"] not in route_after
+    assert got.tolist() == expected.tolist()
+    extra = disturbed - undisturbed
+    print(f"hung peer: generation took {extra:.2f} s longer than undisturbed ({undisturbed:.2f} s)")
+    # The floor of the step deadline is 3 s; allow for a loaded CI machine on top.
+    assert extra < ClientConfig().step_timeout_floor + 10

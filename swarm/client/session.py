@@ -8,15 +8,18 @@ greedy prompt therefore gives the same tokens with or without a failure.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 import torch
 
 from swarm.client.config import ClientConfig
 from swarm.client.remote import ChannelPool, InferenceStream
+from swarm.coordinator.bans import BanList
 from swarm.coordinator.routing import Hop, min_latency_route
 from swarm.coordinator.swarm_map import SwarmMapCache
-from swarm.errors import SwarmError
+from swarm.errors import PeerUnavailable, SwarmError
 
 log = logging.getLogger(__name__)
 
@@ -30,20 +33,25 @@ class InferenceSession:
         *,
         batch_size: int,
         max_length: int,
+        bans: BanList | None = None,
     ) -> None:
         self.pool, self.swarm_map, self.config = pool, swarm_map, config
         self.batch_size, self.max_length = batch_size, max_length
         self.streams: list[InferenceStream] = []
         self.history: list[list[torch.Tensor]] = []  # inputs sent to each stream, in order
-        self.banned: set[str] = set()
+        self.step_seconds: list[float | None] = []  # each stream's usual single-token step time
+        self.banned: set[str] = set()  # never again in this session
+        self.bans = bans if bans is not None else BanList(config.ban_base, config.ban_limit)
         self.position = 0
+
+    def _avoid(self) -> frozenset[str]:
+        return frozenset(self.banned) | self.bans.banned()
 
     async def open(self) -> None:
         snapshot = await self.swarm_map.get()
-        self.streams = [
-            self._stream(hop) for hop in min_latency_route(snapshot, banned=frozenset(self.banned))
-        ]
+        self.streams = [self._stream(hop) for hop in min_latency_route(snapshot, banned=self._avoid())]
         self.history = [[] for _ in self.streams]
+        self.step_seconds = [None for _ in self.streams]
 
     def _stream(self, hop: Hop) -> InferenceStream:
         return InferenceStream(
@@ -69,7 +77,7 @@ class InferenceSession:
             async def attempt(n: int, i: int = i, x: torch.Tensor = x) -> torch.Tensor:
                 if n > 1:
                     await self._reroute(i)
-                return await self.streams[i].step(x)
+                return await self._timed_step(i, x)
 
             hidden = await self.config.retry.run(attempt)
             self.history[i].append(x)
@@ -77,13 +85,36 @@ class InferenceSession:
         self.position += new_tokens
         return hidden
 
+    async def _timed_step(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Step stream i under a deadline derived from its own measured step time."""
+        stream, usual = self.streams[i], self.step_seconds[i]
+        single = x.shape[1] == 1
+        if single and usual is not None:
+            deadline = max(self.config.step_timeout_floor, self.config.step_timeout_factor * usual)
+        else:  # a prompt, or no measurement yet: the general request timeout
+            deadline = self.config.request_timeout
+        started = time.monotonic()
+        try:
+            out = await asyncio.wait_for(stream.step(x), deadline)
+        except TimeoutError:
+            raise PeerUnavailable(
+                f"{stream.hop.peer_id} did not answer a step within {deadline:.1f} s (hung?)"
+            ) from None
+        took = time.monotonic() - started
+        if usual is None:  # a prompt takes longer than one token: a safe first estimate
+            self.step_seconds[i] = took
+        elif single:  # a moving average, so one slow step does not make the deadline jumpy
+            self.step_seconds[i] = 0.8 * usual + 0.2 * took
+        return out
+
     async def _reroute(self, i: int) -> None:
         """Replace stream i (whose peer just failed) by a fresh route over the same span."""
         failed = self.streams[i]
         self.banned.add(failed.hop.peer_id)
+        self.bans.ban(failed.hop.peer_id)
         await failed.close()
         snapshot = await self.swarm_map.get(refresh=True)
-        hops = min_latency_route(snapshot, failed.hop.start, failed.hop.end, banned=frozenset(self.banned))
+        hops = min_latency_route(snapshot, failed.hop.start, failed.hop.end, banned=self._avoid())
         log.warning(
             "peer %s failed; re-routing blocks %d:%d via %s",
             failed.hop.peer_id,
@@ -101,11 +132,13 @@ class InferenceSession:
                     past = await stream.step(past)
                 except SwarmError:
                     self.banned.add(stream.hop.peer_id)
+                    self.bans.ban(stream.hop.peer_id)
                     for s in replacements:
                         await s.close()
                     raise
         self.streams[i : i + 1] = replacements
         self.history[i : i + 1] = histories
+        self.step_seconds[i : i + 1] = [None] * len(replacements)
 
     async def close(self) -> None:
         for stream in self.streams:
