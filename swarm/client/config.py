@@ -29,8 +29,10 @@ class ClientConfig:
 
     def __post_init__(self) -> None:
         wire.parse_codec(self.codec)
-        positive = ("connect_timeout", "request_timeout", "swarm_map_ttl", "dht_startup_timeout")
-        positive += ("step_timeout_floor", "step_timeout_factor", "ban_base", "ban_limit")
+        positive = [
+            *("connect_timeout", "request_timeout", "swarm_map_ttl", "dht_startup_timeout"),
+            *("step_timeout_floor", "step_timeout_factor", "ban_base", "ban_limit"),
+        ]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
