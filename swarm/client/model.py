@@ -8,24 +8,50 @@ transformers; all network I/O happens on the client's background event loop.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 import torch
+import torch.nn.functional as F
 from hivemind.dht import DHT
 
 from swarm import checkpoint
+from swarm.client.autograd import RemotePipeline, run_remote_blocks
 from swarm.client.config import ClientConfig
 from swarm.client.loop import run_sync
-from swarm.client.remote import ChannelPool, remote_forward
+from swarm.client.remote import ChannelPool
 from swarm.client.session import InferenceSession
-from swarm.coordinator.routing import Hop, min_latency_route
+from swarm.coordinator.routing import min_latency_route, throughput_weighted_route
 from swarm.coordinator.swarm_map import SwarmMapCache
 from swarm.errors import ConfigError, MissingBlocksError
 from swarm.generation import SamplingConfig, eos_ids, generate_tokens
 from swarm.models.llama import ClientParts, LlamaConfig
+
+IGNORE_INDEX = -100  # label value that contributes no loss, as in transformers
+
+
+@dataclass(frozen=True)
+class CausalLMOutput:
+    """What `model(input_ids, labels=...)` returns, named as in transformers."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor  # [batch, length, vocab] float32
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting token t + 1 at position t; IGNORE_INDEX labels count for nothing."""
+    if labels.shape != logits.shape[:2]:
+        raise ConfigError(
+            f"labels must be [batch, length] = {list(logits.shape[:2])}, got {list(labels.shape)}"
+        )
+    predicted = logits[:, :-1].flatten(0, 1)  # position t predicts label t + 1
+    targets = labels[:, 1:].flatten().to(logits.device)
+    return F.cross_entropy(predicted.float(), targets, ignore_index=IGNORE_INDEX)
 
 
 class DistributedModelForCausalLM:
@@ -46,6 +72,7 @@ class DistributedModelForCausalLM:
             dht, model_name, config.num_hidden_layers, ttl=client_config.swarm_map_ttl
         )
         self.pool = ChannelPool(client_config)
+        self._rng = random.Random()  # draws training routes
 
     @classmethod
     def from_pretrained(
@@ -143,24 +170,52 @@ class DistributedModelForCausalLM:
 
             return generate_tokens(step, input_ids, cfg, on_tokens)
 
-    @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits [batch, length, vocab] for a full sequence, through Forward RPCs."""
-        hidden = self.parts.embed(input_ids)
-        hidden = run_sync(self._forward_blocks(hidden))
-        return self.parts.logits(hidden)
+    @overload
+    def forward(self, input_ids: torch.Tensor, labels: None = None) -> torch.Tensor: ...
+    @overload
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> CausalLMOutput: ...
+
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor | CausalLMOutput:
+        """Logits [batch, length, vocab] for full sequences, through Forward RPCs.
+
+        With `labels` [batch, length], return a `CausalLMOutput` whose `loss` (mean next-token
+        cross-entropy, -100 ignored) backpropagates through the remote blocks by Backward RPCs.
+        Without labels, logits only carry a graph when autograd is on and a local parameter
+        requires grad; otherwise the pass runs under inference mode.
+        """
+        if labels is None and not self._needs_grad():
+            return self._inference_logits(input_ids)
+        hidden = run_remote_blocks(self.parts.embed(input_ids), self.remote_pipeline(randomized=True))
+        logits = self.parts.logits(hidden)
+        if labels is None:
+            return logits
+        return CausalLMOutput(loss=causal_lm_loss(logits, labels), logits=logits)
 
     __call__ = forward
 
-    async def _forward_blocks(self, hidden: torch.Tensor) -> torch.Tensor:
-        route = min_latency_route(await self.swarm_map.get())
-        for hop in route:
+    def _needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.parts.parameters())
 
-            async def call(_attempt: int, hop: Hop = hop, x: torch.Tensor = hidden) -> torch.Tensor:
-                return await remote_forward(self.pool, self.model_name, hop, x, self.client_config)
+    @torch.inference_mode()
+    def _inference_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.parts.embed(input_ids)
+        hidden, _ = run_sync(self.remote_pipeline(randomized=False).forward(hidden))
+        return self.parts.logits(hidden)
 
-            hidden = await self.client_config.retry.run(call)
-        return hidden
+    def remote_pipeline(self, *, randomized: bool = True) -> RemotePipeline:
+        """A route through every remote block, for `run_remote_blocks` (prompt tuning builds on this).
+
+        randomized: drawn in proportion to throughput (SWARM wiring, spreads training load);
+        otherwise the fastest route, as interactive inference wants.
+        """
+        snapshot = run_sync(self.swarm_map.get())
+        if randomized:
+            route = throughput_weighted_route(snapshot, rng=self._rng)
+        else:
+            route = min_latency_route(snapshot)
+        return RemotePipeline(self.pool, self.swarm_map, self.client_config, route)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 

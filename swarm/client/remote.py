@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import grpc
 import torch
@@ -21,6 +22,8 @@ from swarm._proto import swarm_pb2, swarm_pb2_grpc
 from swarm.client.config import ClientConfig
 from swarm.coordinator.routing import Hop
 from swarm.errors import PeerUnavailable, ProtocolError, RemoteError
+
+T = TypeVar("T")
 
 RETRYABLE_CODES = {
     grpc.StatusCode.UNAVAILABLE,
@@ -75,16 +78,45 @@ def request_header(model: str, hop: Hop, codec: str) -> swarm_pb2.RequestHeader:
 async def remote_forward(
     pool: ChannelPool, model: str, hop: Hop, hidden: torch.Tensor, config: ClientConfig
 ) -> torch.Tensor:
+    """Outputs of blocks [hop.start, hop.end) on hop's server for `hidden` [batch, tokens, hidden]."""
     request = swarm_pb2.ForwardRequest(
         header=request_header(model, hop, config.codec),
         hidden_states=wire.encode_tensor(hidden, config.codec),
     )
     stub = pool.stub(hop.server.grpc_address)
+    response = await _unary(hop, stub.Forward(request, timeout=config.request_timeout))
+    return wire.decode_tensor(response.hidden_states)
+
+
+async def remote_backward(
+    pool: ChannelPool,
+    model: str,
+    hop: Hop,
+    hidden: torch.Tensor,
+    grad_outputs: torch.Tensor,
+    config: ClientConfig,
+) -> torch.Tensor:
+    """d(loss)/d(hidden) for the span's inputs `hidden`, given d(loss)/d(its outputs).
+
+    Backward is stateless: the node recomputes the span's forward from `hidden`, so any server
+    of the span can answer, not only the one that ran the forward pass.
+    """
+    request = swarm_pb2.BackwardRequest(
+        header=request_header(model, hop, config.codec),
+        hidden_states=wire.encode_tensor(hidden, config.codec),
+        grad_outputs=wire.encode_tensor(grad_outputs, config.codec),
+    )
+    stub = pool.stub(hop.server.grpc_address)
+    response = await _unary(hop, stub.Backward(request, timeout=config.request_timeout))
+    return wire.decode_tensor(response.grad_inputs)
+
+
+async def _unary(hop: Hop, call: Awaitable[T]) -> T:
+    """Await one unary RPC, translating its gRPC failure into our exception hierarchy."""
     try:
-        response = await stub.Forward(request, timeout=config.request_timeout)
+        return await call
     except grpc.aio.AioRpcError as e:
         raise translate_rpc_error(hop.peer_id, e) from None
-    return wire.decode_tensor(response.hidden_states)
 
 
 class InferenceStream:
