@@ -22,6 +22,7 @@ from torch.autograd.function import once_differentiable
 from swarm.client.config import ClientConfig
 from swarm.client.loop import run_sync
 from swarm.client.remote import ChannelPool, remote_backward, remote_forward
+from swarm.coordinator.bans import BanList
 from swarm.coordinator.routing import Hop
 from swarm.coordinator.swarm_map import SwarmMapCache
 
@@ -36,7 +37,8 @@ class RemotePipeline:
     swarm_map: SwarmMapCache
     config: ClientConfig
     route: list[Hop]
-    banned: set[str] = field(default_factory=set)
+    banned: set[str] = field(default_factory=set)  # failed during this pipeline's life
+    bans: BanList | None = None  # the client's bans, shared with later routes
 
     async def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run `hidden` [batch, tokens, hidden] through every hop; also return each hop's input."""
@@ -77,11 +79,15 @@ class RemotePipeline:
         """
         hop = self.route[i]
         self.banned.add(hop.peer_id)
+        avoid = set(self.banned)
+        if self.bans is not None:
+            self.bans.ban(hop.peer_id)
+            avoid |= self.bans.banned()
         snapshot = await self.swarm_map.get(refresh=True)
         candidates = [
             s
             for s in snapshot.online()
-            if s.start <= hop.start and hop.end <= s.end and s.peer_id not in self.banned
+            if s.start <= hop.start and hop.end <= s.end and s.peer_id not in avoid
         ]
         if candidates:
             self.route[i] = Hop(random.choice(candidates), hop.start, hop.end)

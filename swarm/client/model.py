@@ -26,6 +26,7 @@ from swarm.client.config import ClientConfig
 from swarm.client.loop import run_sync
 from swarm.client.remote import ChannelPool
 from swarm.client.session import InferenceSession
+from swarm.coordinator.bans import BanList
 from swarm.coordinator.routing import min_latency_route, throughput_weighted_route
 from swarm.coordinator.swarm_map import SwarmMapCache
 from swarm.errors import ConfigError, MissingBlocksError
@@ -72,6 +73,8 @@ class DistributedModelForCausalLM:
             dht, model_name, config.num_hidden_layers, ttl=client_config.swarm_map_ttl
         )
         self.pool = ChannelPool(client_config)
+        # Peers that failed recently, avoided by every route and session of this client.
+        self.bans = BanList(client_config.ban_base, client_config.ban_limit)
         self._rng = random.Random()  # draws training routes
 
     @classmethod
@@ -123,7 +126,12 @@ class DistributedModelForCausalLM:
         if max_length < 1:
             raise ConfigError(f"max_length must be >= 1, got {max_length}")
         session = InferenceSession(
-            self.pool, self.swarm_map, self.client_config, batch_size=batch_size, max_length=max_length
+            self.pool,
+            self.swarm_map,
+            self.client_config,
+            batch_size=batch_size,
+            max_length=max_length,
+            bans=self.bans,
         )
         run_sync(session.open())
         try:
@@ -211,11 +219,12 @@ class DistributedModelForCausalLM:
         otherwise the fastest route, as interactive inference wants.
         """
         snapshot = run_sync(self.swarm_map.get())
+        avoid = self.bans.banned()
         if randomized:
-            route = throughput_weighted_route(snapshot, rng=self._rng)
+            route = throughput_weighted_route(snapshot, rng=self._rng, banned=avoid)
         else:
-            route = min_latency_route(snapshot)
-        return RemotePipeline(self.pool, self.swarm_map, self.client_config, route)
+            route = min_latency_route(snapshot, banned=avoid)
+        return RemotePipeline(self.pool, self.swarm_map, self.client_config, route, bans=self.bans)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
