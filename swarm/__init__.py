@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 PROTOCOL_VERSION = 1
 
 if TYPE_CHECKING:
+    from swarm.client.config import ClientConfig
     from swarm.client.model import DistributedModelForCausalLM
 
 
@@ -17,7 +18,11 @@ def __getattr__(name: str) -> Any:
         from swarm.client.model import DistributedModelForCausalLM
 
         return DistributedModelForCausalLM
+    if name == "ClientConfig":
+        from swarm.client.config import ClientConfig
+
+        return ClientConfig
     raise AttributeError(name)
 
 
-__all__ = ["PROTOCOL_VERSION", "DistributedModelForCausalLM", "__version__"]
+__all__ = ["PROTOCOL_VERSION", "ClientConfig", "DistributedModelForCausalLM", "__version__"]

@@ -6,11 +6,13 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from swarm.client.config import ClientConfig
 from swarm.client.loop import run_sync
 from swarm.client.model import DistributedModelForCausalLM
+from swarm.errors import MissingBlocksError
 from swarm.generation import SamplingConfig, generate_tokens
 from swarm.localswarm import LocalSwarm, NodeProcess
 from tests.checkpoints import make_checkpoint
@@ -91,3 +93,30 @@ def test_a_hung_node_is_caught_by_the_step_deadline(tmp_path: Path) -> None:
     print(f"hung peer: generation took {extra:.2f} s longer than undisturbed ({undisturbed:.2f} s)")
     # The floor of the step deadline is 3 s; allow for a loaded CI machine on top.
     assert extra < ClientConfig().step_timeout_floor + 10
+
+
+def test_a_span_served_once_fails_fast_when_its_server_dies(tmp_path: Path) -> None:
+    model_path = make_checkpoint(tmp_path / "lonely-llama", "llama", num_layers=8, eos_token_id=[])
+    prompt = torch.tensor([[2, 7, 1, 8]])
+    with LocalSwarm(tmp_path / "swarm") as local:
+        local.start_dht()
+        local.start_node(model_path, "0:4")
+        lonely = local.start_node(model_path, "4:8", name="lonely")
+        with (
+            DistributedModelForCausalLM.from_pretrained(model_path, local.initial_peers) as client,
+            client.inference_session(max_length=32) as session,
+        ):
+
+            def step(ids: torch.Tensor, start: int) -> torch.Tensor:
+                if start == prompt.shape[1] + 3:
+                    local.stop(lonely, signal.SIGKILL)
+                with torch.inference_mode():
+                    hidden = run_sync(session.step(client.parts.embed(ids)))
+                    return client.parts.logits(hidden[:, -1:])[:, -1]
+
+            started = time.monotonic()
+            with pytest.raises(MissingBlocksError) as info:
+                generate_tokens(step, prompt, SamplingConfig(max_new_tokens=20))
+            took = time.monotonic() - started
+    assert info.value.blocks == [4, 5, 6, 7]
+    assert took < 30, f"took {took:.1f} s to give up"  # no waiting for long timeouts

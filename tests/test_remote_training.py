@@ -14,6 +14,7 @@ from torch import nn
 
 from swarm import checkpoint
 from swarm.client.autograd import run_remote_blocks
+from swarm.client.config import ClientConfig
 from swarm.client.loop import run_sync
 from swarm.client.model import CausalLMOutput, DistributedModelForCausalLM, causal_lm_loss
 from swarm.localswarm import LocalSwarm
@@ -39,7 +40,11 @@ def local_swarm(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> I
 
 @pytest.fixture(scope="module")
 def client(local_swarm: LocalSwarm, model_path: Path) -> Iterator[DistributedModelForCausalLM]:
-    with DistributedModelForCausalLM.from_pretrained(model_path, local_swarm.initial_peers) as model:
+    # Lossless on the wire, so gradients can be compared to float rounding; int8 has its own test.
+    exact = ClientConfig(training_codec="none")
+    with DistributedModelForCausalLM.from_pretrained(
+        model_path, local_swarm.initial_peers, client_config=exact
+    ) as model:
         yield model
 
 
@@ -130,6 +135,23 @@ def test_logits_without_labels_stay_a_tensor(client: DistributedModelForCausalLM
     tracked = client(input_ids)  # client parameters require grad: the logits carry a graph
     assert tracked.grad_fn is not None
     assert torch.allclose(plain, tracked.detach())
+
+
+def test_int8_training_codec_gives_close_gradients(
+    local_swarm: LocalSwarm, model_path: Path, reference: LlamaForCausalLM
+) -> None:
+    """The default training codec: a quarter of the bytes on the wire, gradients nearly unchanged."""
+    input_ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    with DistributedModelForCausalLM.from_pretrained(model_path, local_swarm.initial_peers) as model:
+        assert model.client_config.training_codec == "int8"
+        out, expected = remote_and_local(model, reference, input_ids, labels=input_ids)
+        remote, local = gradients(model.parts), gradients(reference.parts)
+    assert relative_error(out.loss.detach(), expected.detach()) < 1e-2
+    for name, grad in remote.items():
+        error = relative_error(grad, local[name])
+        cosine = float(F.cosine_similarity(grad.flatten(), local[name].flatten(), dim=0))
+        # Quantized, so not exact; the direction, which is what SGD follows, is nearly the same.
+        assert 0 < error < 0.15 and cosine > 0.99, (name, error, cosine)
 
 
 def test_backward_survives_a_killed_server(

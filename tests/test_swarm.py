@@ -82,6 +82,49 @@ def test_batch_generation_matches_local_model(client: DistributedModelForCausalL
     assert client.generate(input_ids, max_new_tokens=10).tolist() == expected.tolist()
 
 
+def test_generate_streams_like_transformers(client: DistributedModelForCausalLM) -> None:
+    class Collect:
+        def __init__(self) -> None:
+            self.puts: list[list[int]] = []
+            self.ended = 0
+
+        def put(self, value: torch.Tensor) -> None:
+            self.puts.append(value.flatten().tolist())
+
+        def end(self) -> None:
+            self.ended += 1
+
+    streamer = Collect()
+    prompt = torch.tensor([[3, 17, 42]])
+    out = client.generate(prompt, max_new_tokens=6, streamer=streamer)
+    assert streamer.puts[0] == [3, 17, 42]  # the prompt first, as transformers does
+    streamed = [token for put in streamer.puts[1:] for token in put]
+    assert streamed == out[0, 3:].tolist()  # then every new token, in order
+    assert streamer.ended == 1
+
+
+def test_client_in_bfloat16_generates(local_swarm: LocalSwarm, model_path: Path) -> None:
+    with DistributedModelForCausalLM.from_pretrained(model_path, local_swarm.initial_peers) as model:
+        assert model.to(torch.bfloat16) is model
+        assert model.parts.lm_head.weight.dtype == torch.bfloat16
+        out = model.generate(torch.tensor([[3, 17, 42]]), max_new_tokens=5)
+    assert out.shape == (1, 8)
+
+
+def test_throughput_weighted_routing_gives_the_same_logits(
+    local_swarm: LocalSwarm, model_path: Path, client: DistributedModelForCausalLM
+) -> None:
+    spread = swarm.ClientConfig(routing="throughput_weighted")
+    input_ids = torch.tensor([[5, 6, 7, 8]])
+    with (
+        DistributedModelForCausalLM.from_pretrained(
+            model_path, local_swarm.initial_peers, client_config=spread
+        ) as model,
+        torch.no_grad(),
+    ):
+        torch.testing.assert_close(model(input_ids), client(input_ids), rtol=1e-5, atol=1e-5)
+
+
 def test_forward_matches_local_logits(client: DistributedModelForCausalLM, model_path: Path) -> None:
     local = checkpoint.load_model(checkpoint.open_checkpoint(model_path))
     input_ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))

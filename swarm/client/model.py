@@ -12,9 +12,9 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import overload
+from typing import Protocol, overload
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,14 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     predicted = logits[:, :-1].flatten(0, 1)  # position t predicts label t + 1
     targets = labels[:, 1:].flatten().to(logits.device)
     return F.cross_entropy(predicted.float(), targets, ignore_index=IGNORE_INDEX)
+
+
+class Streamer(Protocol):
+    """What `generate(streamer=...)` calls; transformers' TextStreamer fits."""
+
+    def put(self, value: torch.Tensor) -> None: ...
+
+    def end(self) -> None: ...
 
 
 class DistributedModelForCausalLM:
@@ -152,10 +160,13 @@ class DistributedModelForCausalLM:
         seed: int | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         on_tokens: Callable[[torch.Tensor], None] | None = None,
+        streamer: Streamer | None = None,
     ) -> torch.Tensor:
         """Return prompt + up to `max_new_tokens` new tokens [batch, total], like transformers.
 
         Stops at the checkpoint's EOS token(s) unless `eos_token_id` overrides them (`[]`: never stop early).
+        `streamer` works as in transformers (e.g. `TextStreamer`): `put(prompt)`, then `put(tokens)`
+        as each step's tokens arrive, then `end()`.
         """
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
@@ -173,10 +184,23 @@ class DistributedModelForCausalLM:
 
             def step(new_ids: torch.Tensor, start: int) -> torch.Tensor:
                 hidden = self.parts.embed(new_ids)
-                hidden = run_sync(session.step(hidden))
+                # nodes answer in their own compute dtype; the local head runs in ours
+                hidden = run_sync(session.step(hidden)).to(hidden.dtype)
                 return self.parts.logits(hidden[:, -1:])[:, -1]
 
-            return generate_tokens(step, input_ids, cfg, on_tokens)
+            if streamer is None:
+                return generate_tokens(step, input_ids, cfg, on_tokens)
+            streamer.put(input_ids.cpu())
+
+            def stream(tokens: torch.Tensor) -> None:
+                streamer.put(tokens.cpu())
+                if on_tokens is not None:
+                    on_tokens(tokens)
+
+            try:
+                return generate_tokens(step, input_ids, cfg, stream)
+            finally:
+                streamer.end()
 
     @overload
     def forward(self, input_ids: torch.Tensor, labels: None = None) -> torch.Tensor: ...
@@ -195,7 +219,11 @@ class DistributedModelForCausalLM:
         """
         if labels is None and not self._needs_grad():
             return self._inference_logits(input_ids)
-        hidden = run_remote_blocks(self.parts.embed(input_ids), self.remote_pipeline(randomized=True))
+        # With labels this is a training step: int8 on the wire by default. A plain forward keeps
+        # the lossless codec, so its logits equal a local run's, as transformers users expect.
+        codec = self.client_config.training_codec if labels is not None else None
+        pipeline = self.remote_pipeline(randomized=True, codec=codec)
+        hidden = run_remote_blocks(self.parts.embed(input_ids), pipeline)
         logits = self.parts.logits(hidden)
         if labels is None:
             return logits
@@ -209,14 +237,16 @@ class DistributedModelForCausalLM:
     @torch.inference_mode()
     def _inference_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.parts.embed(input_ids)
-        hidden, _ = run_sync(self.remote_pipeline(randomized=False).forward(hidden))
-        return self.parts.logits(hidden)
+        randomized = self.client_config.routing == "throughput_weighted"
+        out, _ = run_sync(self.remote_pipeline(randomized=randomized).forward(hidden))
+        return self.parts.logits(out.to(hidden.dtype))
 
-    def remote_pipeline(self, *, randomized: bool = True) -> RemotePipeline:
+    def remote_pipeline(self, *, randomized: bool = True, codec: str | None = None) -> RemotePipeline:
         """A route through every remote block, for `run_remote_blocks` (prompt tuning builds on this).
 
         randomized: drawn in proportion to throughput (SWARM wiring, spreads training load);
-        otherwise the fastest route, as interactive inference wants.
+        otherwise the fastest route, as interactive inference wants. `codec` overrides the
+        client's codec for this pipeline's activations and gradients.
         """
         snapshot = run_sync(self.swarm_map.get())
         avoid = self.bans.banned()
@@ -224,7 +254,15 @@ class DistributedModelForCausalLM:
             route = throughput_weighted_route(snapshot, rng=self._rng, banned=avoid)
         else:
             route = min_latency_route(snapshot, banned=avoid)
-        return RemotePipeline(self.pool, self.swarm_map, self.client_config, route, bans=self.bans)
+        config = self.client_config if codec is None else replace(self.client_config, codec=codec)
+        return RemotePipeline(self.pool, self.swarm_map, config, route, bans=self.bans)
+
+    def to(self, dtype: torch.dtype) -> DistributedModelForCausalLM:
+        """Run the local parts (and send activations) in `dtype`, like `nn.Module.to`."""
+        if not dtype.is_floating_point:
+            raise ConfigError(f"dtype must be a floating-point type, got {dtype}")
+        self.parts.to(dtype)
+        return self
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
