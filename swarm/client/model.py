@@ -28,6 +28,7 @@ from swarm.client.remote import ChannelPool
 from swarm.client.session import InferenceSession
 from swarm.coordinator.bans import BanList
 from swarm.coordinator.routing import min_latency_route, throughput_weighted_route
+from swarm.coordinator.rtt import RttTable
 from swarm.coordinator.swarm_map import SwarmMapCache
 from swarm.errors import ConfigError, MissingBlocksError
 from swarm.generation import SamplingConfig, eos_ids, generate_tokens
@@ -83,6 +84,7 @@ class DistributedModelForCausalLM:
         self.pool = ChannelPool(client_config)
         # Peers that failed recently, avoided by every route and session of this client.
         self.bans = BanList(client_config.ban_base, client_config.ban_limit)
+        self.rtts = RttTable()  # measured round trips, for the fastest routes
         self._rng = random.Random()  # draws training routes
 
     @classmethod
@@ -140,6 +142,7 @@ class DistributedModelForCausalLM:
             batch_size=batch_size,
             max_length=max_length,
             bans=self.bans,
+            rtts=self.rtts,
         )
         run_sync(session.open())
         try:

@@ -18,8 +18,9 @@ from swarm.client.config import ClientConfig
 from swarm.client.remote import ChannelPool, InferenceStream
 from swarm.coordinator.bans import BanList
 from swarm.coordinator.routing import Hop, min_latency_route
+from swarm.coordinator.rtt import RttTable
 from swarm.coordinator.swarm_map import SwarmMapCache
-from swarm.errors import PeerUnavailable, SwarmError
+from swarm.errors import MissingBlocksError, PeerUnavailable, SwarmError
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class InferenceSession:
         batch_size: int,
         max_length: int,
         bans: BanList | None = None,
+        rtts: RttTable | None = None,
     ) -> None:
         self.pool, self.swarm_map, self.config = pool, swarm_map, config
         self.batch_size, self.max_length = batch_size, max_length
@@ -42,14 +44,28 @@ class InferenceSession:
         self.step_seconds: list[float | None] = []  # each stream's usual single-token step time
         self.banned: set[str] = set()  # never again in this session
         self.bans = bans if bans is not None else BanList(config.ban_base, config.ban_limit)
+        self.rtts = rtts if rtts is not None else RttTable()
         self.position = 0
 
     def _avoid(self) -> frozenset[str]:
         return frozenset(self.banned) | self.bans.banned()
 
+    async def _route(self, start: int = 0, end: int | None = None) -> list[Hop]:
+        """The fastest route by measured RTT, over servers with room for this session's cache."""
+        snapshot = await self.swarm_map.get(refresh=start != 0 or end is not None)
+        rtt = await self.rtts.measure(snapshot.online(), self.pool.stub)
+        avoid = self._avoid()
+        try:
+            return min_latency_route(
+                snapshot, start, end, banned=avoid, rtt=rtt, cache_tokens=self.batch_size * self.max_length
+            )
+        except MissingBlocksError:
+            # Free cache is announced every few seconds and may be stale; a node that is really
+            # full refuses the session with RESOURCE_EXHAUSTED and the retry goes elsewhere.
+            return min_latency_route(snapshot, start, end, banned=avoid, rtt=rtt)
+
     async def open(self) -> None:
-        snapshot = await self.swarm_map.get()
-        self.streams = [self._stream(hop) for hop in min_latency_route(snapshot, banned=self._avoid())]
+        self.streams = [self._stream(hop) for hop in await self._route()]
         self.history = [[] for _ in self.streams]
         self.step_seconds = [None for _ in self.streams]
 
@@ -113,8 +129,7 @@ class InferenceSession:
         self.banned.add(failed.hop.peer_id)
         self.bans.ban(failed.hop.peer_id)
         await failed.close()
-        snapshot = await self.swarm_map.get(refresh=True)
-        hops = min_latency_route(snapshot, failed.hop.start, failed.hop.end, banned=self._avoid())
+        hops = await self._route(failed.hop.start, failed.hop.end)
         log.warning(
             "peer %s failed; re-routing blocks %d:%d via %s",
             failed.hop.peer_id,
