@@ -7,6 +7,7 @@ we started, by PID: SIGTERM first, SIGKILL if they do not exit in time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -41,9 +42,16 @@ class NodeProcess:
 
 class LocalSwarm:
     def __init__(
-        self, workdir: Path, *, ready_timeout: float = 240.0, env: dict[str, str] | None = None
+        self,
+        workdir: Path,
+        *,
+        ready_timeout: float = 240.0,
+        env: dict[str, str] | None = None,
+        command_prefix: Sequence[str] = (),
     ) -> None:
+        """`command_prefix` goes before every command, e.g. `("ip", "netns", "exec", NS)`."""
         self.workdir = Path(workdir)
+        self.command_prefix = list(command_prefix)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ready_timeout = ready_timeout
         # Measured throughput is cached per swarm, not in the user's ~/.cache.
@@ -63,9 +71,10 @@ class LocalSwarm:
         ready = self.workdir / f"{name}.ready.json"
         ready.unlink(missing_ok=True)
         log_path = self.workdir / f"{name}.log"
+        command = [sys.executable, "-m", "swarm.node.cli", *args, "--ready-file", str(ready)]
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "swarm.node.cli", *args, "--ready-file", str(ready)],
+                [*self.command_prefix, *command],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -113,14 +122,23 @@ class LocalSwarm:
         return self._start(name, args)
 
     def stop(self, node: NodeProcess, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        """Send `sig` to one of our processes and wait; SIGKILL if it outlives `timeout`."""
+        """Send `sig` to one of our processes and wait; SIGKILL if it outlives `timeout`.
+
+        A node forks its DHT daemon. SIGKILL, like a machine dying, takes the node's whole
+        process group (ours: it was started in a session of its own), so no orphaned DHT peer
+        lingers; after any stop, whatever is left of the group is killed too.
+        """
         if node.proc.poll() is None:
-            node.proc.send_signal(sig)
+            if sig == signal.SIGKILL:
+                _kill_group(node.pid)
+            else:
+                node.proc.send_signal(sig)
             try:
                 node.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 node.proc.kill()
                 node.proc.wait()
+        _kill_group(node.pid)
         return node.proc.returncode
 
     def close(self) -> None:
@@ -135,3 +153,9 @@ class LocalSwarm:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL what is left of a process group we started; nothing if it is gone."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)

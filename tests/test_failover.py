@@ -1,4 +1,5 @@
-"""A node killed (SIGKILL) mid-generation: the session re-routes its span and replays its inputs."""
+"""Faults mid-generation: a node killed (SIGKILL) or hung (SIGSTOP) is replaced, its span re-routed and
+its inputs replayed, with identical tokens; a span nobody else serves fails fast with MissingBlocksError."""
 
 from __future__ import annotations
 

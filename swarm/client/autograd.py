@@ -23,7 +23,7 @@ from swarm.client.config import ClientConfig
 from swarm.client.loop import run_sync
 from swarm.client.remote import ChannelPool, remote_backward, remote_forward
 from swarm.coordinator.bans import BanList
-from swarm.coordinator.routing import Hop
+from swarm.coordinator.routing import Hop, span_throughput
 from swarm.coordinator.swarm_map import SwarmMapCache
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,9 @@ class RemotePipeline:
             for s in snapshot.online()
             if s.start <= hop.start and hop.end <= s.end and s.peer_id not in avoid
         ]
-        if candidates:
-            self.route[i] = Hop(random.choice(candidates), hop.start, hop.end)
+        if candidates:  # drawn by throughput, as the route itself was (SWARM wiring)
+            weights = [span_throughput(s) for s in candidates]
+            self.route[i] = Hop(random.choices(candidates, weights)[0], hop.start, hop.end)
             log.warning(
                 "peer %s failed; blocks %d:%d go to %s",
                 hop.peer_id,

@@ -148,7 +148,10 @@ class InferenceStream:
                 swarm_pb2.InferenceOpen(max_length=self.max_length, batch_size=self.batch_size)
             )
         try:
-            await asyncio.wait_for(self._call.write(request), self.config.request_timeout)
+            # The first write opens the stream (and maybe the connection): connect_timeout bounds it.
+            opening = request.HasField("open")
+            write_timeout = self.config.connect_timeout if opening else self.config.request_timeout
+            await asyncio.wait_for(self._call.write(request), write_timeout)
             response = await asyncio.wait_for(self._call.read(), self.config.request_timeout)
         except grpc.aio.AioRpcError as e:
             raise translate_rpc_error(self.hop.peer_id, e) from None

@@ -117,6 +117,7 @@ class InferenceSession:
                 f"{stream.hop.peer_id} did not answer a step within {deadline:.1f} s (hung?)"
             ) from None
         took = time.monotonic() - started
+        self.bans.forgive(stream.hop.peer_id)  # it answers: a later failure starts a short ban again
         if usual is None:  # a prompt takes longer than one token: a safe first estimate
             self.step_seconds[i] = took
         elif single:  # a moving average, so one slow step does not make the deadline jumpy
@@ -126,8 +127,9 @@ class InferenceSession:
     async def _reroute(self, i: int) -> None:
         """Replace stream i (whose peer just failed) by a fresh route over the same span."""
         failed = self.streams[i]
+        if failed.hop.peer_id not in self.banned:  # one failure, one ban: retries do not stack them
+            self.bans.ban(failed.hop.peer_id)
         self.banned.add(failed.hop.peer_id)
-        self.bans.ban(failed.hop.peer_id)
         await failed.close()
         hops = await self._route(failed.hop.start, failed.hop.end)
         log.warning(

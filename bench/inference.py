@@ -1,0 +1,520 @@
+"""Benchmark greedy generation: one process vs a local swarm, with a killed node, and over a WAN.
+
+    python bench/inference.py [--new-tokens 64] [--reps 3] [--out bench/results/inference.json]
+
+All on one machine, in one run, with the demo-size model (swarm/demo.py: a random 8-block
+Llama, hidden 512, vocab 4096, float32 on the CPU):
+
+(a) local   the model run in this process (checkpoint.load_model + KV caches, as the demo does);
+(b) swarm   through 2 nodes on loopback (blocks 0:4 and 4:8), DistributedModelForCausalLM.generate;
+            (a) and (b) alternate, `--reps` times each, medians reported;
+(c) killed  every span served twice (4 nodes); the node serving the last hop of the session's
+            route is SIGKILLed halfway through the generation; the session re-routes and replays.
+            Reported: tokens/s and the extra seconds against (b) and against an undisturbed run
+            in the same 4-node swarm;
+(d) wan     the 2 nodes in a network namespace created here, reached from the client (and the
+            DHT peer, both in the root namespace) over a veth pair with `tc netem delay 25ms
+            rate 100mbit` on each end, so every hop costs one 50 ms round trip. Achieved decode
+            steps/s are compared with the bound 1 / (hops x RTT + compute), compute being the
+            per-token time of (a). Needs root, `ip netns` and the netem qdisc; otherwise skipped,
+            with the reason in the table and the JSON.
+
+Every run must give exactly the tokens of (a). The namespace, the veth pair and every process
+started here are removed again, also on errors and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from swarm import checkpoint
+from swarm.client.config import ClientConfig
+from swarm.client.loop import run_sync
+from swarm.client.model import DistributedModelForCausalLM
+from swarm.demo import build_checkpoint
+from swarm.dht import start_dht
+from swarm.generation import SamplingConfig, generate_tokens
+from swarm.localswarm import LocalSwarm, NodeProcess
+
+PROMPT = [1, 17, 230, 981, 44, 7, 3051, 12]
+SPANS = ("0:4", "4:8")
+RATIO_TARGET = 0.9  # (b)/(a) and (d)/bound
+EXTRA_TARGET_S = 5.0  # (c) extra seconds
+
+
+@dataclass
+class Run:
+    case: str  # local | swarm | swarm4 | killed | wan
+    rep: int
+    tokens: int
+    seconds: float  # whole generate call, session opening included
+    tokens_per_s: float
+    decode_steps_per_s: float  # steps after the first token, over the time they took
+    match: bool  # same tokens as (a)
+    note: str = ""
+
+
+@dataclass
+class Wan:
+    ran: bool
+    reason: str = ""
+    delay_ms: float = 0.0
+    rate: str = ""
+    hops: int = 2
+    rtt_s: float = 0.0
+    compute_s: float = 0.0
+    bound_steps_per_s: float = 0.0
+    steps_per_s: float = 0.0
+    ratio: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Timer:
+    """Timestamps of the tokens as they come (generate's on_tokens callback)."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.stamps: list[float] = []
+
+    def __call__(self, _tokens: torch.Tensor) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def run(
+        self, case: str, rep: int, out: torch.Tensor, expected: torch.Tensor | None, note: str = ""
+    ) -> Run:
+        seconds = time.perf_counter() - self.started
+        tokens = out.shape[1] - len(PROMPT)
+        decode = (len(self.stamps) - 1) / (self.stamps[-1] - self.stamps[0]) if len(self.stamps) > 1 else 0.0
+        match = expected is None or torch.equal(out, expected)
+        return Run(case, rep, tokens, seconds, tokens / seconds, decode, match, note)
+
+
+# ---- (a) local ---------------------------------------------------------------------------------
+
+
+class Local:
+    def __init__(self, path: Path) -> None:
+        self.model = checkpoint.load_model(checkpoint.open_checkpoint(path))
+
+    @torch.inference_mode()
+    def generate(
+        self, input_ids: torch.Tensor, cfg: SamplingConfig, rep: int, expected: torch.Tensor | None
+    ) -> tuple[torch.Tensor, Run]:
+        timer = Timer()
+        caches = self.model.new_caches(input_ids.shape[0], input_ids.shape[1] + cfg.max_new_tokens)
+
+        def step(ids: torch.Tensor, start: int) -> torch.Tensor:
+            return self.model(ids, start=start, caches=caches)[:, -1]
+
+        out = generate_tokens(step, input_ids, cfg, timer)
+        return out, timer.run("local", rep, out, expected)
+
+
+# ---- (b)-(d) through the swarm -----------------------------------------------------------------
+
+
+def swarm_generate(
+    client: DistributedModelForCausalLM,
+    input_ids: torch.Tensor,
+    n: int,
+    case: str,
+    rep: int,
+    expected: torch.Tensor,
+) -> Run:
+    timer = Timer()
+    out = client.generate(input_ids, max_new_tokens=n, eos_token_id=[], on_tokens=timer)
+    return timer.run(case, rep, out, expected)
+
+
+def session_generate(
+    client: DistributedModelForCausalLM,
+    input_ids: torch.Tensor,
+    cfg: SamplingConfig,
+    case: str,
+    expected: torch.Tensor,
+    before_step: Callable[[Any, int], str] | None = None,
+) -> Run:
+    """Generate through client.inference_session step by step; before_step(session, start) may act."""
+    timer = Timer()
+    notes: list[str] = []
+    with client.inference_session(max_length=input_ids.shape[1] + cfg.max_new_tokens) as session:
+
+        def step(ids: torch.Tensor, start: int) -> torch.Tensor:
+            if before_step is not None and (note := before_step(session, start)):
+                notes.append(note)
+            with torch.inference_mode():
+                hidden = run_sync(session.step(client.parts.embed(ids)))
+                return client.parts.logits(hidden[:, -1:])[:, -1]
+
+        out = generate_tokens(step, input_ids, cfg, timer)
+        route = " ".join(f"..{s.hop.peer_id[-6:]}[{s.hop.start}:{s.hop.end}]" for s in session.streams)
+    return timer.run(case, 0, out, expected, "; ".join([*notes, f"route {route}"]))
+
+
+def start_nodes(local: LocalSwarm, path: Path, spans: tuple[str, ...], extra: list[str]) -> list[NodeProcess]:
+    """Start nodes concurrently (each waits for its own ready file)."""
+    with ThreadPoolExecutor(len(spans)) as pool:
+        futures = [
+            pool.submit(local.start_node, path, blocks, *extra, name=f"node-{blocks.replace(':', '-')}-{i}")
+            for i, blocks in enumerate(spans)
+        ]
+        return [f.result() for f in futures]
+
+
+# ---- (d) network namespaces --------------------------------------------------------------------
+
+
+class NetnsSwarm(LocalSwarm):
+    """A LocalSwarm whose DHT peer listens on a given address instead of 127.0.0.1."""
+
+    def start_dht_on(self, host: str, name: str = "dht") -> NodeProcess:
+        node = self._start(name, ["dht", "--host", host, "--port", "0"])
+        self.initial_peers = list(node.info["maddrs"])
+        return node
+
+
+def _sh(*cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, check=False)
+
+
+def _must(*cmd: str) -> None:
+    done = _sh(*cmd)
+    if done.returncode != 0:
+        raise RuntimeError(f"`{' '.join(cmd)}` failed: {done.stderr.strip() or done.stdout.strip()}")
+
+
+def wan_unavailable() -> str:
+    """Why (d) cannot run here, or "" if it can (netem itself is probed in wan_namespace)."""
+    if os.geteuid() != 0:
+        return "not root: network namespaces need CAP_NET_ADMIN"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"`{tool}` not found"
+    return ""
+
+
+def _netem_hint() -> str:
+    try:
+        import gzip
+
+        config = gzip.decompress(Path("/proc/config.gz").read_bytes()).decode(errors="replace")
+    except OSError:
+        return ""
+    return (
+        " (kernel built without CONFIG_NET_SCH_NETEM)"
+        if "# CONFIG_NET_SCH_NETEM is not set" in config
+        else ""
+    )
+
+
+@contextmanager
+def wan_namespace(delay_ms: float, rate: str, netem: bool = True) -> Iterator[tuple[str, str, str]]:
+    """A namespace joined to the root namespace by a veth pair with netem on both ends.
+
+    Yields (namespace, root-side address, namespace-side address); removes both on exit.
+    """
+    tag = f"swb{os.getpid()}"
+    ns, outer, inner = tag, f"{tag}a", f"{tag}b"
+    subnet = f"10.213.{os.getpid() % 250}"
+    root_addr, ns_addr = f"{subnet}.1", f"{subnet}.2"
+    _must("ip", "netns", "add", ns)
+    try:
+        _must("ip", "link", "add", outer, "type", "veth", "peer", "name", inner, "netns", ns)
+        _must("ip", "addr", "add", f"{root_addr}/30", "dev", outer)
+        _must("ip", "link", "set", outer, "up")
+        _must("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        _must("ip", "netns", "exec", ns, "ip", "addr", "add", f"{ns_addr}/30", "dev", inner)
+        _must("ip", "netns", "exec", ns, "ip", "link", "set", inner, "up")
+        if netem:
+            qdisc = ["qdisc", "add", "dev"]
+            shape = ["root", "netem", "delay", f"{delay_ms:g}ms", "rate", rate]
+            for prefix, dev in (([], outer), (["ip", "netns", "exec", ns], inner)):
+                done = _sh(*prefix, "tc", *qdisc, dev, *shape)
+                if done.returncode != 0:
+                    raise WanSkipped(f"tc netem unavailable: {done.stderr.strip()}{_netem_hint()}")
+        yield ns, root_addr, ns_addr
+    finally:
+        _sh("ip", "link", "del", outer)  # deletes both ends of the pair
+        _sh("ip", "netns", "del", ns)
+
+
+class WanSkipped(Exception):
+    pass
+
+
+def client_on(path: Path, initial_peers: list[str], host: str) -> DistributedModelForCausalLM:
+    """from_pretrained, but with the client's DHT peer listening on `host`.
+
+    from_pretrained's client-mode DHT peer on 127.0.0.1 never joined a DHT peer on the veth
+    address here (timed out); a full peer on the veth address joins at once. Same steps otherwise.
+    """
+    ckpt = checkpoint.open_checkpoint(path)
+    parts = checkpoint.load_client_parts(ckpt, dtype=torch.float32)
+    config = ClientConfig()
+    dht = start_dht(initial_peers=initial_peers, host=host, client_mode=False)
+    client = DistributedModelForCausalLM(checkpoint.model_name(path), ckpt.config, parts, dht, config)
+    try:
+        run_sync(client._await_coverage())
+    except BaseException:
+        client.shutdown()
+        raise
+    return client
+
+
+def bench_wan(
+    args: argparse.Namespace,
+    path: Path,
+    workdir: Path,
+    input_ids: torch.Tensor,
+    expected: torch.Tensor,
+    compute_s: float,
+) -> tuple[Wan, list[Run]]:
+    hops = len(SPANS)
+    wan = Wan(ran=False, delay_ms=args.wan_delay_ms, rate=args.wan_rate, hops=hops)
+    wan.rtt_s = 2 * args.wan_delay_ms / 1000 if not args.wan_no_netem else 0.0
+    wan.compute_s = compute_s
+    wan.bound_steps_per_s = 1 / (hops * wan.rtt_s + compute_s)
+    if reason := wan_unavailable():
+        wan.reason = reason
+        return wan, []
+    runs: list[Run] = []
+    try:
+        with wan_namespace(args.wan_delay_ms, args.wan_rate, netem=not args.wan_no_netem) as (
+            ns,
+            root_addr,
+            ns_addr,
+        ):
+            dht_side = NetnsSwarm(workdir / "wan-dht")
+            node_side = LocalSwarm(workdir / "wan-nodes", command_prefix=("ip", "netns", "exec", ns))
+            try:
+                dht_side.start_dht_on(root_addr)
+                node_side.initial_peers = dht_side.initial_peers
+                extra = [*node_args(args), "--host", ns_addr]
+                start_nodes(node_side, path, SPANS, extra)
+                with client_on(path, dht_side.initial_peers, root_addr) as client:
+                    client.generate(input_ids, max_new_tokens=2, eos_token_id=[])  # warm-up
+                    for rep in range(args.wan_reps):
+                        runs.append(swarm_generate(client, input_ids, args.new_tokens, "wan", rep, expected))
+                        print_run(runs[-1])
+            finally:
+                node_side.close()
+                dht_side.close()
+    except WanSkipped as e:
+        wan.reason = str(e)
+        return wan, runs
+    wan.ran = True
+    if args.wan_no_netem:
+        wan.reason = "--wan-no-netem: namespaces and veth only, no delay (plumbing check)"
+    wan.steps_per_s = statistics.median(r.decode_steps_per_s for r in runs)
+    wan.ratio = wan.steps_per_s / wan.bound_steps_per_s
+    wan.extra = {"tokens_per_s_end_to_end": statistics.median(r.tokens_per_s for r in runs)}
+    return wan, runs
+
+
+# ---- output ------------------------------------------------------------------------------------
+
+HEADER = f"{'case':8} {'rep':>3} {'tokens':>6} {'seconds':>8} {'tok/s':>8} {'decode/s':>9} {'match':>5}  note"
+
+
+def print_run(r: Run) -> None:
+    print(
+        f"{r.case:8} {r.rep:>3} {r.tokens:>6} {r.seconds:>8.2f} {r.tokens_per_s:>8.1f} "
+        f"{r.decode_steps_per_s:>9.1f} {'yes' if r.match else 'NO':>5}  {r.note}",
+        flush=True,
+    )
+
+
+def node_args(args: argparse.Namespace) -> list[str]:
+    # Announced figures instead of measuring them: faster start, same routing for every node.
+    return ["--throughput", "1000", "--network-throughput", "1e9", "--device", args.device]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per generation")
+    parser.add_argument("--reps", type=int, default=3, help="alternating (a)/(b) repetitions (median)")
+    parser.add_argument("--wan-reps", type=int, default=1, help="repetitions of (d)")
+    parser.add_argument("--wan-delay-ms", type=float, default=25.0, help="one-way netem delay per direction")
+    parser.add_argument("--wan-rate", default="100mbit", help="netem rate per direction")
+    parser.add_argument(
+        "--wan-no-netem", action="store_true", help="run (d) without netem (namespace plumbing check only)"
+    )
+    parser.add_argument("--skip-wan", action="store_true", help="skip (d)")
+    parser.add_argument("--device", default="cpu", help="device of the nodes: cpu | cuda | auto")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="checkpoint and logs (default: a temp dir)"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # as the demo: the nodes get the other cores
+
+    tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="swarm-bench-inference-")
+    workdir = Path(args.workdir or tmp.name)  # type: ignore[union-attr]
+    try:
+        return bench(args, workdir)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def bench(args: argparse.Namespace, workdir: Path) -> int:
+    started = time.monotonic()
+    path = build_checkpoint(workdir / "model")
+    input_ids = torch.tensor([PROMPT])
+    n = args.new_tokens
+    cfg = SamplingConfig(max_new_tokens=n, eos_token_ids=())
+    print(
+        f"model: demo Llama (8 blocks, hidden 512, vocab 4096, float32), prompt {len(PROMPT)} tokens, "
+        f"{n} greedy tokens; torch {torch.__version__}, {os.cpu_count()} CPUs, "
+        f"{platform.processor() or platform.machine()}; nodes on {args.device}\n",
+        flush=True,
+    )
+    print(HEADER)
+    print("-" * len(HEADER))
+    runs: list[Run] = []
+    local = Local(path)
+    local.generate(input_ids, SamplingConfig(max_new_tokens=4, eos_token_ids=()), -1, None)  # warm-up
+    expected, first = local.generate(input_ids, cfg, 0, None)
+
+    with LocalSwarm(workdir / "swarm") as swarm:
+        swarm.start_dht()
+        first_half, second_half = start_nodes(swarm, path, SPANS, node_args(args))
+        with DistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers) as client:
+            client.generate(input_ids, max_new_tokens=2, eos_token_id=[])  # warm-up: channels, allocations
+            for rep in range(args.reps):  # (a) and (b) alternate
+                if rep:
+                    _, r = local.generate(input_ids, cfg, rep, expected)
+                else:
+                    r = first
+                runs.append(r)
+                print_run(r)
+                runs.append(swarm_generate(client, input_ids, n, "swarm", rep, expected))
+                print_run(runs[-1])
+
+        # (c): serve both spans a second time, then kill the last hop of the route halfway.
+        spares = start_nodes(swarm, path, SPANS, node_args(args))
+        ours = {p.info["peer_id"]: p for p in (first_half, second_half, *spares)}
+        with DistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers) as client:
+            client.generate(input_ids, max_new_tokens=2, eos_token_id=[])
+            runs.append(session_generate(client, input_ids, cfg, "swarm4", expected))
+            print_run(runs[-1])
+            kill_at = len(PROMPT) + n // 2
+
+            def kill(session: Any, start: int) -> str:
+                if start != kill_at:
+                    return ""
+                hop = session.streams[-1].hop
+                swarm.stop(ours[hop.peer_id], signal.SIGKILL)
+                return f"SIGKILL ..{hop.peer_id[-6:]}[{hop.start}:{hop.end}] before token {n // 2 + 1}"
+
+            runs.append(session_generate(client, input_ids, cfg, "killed", expected, kill))
+            print_run(runs[-1])
+
+    local_runs = [r for r in runs if r.case == "local"]
+    swarm_runs = [r for r in runs if r.case == "swarm"]
+    local_tps = statistics.median(r.tokens_per_s for r in local_runs)
+    swarm_tps = statistics.median(r.tokens_per_s for r in swarm_runs)
+    swarm_s = statistics.median(r.seconds for r in swarm_runs)
+    swarm4, killed = runs[-2], runs[-1]
+    compute_s = 1 / statistics.median(r.decode_steps_per_s for r in local_runs)
+
+    if args.skip_wan:
+        wan = Wan(ran=False, reason="--skip-wan")
+    else:
+        wan, wan_runs = bench_wan(args, path, workdir, input_ids, expected, compute_s)
+        runs += wan_runs
+    if not wan.ran:
+        print(f"wan      skipped: {wan.reason}")
+
+    ratio = swarm_tps / local_tps
+    extra_s = killed.seconds - swarm_s
+    all_match = all(r.match for r in runs)
+    print()
+    print(
+        f"(b)/(a) = {ratio:.2f} (target >= {RATIO_TARGET}); "
+        f"per-token compute in (a): {compute_s * 1000:.2f} ms"
+    )
+    print(
+        f"(c) killed run: {killed.seconds:.2f} s, {extra_s:+.2f} s vs (b) median, "
+        f"{killed.seconds - swarm4.seconds:+.2f} s vs undisturbed 4-node run (target < {EXTRA_TARGET_S:g} s)"
+    )
+    if wan.ran:
+        print(
+            f"(d) {wan.steps_per_s:.2f} decode steps/s vs bound 1/({wan.hops} x {wan.rtt_s * 1000:.0f} ms + "
+            f"{compute_s * 1000:.1f} ms) = {wan.bound_steps_per_s:.2f}: ratio {wan.ratio:.2f} "
+            f"(target >= {RATIO_TARGET}); end to end {wan.extra['tokens_per_s_end_to_end']:.2f} tok/s"
+            + (f" [{wan.reason}]" if wan.reason else "")
+        )
+    print(f"tokens identical to (a) in every run: {'yes' if all_match else 'NO'}")
+    wan_part = (
+        f"wan {wan.steps_per_s:.1f} tok/s of bound {wan.bound_steps_per_s:.1f} (ratio {wan.ratio:.2f})"
+        if wan.ran
+        else f"wan skipped ({wan.reason})"
+    )
+    print(
+        f"inference: local {local_tps:.1f} tok/s, swarm {swarm_tps:.1f} tok/s (B/A={ratio:.2f}), "
+        f"killed {killed.tokens_per_s:.1f} tok/s ({extra_s:+.2f} s), {wan_part}"
+    )
+    elapsed = time.monotonic() - started
+    print(f"benchmark took {elapsed:.0f} s")
+
+    if args.out is not None:
+        report = {
+            "model": "demo llama: 8 blocks, hidden 512, vocab 4096, float32",
+            "prompt_tokens": len(PROMPT),
+            "new_tokens": n,
+            "reps": args.reps,
+            "torch": torch.__version__,
+            "cpus": os.cpu_count(),
+            "node_device": args.device,
+            "runs": [asdict(r) for r in runs],
+            "summary": {
+                "local_tokens_per_s": local_tps,
+                "swarm_tokens_per_s": swarm_tps,
+                "swarm_over_local": ratio,
+                "compute_s_per_token": compute_s,
+                "killed_tokens_per_s": killed.tokens_per_s,
+                "killed_extra_s_vs_swarm": extra_s,
+                "killed_extra_s_vs_undisturbed_4_nodes": killed.seconds - swarm4.seconds,
+                "all_tokens_match": all_match,
+                "wan": asdict(wan),
+                "seconds": elapsed,
+            },
+            "targets": {
+                "swarm_over_local": RATIO_TARGET,
+                "killed_extra_s": EXTRA_TARGET_S,
+                "wan_over_bound": RATIO_TARGET,
+                "met": {
+                    "swarm_over_local": ratio >= RATIO_TARGET,
+                    "killed_extra_s": extra_s < EXTRA_TARGET_S,
+                    "wan_over_bound": wan.ratio >= RATIO_TARGET if wan.ran else None,
+                },
+            },
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0 if all_match else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
