@@ -1,0 +1,161 @@
+"""Prompt tuning: a trainable prefix of virtual-token embeddings in front of every sequence.
+
+The client owns the only trainable weights (`prompt` [num_virtual_tokens, hidden]); the blocks
+stay on the swarm and gradients reach the prompt by Backward RPCs through `run_remote_blocks`.
+Built on the public pieces of `DistributedModelForCausalLM`: local parts, remote pipelines and
+inference sessions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal, overload
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from swarm.client.autograd import run_remote_blocks
+from swarm.client.loop import run_sync
+from swarm.client.model import CausalLMOutput, DistributedModelForCausalLM, causal_lm_loss
+from swarm.errors import ConfigError
+from swarm.generation import SamplingConfig, eos_ids, generate_tokens
+
+PROMPT_KEY = "prompt"
+
+
+class PromptTuning(nn.Module):
+    """`num_virtual_tokens` trainable embeddings prepended to the input of the remote blocks.
+
+    init "vocab": start from the embeddings of random vocabulary tokens (usually trains faster);
+    "random": small normal noise. Train with any optimizer over `parameters()`; the model's own
+    local parts are not registered here, so they are not trained unless the caller adds them.
+    """
+
+    def __init__(
+        self,
+        model: DistributedModelForCausalLM,
+        num_virtual_tokens: int,
+        init: Literal["random", "vocab"] = "vocab",
+        *,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if num_virtual_tokens < 1:
+            raise ConfigError(f"num_virtual_tokens must be >= 1, got {num_virtual_tokens}")
+        if init not in ("random", "vocab"):
+            raise ConfigError(f"init must be 'random' or 'vocab', got {init!r}")
+        self.model = model  # a plain attribute: not an nn.Module, its parts are not ours to train
+        self.num_virtual_tokens = num_virtual_tokens
+        self.hidden_size = model.config.hidden_size
+        weight = model.parts.embed_tokens.weight
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        with torch.no_grad():
+            if init == "vocab":
+                ids = torch.randint(0, model.config.vocab_size, (num_virtual_tokens,), generator=gen)
+                start = weight[ids.to(weight.device)].detach().clone()
+            else:
+                start = torch.randn(num_virtual_tokens, self.hidden_size, generator=gen) * 0.02
+        self.prompt = nn.Parameter(start.to(device=weight.device, dtype=weight.dtype))
+
+    def _prepend(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[b, t] ids -> [b, virtual + t, D]: the prompt, then the tokens' embeddings."""
+        tokens = self.model.parts.embed(input_ids)
+        prefix = self.prompt.to(tokens.dtype).unsqueeze(0).expand(input_ids.shape[0], -1, -1)
+        return torch.cat([prefix, tokens], dim=1)
+
+    def _check_input(self, input_ids: torch.Tensor, new_tokens: int = 0) -> None:
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ConfigError(f"input_ids must be [batch, length>0], got shape {list(input_ids.shape)}")
+        total = self.num_virtual_tokens + input_ids.shape[1] + new_tokens
+        limit = self.model.config.max_position_embeddings
+        if total > limit:
+            raise ConfigError(
+                f"{self.num_virtual_tokens} virtual + {input_ids.shape[1]} input + {new_tokens} new tokens "
+                f"= {total} exceeds max_position_embeddings {limit}"
+            )
+
+    @overload
+    def forward(self, input_ids: torch.Tensor, labels: None = None) -> torch.Tensor: ...
+    @overload
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> CausalLMOutput: ...
+
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor | CausalLMOutput:
+        """Logits [batch, length, vocab] for the real tokens (virtual positions dropped).
+
+        With `labels` [batch, length] (-100 ignored), return a `CausalLMOutput` whose loss
+        backpropagates into `prompt` through the remote blocks (training codec on the wire).
+        """
+        self._check_input(input_ids)
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ConfigError(
+                f"labels must have the shape of input_ids {list(input_ids.shape)}, got {list(labels.shape)}"
+            )
+        codec = self.model.client_config.training_codec if labels is not None else None
+        pipeline = self.model.remote_pipeline(randomized=True, codec=codec)
+        hidden = run_remote_blocks(self._prepend(input_ids), pipeline)
+        logits = self.model.parts.logits(hidden[:, self.num_virtual_tokens :])
+        if labels is None:
+            return logits
+        return CausalLMOutput(loss=causal_lm_loss(logits, labels), logits=logits)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 20,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 50,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """Prompt + up to `max_new_tokens` new tokens [batch, total] as model.generate; no virtual ones."""
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        self._check_input(input_ids, max_new_tokens)
+        model = self.model
+        cfg = SamplingConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_ids=model.config.eos_token_ids if eos_token_id is None else eos_ids(eos_token_id),
+            seed=seed,
+        )
+        max_length = self.num_virtual_tokens + input_ids.shape[1] + max_new_tokens
+        with model.inference_session(max_length, batch_size=input_ids.shape[0]) as session:
+
+            def step(new_ids: torch.Tensor, start: int) -> torch.Tensor:
+                # The first step carries the virtual tokens; later ones only the new token.
+                hidden = self._prepend(new_ids) if start == 0 else model.parts.embed(new_ids)
+                hidden = run_sync(session.step(hidden)).to(hidden.dtype)
+                return model.parts.logits(hidden[:, -1:])[:, -1]
+
+            return generate_tokens(step, input_ids, cfg)
+
+    def save(self, path: str | Path) -> None:
+        """Write the prompt as safetensors (key "prompt", sizes in the metadata)."""
+        meta = {"num_virtual_tokens": str(self.num_virtual_tokens), "hidden_size": str(self.hidden_size)}
+        save_file({PROMPT_KEY: self.prompt.detach().cpu().contiguous()}, str(path), metadata=meta)
+
+    def load(self, path: str | Path) -> None:
+        """Read a prompt written by `save`; its sizes must equal this module's."""
+        tensors = load_file(str(path))
+        if PROMPT_KEY not in tensors:
+            raise ConfigError(f"{path} has no {PROMPT_KEY!r} tensor, only {sorted(tensors)}")
+        loaded = tensors[PROMPT_KEY]
+        expected = (self.num_virtual_tokens, self.hidden_size)
+        if tuple(loaded.shape) != expected:
+            raise ConfigError(
+                f"{path} holds a prompt of [num_virtual_tokens, hidden] = {list(loaded.shape)}, "
+                f"this PromptTuning needs {list(expected)}"
+            )
+        with torch.no_grad():
+            self.prompt.copy_(loaded.to(self.prompt))
