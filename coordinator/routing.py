@@ -178,6 +178,8 @@ def throughput_weighted_route(
         candidates = [s for s in servers if s.start <= position < s.end]
         # Load counts outstanding work, so it is never negative; clamping keeps every weight > 0.
         weights = [span_throughput(s) / (1.0 + max(0.0, load.get(s.peer_id, 0.0))) for s in candidates]
+        if not sum(weights) > 0:  # absurdly small announced figures underflow: treat them as equal
+            weights = [1.0] * len(candidates)
         chosen = rng.choices(candidates, weights=weights)[0]
         route.append(Hop(chosen, position, min(chosen.end, end)))
         position = route[-1].end

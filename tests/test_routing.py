@@ -220,6 +220,14 @@ def test_weighted_route_names_missing_blocks() -> None:
     assert info.value.blocks == [5, 6, 7]
 
 
+def test_weighted_route_survives_underflowing_throughputs() -> None:
+    # Found by hypothesis: 5e-324 / (1 + load) is 0.0, and random.choices refuses all-zero weights.
+    tiny = SwarmMap("m", 2, (server("a", 0, 2, 5e-324), server("b", 0, 2, 5e-324)))
+    for seed in range(20):
+        (hop,) = throughput_weighted_route(tiny, rng=random.Random(seed), load={"a": 1.0, "b": 1.0})
+        assert (hop.start, hop.end) == (0, 2)
+
+
 _span = st.integers(0, 7).flatmap(lambda a: st.tuples(st.just(a), st.integers(a + 1, 8)))
 _swarms = st.lists(
     st.tuples(_span, st.floats(0.0, 100.0), st.sampled_from([ServerState.ONLINE, ServerState.OFFLINE])),

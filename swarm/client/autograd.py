@@ -91,6 +91,8 @@ class RemotePipeline:
         ]
         if candidates:  # drawn by throughput, as the route itself was (SWARM wiring)
             weights = [span_throughput(s) for s in candidates]
+            if not sum(weights) > 0:  # underflowing announced figures: treat them as equal
+                weights = [1.0] * len(candidates)
             self.route[i] = Hop(random.choices(candidates, weights)[0], hop.start, hop.end)
             log.warning(
                 "peer %s failed; blocks %d:%d go to %s",
