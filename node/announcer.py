@@ -37,7 +37,6 @@ class Announcer:
         self.failures = 0  # consecutive periods in which the DHT refused or did not answer
         self.attempts = 0  # periodic refreshes tried so far
         self.attempted = asyncio.Event()  # set after each periodic refresh, to wait on
-        self._wake = asyncio.Event()
         # Within one period: a few quick retries, then wait for the next period.
         self._policy = RetryPolicy(
             max_attempts=4, base_delay=min(0.5, period / 4), max_delay=min(8.0, period)
@@ -50,12 +49,13 @@ class Announcer:
     async def publish(self, record: ServerRecord, *, required: bool = False) -> None:
         """Announce a new state or span at once (superseding what this node stored before).
 
-        With `required`, a DHT failure raises (a node that cannot announce at all should not claim to
+        A store the DHT did not confirm for every block is retried (the retry policy) first. With
+        `required`, a failure then raises (a node that cannot announce at all should not claim to
         be up); otherwise it is logged and the periodic loop keeps trying.
         """
         self.record = self.refresh(record).model_copy(update={"announced_at": time.time()})
         try:
-            await self._announce(self.record, supersede=True)
+            await self._policy.run(functools.partial(self._store_superseding, self.record))
         except Exception as e:
             if required:
                 raise
@@ -74,7 +74,7 @@ class Announcer:
                 continue
             record = self.record = self.refresh(self.record).model_copy(update={"announced_at": time.time()})
             try:
-                await self._policy.run(functools.partial(self._refresh_once, record))
+                await self._policy.run(functools.partial(self._store_superseding, record))
                 if self.failures:
                     log.info("the DHT answers again; records refreshed")
                 self.failures = 0
@@ -89,7 +89,7 @@ class Announcer:
             self.attempts += 1
             self.attempted.set()
 
-    async def _refresh_once(self, record: ServerRecord, attempt: int) -> None:
+    async def _store_superseding(self, record: ServerRecord, attempt: int) -> None:
         # Superseding costs one DHT read more, but a refresh must take even when an OFFLINE record
         # of this node's previous run (same identity) still outlives it.
         await self._announce(record, supersede=True)
