@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from swarm.client.config import ClientConfig
-from swarm.client.loop import run_sync
 from swarm.client.model import DistributedModelForCausalLM
 from swarm.errors import MissingBlocksError
 from swarm.generation import SamplingConfig, generate_tokens
@@ -40,8 +39,7 @@ def test_greedy_tokens_survive_a_killed_node(tmp_path: Path) -> None:
                         local.stop(victim, signal.SIGKILL)
                         killed.append(victim_id)
                     with torch.inference_mode():
-                        hidden = run_sync(session.step(client.parts.embed(ids)))
-                        return client.parts.logits(hidden[:, -1:])[:, -1]
+                        return client.next_token_logits(session, client.parts.embed(ids))
 
                 got = generate_tokens(step, prompt, SamplingConfig(max_new_tokens=new_tokens))
                 route_after = [s.hop.peer_id for s in session.streams]
@@ -75,8 +73,7 @@ def test_a_hung_node_is_caught_by_the_step_deadline(tmp_path: Path) -> None:
                         victim.proc.send_signal(signal.SIGSTOP)
                         hung.append(victim)
                     with torch.inference_mode():
-                        hidden = run_sync(session.step(client.parts.embed(ids)))
-                        return client.parts.logits(hidden[:, -1:])[:, -1]
+                        return client.next_token_logits(session, client.parts.embed(ids))
 
                 started = time.monotonic()
                 try:
@@ -112,8 +109,7 @@ def test_a_span_served_once_fails_fast_when_its_server_dies(tmp_path: Path) -> N
                 if start == prompt.shape[1] + 3:
                     local.stop(lonely, signal.SIGKILL)
                 with torch.inference_mode():
-                    hidden = run_sync(session.step(client.parts.embed(ids)))
-                    return client.parts.logits(hidden[:, -1:])[:, -1]
+                    return client.next_token_logits(session, client.parts.embed(ids))
 
             started = time.monotonic()
             with pytest.raises(MissingBlocksError) as info:

@@ -173,23 +173,20 @@ class DistributedModelForCausalLM:
         """
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
-        cfg = SamplingConfig(
-            max_new_tokens=max_new_tokens,
+        cfg = self.sampling_config(
+            max_new_tokens,
             do_sample=do_sample,
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
-            eos_token_ids=self.config.eos_token_ids if eos_token_id is None else eos_ids(eos_token_id),
             seed=seed,
+            eos_token_id=eos_token_id,
         )
         max_length = input_ids.shape[1] + max_new_tokens
         with self.inference_session(max_length, batch_size=input_ids.shape[0]) as session:
 
             def step(new_ids: torch.Tensor, start: int) -> torch.Tensor:
-                hidden = self.parts.embed(new_ids)
-                # nodes answer in their own compute dtype; the local head runs in ours
-                hidden = run_sync(session.step(hidden)).to(hidden.dtype)
-                return self.parts.logits(hidden[:, -1:])[:, -1]
+                return self.next_token_logits(session, self.parts.embed(new_ids))
 
             if streamer is None:
                 return generate_tokens(step, input_ids, cfg, on_tokens)
@@ -204,6 +201,34 @@ class DistributedModelForCausalLM:
                 return generate_tokens(step, input_ids, cfg, stream)
             finally:
                 streamer.end()
+
+    def sampling_config(
+        self,
+        max_new_tokens: int,
+        *,
+        do_sample: bool,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        seed: int | None,
+        eos_token_id: int | Sequence[int] | None,
+    ) -> SamplingConfig:
+        """generate()'s arguments as a config; EOS defaults to the checkpoint's."""
+        return SamplingConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_ids=self.config.eos_token_ids if eos_token_id is None else eos_ids(eos_token_id),
+            seed=seed,
+        )
+
+    def next_token_logits(self, session: InferenceSession, hidden: torch.Tensor) -> torch.Tensor:
+        """Send one step's hidden states through the session; logits [batch, vocab] of its last token."""
+        # nodes answer in their own compute dtype; the local head runs in ours
+        out = run_sync(session.step(hidden)).to(hidden.dtype)
+        return self.parts.logits(out[:, -1:])[:, -1]
 
     @overload
     def forward(self, input_ids: torch.Tensor, labels: None = None) -> torch.Tensor: ...

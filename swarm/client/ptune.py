@@ -17,10 +17,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from swarm.client.autograd import run_remote_blocks
-from swarm.client.loop import run_sync
 from swarm.client.model import CausalLMOutput, DistributedModelForCausalLM, causal_lm_loss
 from swarm.errors import ConfigError
-from swarm.generation import SamplingConfig, eos_ids, generate_tokens
+from swarm.generation import generate_tokens
 
 PROMPT_KEY = "prompt"
 
@@ -120,14 +119,14 @@ class PromptTuning(nn.Module):
             input_ids = input_ids[None]
         self._check_input(input_ids, max_new_tokens)
         model = self.model
-        cfg = SamplingConfig(
-            max_new_tokens=max_new_tokens,
+        cfg = model.sampling_config(
+            max_new_tokens,
             do_sample=do_sample,
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
-            eos_token_ids=model.config.eos_token_ids if eos_token_id is None else eos_ids(eos_token_id),
             seed=seed,
+            eos_token_id=eos_token_id,
         )
         max_length = self.num_virtual_tokens + input_ids.shape[1] + max_new_tokens
         with model.inference_session(max_length, batch_size=input_ids.shape[0]) as session:
@@ -135,8 +134,7 @@ class PromptTuning(nn.Module):
             def step(new_ids: torch.Tensor, start: int) -> torch.Tensor:
                 # The first step carries the virtual tokens; later ones only the new token.
                 hidden = self._prepend(new_ids) if start == 0 else model.parts.embed(new_ids)
-                hidden = run_sync(session.step(hidden)).to(hidden.dtype)
-                return model.parts.logits(hidden[:, -1:])[:, -1]
+                return model.next_token_logits(session, hidden)
 
             return generate_tokens(step, input_ids, cfg)
 
