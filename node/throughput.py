@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from torch import nn
 from swarm._proto import swarm_pb2, swarm_pb2_grpc
 from swarm.errors import ConfigError, PeerUnavailable
 from swarm.models.llama import LayerCache, LlamaBlock, LlamaConfig
+from swarm.node import device as devices
 
 log = logging.getLogger(__name__)
 
@@ -147,23 +147,6 @@ def _run_for(fn: Callable[[], object], sync: Callable[[], None], budget_s: float
         sync()
         calls += 1
     return (time.perf_counter() - start) / calls
-
-
-def describe_device(device: torch.device) -> str:
-    """What compute speed depends on: the GPU model, or the CPU model and torch's thread count."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type} {_cpu_model()} x{torch.get_num_threads()} threads"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ------------------------------------------------------------------------------------------ cache ---
@@ -286,10 +269,10 @@ async def get_throughput(
     """The node's Throughput. `override` (--throughput N, span tokens/s) wins and nothing is measured.
     Otherwise compute comes from `cache_path` (None: no disk cache) or is measured in a worker thread
     and cached; network is `network_override`, else measured against `peer_address`, else (or when
-    that fails) `default_network_bps`. `device_name` defaults to `describe_device(device)`."""
+    that fails) `default_network_bps`. `device_name` defaults to `swarm.node.device.device_name(device)`."""
     if override is not None:  # the user knows best: do not spend seconds measuring
         return Throughput.fixed(override, await _network(None, network_override, default_network_bps))
-    key = cache_key(device_name or describe_device(device), config, dtype, quant)
+    key = cache_key(device_name or devices.device_name(device), config, dtype, quant)
     measure = functools.partial(
         measure_compute, config, device, dtype, block_factory=block_factory, budget_s=budget_s
     )
