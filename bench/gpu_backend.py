@@ -91,7 +91,7 @@ async def check_format(config: LlamaConfig, quant: dev.Quant) -> dict[str, Any]:
         on.close_session(session)
         result["step_vs_forward_rel_err"] = rel(torch.cat([first, rest], 1), full)
 
-        grad = await on.backward(prompt, torch.randn_like(prompt), 0, on.end)
+        grad = (await on.backward(prompt, torch.randn_like(prompt), 0, on.end)).grad_inputs
         result["backward_finite"] = bool(torch.isfinite(grad).all())
 
         rates = {}

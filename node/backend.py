@@ -31,8 +31,10 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from swarm.adapters import tensor_name
 from swarm.errors import ConfigError, DeadlineExceeded, LimitExceeded, ProtocolError, SwarmError
-from swarm.models.llama import LayerCache, LlamaBlock, LlamaConfig
+from swarm.models.llama import BlockLora, LayerCache, LlamaBlock, LlamaConfig
+from swarm.node.adapters import Adapter, AdapterCache
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +45,22 @@ DEFAULT_BATCH_TOKENS = 8192
 # on_batch(kind, n_requests, tokens, queue_wait_s): called on the worker thread just before a
 # batch runs; queue_wait_s is how long its oldest request waited. It must be quick and thread-safe.
 OnBatch = Callable[[str, int, int, float], None]
+
+
+@dataclass(frozen=True)
+class BackwardResult:
+    """What Backward answers: d(loss)/d(inputs), and for a tuned request its tuning's gradients."""
+
+    grad_inputs: Tensor
+    grad_prompts: Tensor | None = None
+    adapter_grads: dict[str, Tensor] = field(default_factory=dict)  # tensor name -> grad, float32
+
+
 # What a task computes: its inputs (on the device, in the compute dtype, possibly several
-# requests concatenated along the batch dim) -> one output of the same batch size.
-Compute = Callable[[list[Tensor]], Tensor]
+# requests concatenated along the batch dim) -> one output of the same batch size. A task
+# that always runs alone (key None) may return a BackwardResult, already on the CPU.
+Result = Tensor | BackwardResult
+Compute = Callable[[list[Tensor]], Result]
 
 
 def deadline_after(seconds: float | None) -> float | None:
@@ -91,6 +106,7 @@ class InferenceSession:
     max_length: int
     caches: list[LayerCache]
     nbytes: int
+    adapter: Adapter | None = None
     id: int = field(default_factory=lambda: next(_session_ids))
 
     @property
@@ -106,22 +122,22 @@ class _Task:
     kind: int
     inputs: list[Tensor]
     compute: Compute
-    key: tuple[int, ...] | None  # equal keys may share one run; None: always runs alone
+    key: tuple[object, ...] | None  # equal keys may share one run; None: always runs alone
     tokens: int
-    future: asyncio.Future[Tensor]
+    future: asyncio.Future[Result]
     loop: asyncio.AbstractEventLoop
     deadline: float | None
     enqueued: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # the caller went away; set under the worker's lock
 
-    def resolve(self, result: Tensor | BaseException) -> None:
+    def resolve(self, result: Result | BaseException) -> None:
         """Hand a result to the awaiting coroutine, on its own loop (callable from any thread)."""
         # RuntimeError: that loop is closed, so nobody awaits the result any more
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(_set_future, self.future, result)
 
 
-def _set_future(future: asyncio.Future[Tensor], result: Tensor | BaseException) -> None:
+def _set_future(future: asyncio.Future[Result], result: Result | BaseException) -> None:
     if future.done():  # cancelled while it ran
         return
     if isinstance(result, BaseException):
@@ -158,9 +174,9 @@ class ComputeWorker:
         inputs: list[Tensor],
         compute: Compute,
         *,
-        key: tuple[int, ...] | None = None,
+        key: tuple[object, ...] | None = None,
         deadline: float | None = None,
-    ) -> Tensor:
+    ) -> Result:
         """Queue `compute(inputs)` and wait for its result (inputs are [batch, length, ...])."""
         loop = asyncio.get_running_loop()
         tokens = inputs[0].shape[0] * inputs[0].shape[1]
@@ -261,15 +277,17 @@ class ComputeWorker:
         for task, out in zip(live, outputs, strict=True):
             task.resolve(out)
 
-    def _compute(self, live: list[_Task]) -> list[Tensor]:
+    def _compute(self, live: list[_Task]) -> list[Result]:
         """Concatenate the tasks' inputs along batch, run once, split the output back."""
         n_inputs = len(live[0].inputs)
         inputs = []
         for i in range(n_inputs):
             parts = [t.inputs[i].to(self.device, self.dtype) for t in live]
             inputs.append(torch.cat(parts) if len(parts) > 1 else parts[0])  # alone: no copy
-        out = live[0].compute(inputs).cpu()
-        return list(out.split([t.inputs[0].shape[0] for t in live]))
+        out = live[0].compute(inputs)
+        if isinstance(out, BackwardResult):  # a task that runs alone, its result already on the CPU
+            return [out]
+        return list(out.cpu().split([t.inputs[0].shape[0] for t in live]))
 
 
 def _report(on_batch: OnBatch, live: list[_Task], now: float) -> None:
@@ -283,32 +301,88 @@ def _report(on_batch: OnBatch, live: list[_Task], now: float) -> None:
 # ----------------------------------------------------------------------------- the backend
 
 
-def _forward(blocks: list[LlamaBlock], inputs: list[Tensor]) -> Tensor:
-    (h,) = inputs
-    with torch.inference_mode():
-        for block in blocks:
-            h = block(h)
+Loras = list[BlockLora | None]  # one entry per block of a span: its adapter, if any
+
+
+def _run(
+    blocks: list[LlamaBlock],
+    h: Tensor,
+    loras: Loras,
+    prompts: Tensor | None,
+    start: int = 0,
+    caches: list[LayerCache] | None = None,
+) -> Tensor:
+    """The span's blocks in turn; h's first token is at absolute position `start`."""
+    for i, block in enumerate(blocks):
+        if prompts is not None:
+            h = _add_prompt(h, prompts[i], start)
+        h = block(h, start, caches[i] if caches is not None else None, loras[i])
     return h
 
 
-def _backward(blocks: list[LlamaBlock], inputs: list[Tensor]) -> Tensor:
-    """Recompute the span under autograd; return d(loss)/d(inputs) (weights are frozen)."""
-    hidden, grad_outputs = inputs
+def _add_prompt(h: Tensor, prompt: Tensor, start: int) -> Tensor:
+    """Add a deep prompt [b or 1, prefix, D] to those of h's positions [start, start + t) below prefix."""
+    covered = min(prompt.shape[1] - start, h.shape[1])
+    if covered <= 0:  # every position of this step is past the prefix
+        return h
+    head = h[:, :covered] + prompt[:, start : start + covered]
+    return torch.cat((head, h[:, covered:]), dim=1)
+
+
+def _forward(blocks: list[LlamaBlock], loras: Loras, inputs: list[Tensor]) -> Tensor:
+    h, *prompts = inputs
+    with torch.inference_mode():
+        return _run(blocks, h, loras, prompts[0] if prompts else None)
+
+
+def _backward(blocks: list[LlamaBlock], first: int, loras: Loras, inputs: list[Tensor]) -> Result:
+    """Recompute the span under autograd; d(loss)/d(inputs), and of the prompts and adapter if sent.
+
+    Weights are frozen: only the request's own tensors (hidden, prompts, adapter) get gradients.
+    """
+    hidden, grad_outputs, *rest = inputs
     with torch.enable_grad():
         h_in = hidden.detach().requires_grad_(True)
-        h = h_in
-        for block in blocks:
-            h = block(h)
-        (grad,) = torch.autograd.grad(h, h_in, grad_outputs)
-    return grad
+        prompts = rest[0].detach().requires_grad_(True) if rest else None
+        leaves, loras = _leaf_loras(loras, first)
+        out = _run(blocks, h_in, loras, prompts)
+        wrt = [h_in, *([prompts] if prompts is not None else []), *leaves.values()]
+        grads = torch.autograd.grad(out, wrt, grad_outputs, allow_unused=True)
+    if prompts is None and not leaves:
+        return grads[0]
+    grad_prompts = grads[1].cpu() if prompts is not None else None
+    tensor_grads = grads[1 + (prompts is not None) :]
+    adapter_grads = {
+        name: (g if g is not None else torch.zeros_like(leaf)).to("cpu", torch.float32)
+        for (name, leaf), g in zip(leaves.items(), tensor_grads, strict=True)
+    }
+    return BackwardResult(grads[0].cpu(), grad_prompts, adapter_grads)
 
 
-def _step(blocks: list[LlamaBlock], caches: list[LayerCache], position: int, inputs: list[Tensor]) -> Tensor:
-    (h,) = inputs
+def _leaf_loras(loras: Loras, first: int) -> tuple[dict[str, Tensor], Loras]:
+    """Copies of the adapter tensors that autograd tracks, by tensor name; blocks start at `first`."""
+    leaves: dict[str, Tensor] = {}
+    tracked: Loras = []
+    for i, lora in enumerate(loras):
+        if lora is None:
+            tracked.append(None)
+            continue
+        pairs = {}
+        for projection, (a, b) in lora.pairs.items():
+            a, b = a.detach().requires_grad_(True), b.detach().requires_grad_(True)
+            leaves[tensor_name(first + i, projection, "A")] = a
+            leaves[tensor_name(first + i, projection, "B")] = b
+            pairs[projection] = (a, b)
+        tracked.append(BlockLora(pairs, lora.scaling))
+    return leaves, tracked
+
+
+def _step(
+    blocks: list[LlamaBlock], caches: list[LayerCache], loras: Loras, position: int, inputs: list[Tensor]
+) -> Tensor:
+    h, *prompts = inputs
     with torch.inference_mode():
-        for block, cache in zip(blocks, caches, strict=True):
-            h = block(h, start=position, cache=cache)
-    return h
+        return _run(blocks, h, loras, prompts[0] if prompts else None, position, caches)
 
 
 class BlockBackend:
@@ -329,6 +403,7 @@ class BlockBackend:
         dtype: torch.dtype,
         device: torch.device,
         cache_bytes: int,
+        adapter_bytes: int = 256 << 20,
         batching: bool = True,
         batch_tokens: int = DEFAULT_BATCH_TOKENS,
         on_batch: OnBatch | None = None,
@@ -340,6 +415,7 @@ class BlockBackend:
         self.start, self.end = start, start + len(blocks)
         self.dtype, self.device = dtype, device
         self.budget = CacheBudget(cache_bytes)
+        self.adapters = AdapterCache(adapter_bytes)  # client LoRA adapters for this span
         self.sessions: dict[int, InferenceSession] = {}
         self.worker = ComputeWorker(
             device, dtype, batching=batching, batch_tokens=batch_tokens, on_batch=on_batch
@@ -368,18 +444,61 @@ class BlockBackend:
         if not hidden.is_floating_point():
             raise ProtocolError(f"{what} must be a floating-point tensor, got {hidden.dtype}")
 
-    async def forward(self, hidden: Tensor, start: int, end: int, *, deadline: float | None = None) -> Tensor:
-        blocks = self._blocks(start, end)
-        self._check_hidden(hidden)
-        key = (start, end, hidden.shape[1])
-        return await self.worker.submit(
-            FORWARD, [hidden], partial(_forward, blocks), key=key, deadline=deadline
+    def _check_prompts(self, prompts: Tensor | None, start: int, end: int, batch: int) -> None:
+        if prompts is None:
+            return
+        shape = list(prompts.shape)
+        if (
+            prompts.dim() != 4
+            or shape[0] != end - start
+            or shape[1] not in (1, batch)
+            or shape[3] != self.config.hidden_size
+            or not prompts.is_floating_point()
+        ):
+            raise ProtocolError(
+                f"prompts must be float [span blocks {end - start}, batch {batch} or 1, prefix, "
+                f"{self.config.hidden_size}], got {prompts.dtype} {shape}"
+            )
+
+    def _loras(self, adapter: Adapter | None, start: int, end: int) -> Loras:
+        return (
+            [None] * (end - start) if adapter is None else [adapter.blocks.get(i) for i in range(start, end)]
         )
 
-    async def backward(
-        self, hidden: Tensor, grad_outputs: Tensor, start: int, end: int, *, deadline: float | None = None
+    async def forward(
+        self,
+        hidden: Tensor,
+        start: int,
+        end: int,
+        *,
+        adapter: Adapter | None = None,
+        prompts: Tensor | None = None,
+        deadline: float | None = None,
     ) -> Tensor:
-        """Stateless backward: recompute the span's forward under autograd, return d(loss)/d(inputs)."""
+        blocks = self._blocks(start, end)
+        self._check_hidden(hidden)
+        self._check_prompts(prompts, start, end, hidden.shape[0])
+        # Requests with one adapter batch together; deep prompts are per request, so those run alone.
+        key = (start, end, hidden.shape[1], adapter.hash if adapter else "") if prompts is None else None
+        compute = partial(_forward, blocks, self._loras(adapter, start, end))
+        inputs = [hidden] if prompts is None else [hidden, prompts]
+        out = await self.worker.submit(FORWARD, inputs, compute, key=key, deadline=deadline)
+        assert isinstance(out, Tensor)  # forward computes a tensor
+        return out
+
+    async def backward(
+        self,
+        hidden: Tensor,
+        grad_outputs: Tensor,
+        start: int,
+        end: int,
+        *,
+        adapter: Adapter | None = None,
+        prompts: Tensor | None = None,
+        deadline: float | None = None,
+    ) -> BackwardResult:
+        """Stateless backward: recompute the span's forward under autograd; gradients of the inputs,
+        and of the prompts and adapter tensors when the request has them."""
         blocks = self._blocks(start, end)
         self._check_hidden(hidden)
         self._check_hidden(grad_outputs, "grad_outputs")
@@ -387,11 +506,17 @@ class BlockBackend:
             raise ProtocolError(
                 f"grad_outputs shape {list(grad_outputs.shape)} != hidden_states shape {list(hidden.shape)}"
             )
-        key = (start, end, hidden.shape[1])
-        compute = partial(_backward, blocks)
-        return await self.worker.submit(BACKWARD, [hidden, grad_outputs], compute, key=key, deadline=deadline)
+        self._check_prompts(prompts, start, end, hidden.shape[0])
+        # Merged requests would sum their adapter (and prompt) gradients: tuned ones run alone.
+        key = (start, end, hidden.shape[1]) if adapter is None and prompts is None else None
+        compute = partial(_backward, blocks, start, self._loras(adapter, start, end))
+        inputs = [hidden, grad_outputs] if prompts is None else [hidden, grad_outputs, prompts]
+        out = await self.worker.submit(BACKWARD, inputs, compute, key=key, deadline=deadline)
+        return out if isinstance(out, BackwardResult) else BackwardResult(out)
 
-    def open_session(self, start: int, end: int, batch_size: int, max_length: int) -> InferenceSession:
+    def open_session(
+        self, start: int, end: int, batch_size: int, max_length: int, adapter: Adapter | None = None
+    ) -> InferenceSession:
         blocks = self._blocks(start, end)
         per_block = LayerCache.bytes_needed(self.config, batch_size, max_length, self.dtype)
         nbytes = per_block * len(blocks)
@@ -403,7 +528,8 @@ class BlockBackend:
         except BaseException:
             self.budget.release(nbytes)
             raise
-        session = InferenceSession(start, end, batch_size, max_length, caches, nbytes)
+        # The session holds its adapter: evicting it from the node's cache does not break the session.
+        session = InferenceSession(start, end, batch_size, max_length, caches, nbytes, adapter)
         self.sessions[session.id] = session
         return session
 
@@ -413,9 +539,16 @@ class BlockBackend:
             self.budget.release(session.nbytes)
 
     async def step(
-        self, session: InferenceSession, hidden: Tensor, position: int, *, deadline: float | None = None
+        self,
+        session: InferenceSession,
+        hidden: Tensor,
+        position: int,
+        *,
+        prompts: Tensor | None = None,
+        deadline: float | None = None,
     ) -> Tensor:
         self._check_hidden(hidden)
+        self._check_prompts(prompts, session.start, session.end, session.batch_size)
         batch, new_tokens, _ = hidden.shape
         if batch != session.batch_size:
             raise ProtocolError(f"session was opened for batch {session.batch_size}, step has batch {batch}")
@@ -431,5 +564,10 @@ class BlockBackend:
         blocks = self._blocks(session.start, session.end)
         # The caches are captured now: close_session may clear the list while the step runs.
         caches = list(session.caches)
-        compute = partial(_step, blocks, caches, position)
-        return await self.worker.submit(INFERENCE, [hidden], compute, deadline=deadline)
+        compute = partial(
+            _step, blocks, caches, self._loras(session.adapter, session.start, session.end), position
+        )
+        inputs = [hidden] if prompts is None else [hidden, prompts]
+        out = await self.worker.submit(INFERENCE, inputs, compute, deadline=deadline)
+        assert isinstance(out, Tensor)  # a step computes a tensor
+        return out

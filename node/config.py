@@ -121,6 +121,10 @@ class NodeConfig:
         default=None,
         metadata=_help("KV-cache budget shared by inference sessions; default: from free memory"),
     )
+    adapter_cache_bytes: int = field(
+        default=256 * MiB,
+        metadata=_help("bytes of client LoRA adapters kept (least recently used dropped first)"),
+    )
     session_idle_timeout: float = field(
         default=300.0, metadata=_help("seconds an inference session may wait for its next step")
     )
@@ -148,6 +152,8 @@ class NodeConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.adapter_cache_bytes < 0:
+            raise ConfigError(f"--adapter-cache-bytes must be >= 0, got {self.adapter_cache_bytes}")
         for name in ("num_blocks", "cache_bytes", "throughput", "network_throughput"):
             value = getattr(self, name)
             if value is not None and value <= 0:

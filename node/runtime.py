@@ -174,6 +174,7 @@ class Node:
             dtype=self.dtype,
             device=self.device,
             cache_bytes=self.cache_bytes,
+            adapter_bytes=cfg.adapter_cache_bytes,
             batching=cfg.batching,
             batch_tokens=cfg.batch_tokens,
             on_batch=self._on_batch,

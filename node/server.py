@@ -23,7 +23,16 @@ from grpc_reflection.v1alpha import reflection
 import swarm
 from swarm import wire
 from swarm._proto import swarm_pb2, swarm_pb2_grpc
-from swarm.errors import ConfigError, DeadlineExceeded, LimitExceeded, ProtocolError, SwarmError
+from swarm.adapters import encode_named
+from swarm.errors import (
+    AdapterNotLoaded,
+    ConfigError,
+    DeadlineExceeded,
+    LimitExceeded,
+    ProtocolError,
+    SwarmError,
+)
+from swarm.node.adapters import Adapter
 from swarm.node.backend import BackendClosed, BlockBackend, InferenceSession, deadline_after
 from swarm.node.metrics import NodeMetrics, RequestOutcome
 
@@ -123,6 +132,18 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
         self.metrics.observe_wire("received", wire.raw_nbytes(tensor), wire.encoded_nbytes(msg))
         return tensor
 
+    def _adapter(self, header: swarm_pb2.RequestHeader) -> Adapter | None:
+        """The adapter the header names (NOT_FOUND if this node does not hold it), or None."""
+        return self._backend().adapters.get(header.adapter) if header.adapter else None
+
+    def _decode_prompts(self, msg: swarm_pb2.Tensor, span: tuple[int, int]) -> torch.Tensor:
+        """Deep prompts [span blocks, batch or 1, prefix, hidden], bounded like hidden states."""
+        blocks = span[1] - span[0]
+        max_elements = blocks * self.limits.max_tokens * self._backend().config.hidden_size
+        prompts = wire.decode_tensor(msg, max_elements=max_elements)
+        self.metrics.observe_wire("received", wire.raw_nbytes(prompts), wire.encoded_nbytes(msg))
+        return prompts
+
     def _count_tokens(self, rpc: str, hidden: torch.Tensor) -> None:
         self.metrics.tokens.labels(rpc=rpc).inc(hidden.shape[0] * hidden.shape[1])
 
@@ -174,9 +195,17 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
         with self._track("Forward", context):
             try:
                 start, end = self._check_header(request.header)
+                adapter = self._adapter(request.header)
                 hidden = self._decode_hidden(request.hidden_states)
+                prompts = (
+                    self._decode_prompts(request.prompts, (start, end))
+                    if request.HasField("prompts")
+                    else None
+                )
                 deadline = deadline_after(context.time_remaining())
-                out = await self._backend().forward(hidden, start, end, deadline=deadline)
+                out = await self._backend().forward(
+                    hidden, start, end, adapter=adapter, prompts=prompts, deadline=deadline
+                )
                 self._count_tokens("Forward", hidden)
                 return swarm_pb2.ForwardResponse(hidden_states=self._encode(out, request.header))
             except Exception as e:
@@ -189,12 +218,26 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
         with self._track("Backward", context):
             try:
                 start, end = self._check_header(request.header)
+                adapter = self._adapter(request.header)
                 hidden = self._decode_hidden(request.hidden_states)
                 grad_out = self._decode_hidden(request.grad_outputs, "grad_outputs")
+                prompts = (
+                    self._decode_prompts(request.prompts, (start, end))
+                    if request.HasField("prompts")
+                    else None
+                )
                 deadline = deadline_after(context.time_remaining())
-                grad_in = await self._backend().backward(hidden, grad_out, start, end, deadline=deadline)
+                result = await self._backend().backward(
+                    hidden, grad_out, start, end, adapter=adapter, prompts=prompts, deadline=deadline
+                )
                 self._count_tokens("Backward", hidden)
-                return swarm_pb2.BackwardResponse(grad_inputs=self._encode(grad_in, request.header))
+                response = swarm_pb2.BackwardResponse(
+                    grad_inputs=self._encode(result.grad_inputs, request.header),
+                    adapter_grads=encode_named(result.adapter_grads),
+                )
+                if result.grad_prompts is not None:
+                    response.grad_prompts.CopyFrom(self._encode(result.grad_prompts, request.header))
+                return response
             except Exception as e:
                 await _abort(context, e)
                 raise
@@ -231,9 +274,11 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
                     continue
                 step = request.step
                 hidden = self._decode_hidden(step.hidden_states)
+                span = (session.start, session.end)
+                prompts = self._decode_prompts(step.prompts, span) if step.HasField("prompts") else None
                 deadline = deadline_after(context.time_remaining())
                 started = time.perf_counter()
-                out = await backend.step(session, hidden, step.position, deadline=deadline)
+                out = await backend.step(session, hidden, step.position, prompts=prompts, deadline=deadline)
                 self.metrics.step_seconds.observe(time.perf_counter() - started)
                 self._count_tokens("Inference", hidden)
                 yield swarm_pb2.InferenceResponse(
@@ -259,7 +304,29 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
             )
         if batch > self.limits.max_batch:
             raise LimitExceeded(f"batch_size {batch} exceeds this node's max_batch {self.limits.max_batch}")
-        return self._backend().open_session(start, end, batch, max_length)
+        adapter = self._adapter(request.header)
+        return self._backend().open_session(start, end, batch, max_length, adapter)
+
+    async def LoadAdapter(
+        self, request: swarm_pb2.LoadAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> swarm_pb2.LoadAdapterResponse:
+        with self._track("LoadAdapter", context):
+            try:
+                header = swarm_pb2.RequestHeader(
+                    protocol_version=request.protocol_version, model=request.model
+                )
+                backend = self._backend()
+                header.span.start, header.span.end = backend.start, backend.end
+                self._check_header(header)
+                span = (backend.start, backend.end)
+                # Hashing and copying a large adapter takes a while: keep the event loop free.
+                await asyncio.to_thread(backend.adapters.load, request, backend.config, span, backend.device)
+                return swarm_pb2.LoadAdapterResponse(
+                    cached_bytes=backend.adapters.used, budget_bytes=backend.adapters.budget
+                )
+            except Exception as e:
+                await _abort(context, e)
+                raise
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: BaseException) -> None:
@@ -270,6 +337,8 @@ async def _abort(context: grpc.aio.ServicerContext, error: BaseException) -> Non
         code = grpc.StatusCode.DEADLINE_EXCEEDED
     elif isinstance(error, BackendClosed):
         code = grpc.StatusCode.UNAVAILABLE
+    elif isinstance(error, AdapterNotLoaded):
+        code = grpc.StatusCode.NOT_FOUND
     elif isinstance(error, LimitExceeded):
         code = grpc.StatusCode.RESOURCE_EXHAUSTED
     elif isinstance(error, ProtocolError):

@@ -64,6 +64,10 @@ class MissingBlocksError(SwarmError):
         )
 
 
+class AdapterNotLoaded(SwarmError):
+    """A request names a LoRA adapter the node does not hold (never sent, or evicted): send it again."""
+
+
 class DHTError(SwarmError):
     """The DHT could not be started or reached."""
 

@@ -63,16 +63,18 @@ class Span(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class RequestHeader(_message.Message):
-    __slots__ = ("protocol_version", "model", "span", "response_codec")
+    __slots__ = ("protocol_version", "model", "span", "response_codec", "adapter")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SPAN_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_CODEC_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     model: str
     span: Span
     response_codec: Codec
-    def __init__(self, protocol_version: _Optional[int] = ..., model: _Optional[str] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., response_codec: _Optional[_Union[Codec, str]] = ...) -> None: ...
+    adapter: str
+    def __init__(self, protocol_version: _Optional[int] = ..., model: _Optional[str] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., response_codec: _Optional[_Union[Codec, str]] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ("protocol_version",)
@@ -113,12 +115,14 @@ class InfoResponse(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., model: _Optional[str] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., peer_id: _Optional[str] = ..., version: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_tokens: _Optional[int] = ..., max_session_length: _Optional[int] = ..., compute_throughput: _Optional[float] = ..., state: _Optional[str] = ..., quant: _Optional[str] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("header", "hidden_states")
+    __slots__ = ("header", "hidden_states", "prompts")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
     header: RequestHeader
     hidden_states: Tensor
-    def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    prompts: Tensor
+    def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("hidden_states",)
@@ -127,20 +131,26 @@ class ForwardResponse(_message.Message):
     def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
-    __slots__ = ("header", "hidden_states", "grad_outputs")
+    __slots__ = ("header", "hidden_states", "grad_outputs", "prompts")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     GRAD_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
     header: RequestHeader
     hidden_states: Tensor
     grad_outputs: Tensor
-    def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., grad_outputs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    prompts: Tensor
+    def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., grad_outputs: _Optional[_Union[Tensor, _Mapping]] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class BackwardResponse(_message.Message):
-    __slots__ = ("grad_inputs",)
+    __slots__ = ("grad_inputs", "grad_prompts", "adapter_grads")
     GRAD_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_GRADS_FIELD_NUMBER: _ClassVar[int]
     grad_inputs: Tensor
-    def __init__(self, grad_inputs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    grad_prompts: Tensor
+    adapter_grads: _containers.RepeatedCompositeFieldContainer[AdapterTensor]
+    def __init__(self, grad_inputs: _Optional[_Union[Tensor, _Mapping]] = ..., grad_prompts: _Optional[_Union[Tensor, _Mapping]] = ..., adapter_grads: _Optional[_Iterable[_Union[AdapterTensor, _Mapping]]] = ...) -> None: ...
 
 class InferenceOpen(_message.Message):
     __slots__ = ("max_length", "batch_size")
@@ -151,14 +161,16 @@ class InferenceOpen(_message.Message):
     def __init__(self, max_length: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class InferenceStep(_message.Message):
-    __slots__ = ("hidden_states", "position", "step_id")
+    __slots__ = ("hidden_states", "position", "step_id", "prompts")
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
     hidden_states: Tensor
     position: int
     step_id: int
-    def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., step_id: _Optional[int] = ...) -> None: ...
+    prompts: Tensor
+    def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., step_id: _Optional[int] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class InferenceRequest(_message.Message):
     __slots__ = ("header", "open", "step")
@@ -209,3 +221,33 @@ class ReachabilityResponse(_message.Message):
     reachable: bool
     error: str
     def __init__(self, reachable: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+
+class AdapterTensor(_message.Message):
+    __slots__ = ("name", "tensor")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tensor: Tensor
+    def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class LoadAdapterRequest(_message.Message):
+    __slots__ = ("protocol_version", "model", "hash", "scaling", "tensors")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    SCALING_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    model: str
+    hash: str
+    scaling: float
+    tensors: _containers.RepeatedCompositeFieldContainer[AdapterTensor]
+    def __init__(self, protocol_version: _Optional[int] = ..., model: _Optional[str] = ..., hash: _Optional[str] = ..., scaling: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[AdapterTensor, _Mapping]]] = ...) -> None: ...
+
+class LoadAdapterResponse(_message.Message):
+    __slots__ = ("cached_bytes", "budget_bytes")
+    CACHED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    cached_bytes: int
+    budget_bytes: int
+    def __init__(self, cached_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ...) -> None: ...

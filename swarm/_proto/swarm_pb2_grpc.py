@@ -60,6 +60,11 @@ class BlockServiceStub:
                 request_serializer=swarm_dot_v1_dot_swarm__pb2.BackwardRequest.SerializeToString,
                 response_deserializer=swarm_dot_v1_dot_swarm__pb2.BackwardResponse.FromString,
                 _registered_method=True)
+        self.LoadAdapter = channel.unary_unary(
+                '/swarm.v1.BlockService/LoadAdapter',
+                request_serializer=swarm_dot_v1_dot_swarm__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=swarm_dot_v1_dot_swarm__pb2.LoadAdapterResponse.FromString,
+                _registered_method=True)
         self.Inference = channel.stream_stream(
                 '/swarm.v1.BlockService/Inference',
                 request_serializer=swarm_dot_v1_dot_swarm__pb2.InferenceRequest.SerializeToString,
@@ -100,6 +105,12 @@ class BlockServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadAdapter(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Inference(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -133,6 +144,11 @@ def add_BlockServiceServicer_to_server(servicer, server):
                     servicer.Backward,
                     request_deserializer=swarm_dot_v1_dot_swarm__pb2.BackwardRequest.FromString,
                     response_serializer=swarm_dot_v1_dot_swarm__pb2.BackwardResponse.SerializeToString,
+            ),
+            'LoadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadAdapter,
+                    request_deserializer=swarm_dot_v1_dot_swarm__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=swarm_dot_v1_dot_swarm__pb2.LoadAdapterResponse.SerializeToString,
             ),
             'Inference': grpc.stream_stream_rpc_method_handler(
                     servicer.Inference,
@@ -275,6 +291,33 @@ class BlockService:
             '/swarm.v1.BlockService/Backward',
             swarm_dot_v1_dot_swarm__pb2.BackwardRequest.SerializeToString,
             swarm_dot_v1_dot_swarm__pb2.BackwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm.v1.BlockService/LoadAdapter',
+            swarm_dot_v1_dot_swarm__pb2.LoadAdapterRequest.SerializeToString,
+            swarm_dot_v1_dot_swarm__pb2.LoadAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

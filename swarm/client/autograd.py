@@ -14,19 +14,21 @@ import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from swarm.client.config import ClientConfig
 from swarm.client.loop import run_sync
-from swarm.client.remote import ChannelPool, remote_backward, remote_forward
+from swarm.client.lora import RemoteLora
+from swarm.client.remote import BackwardReply, ChannelPool, Tuning, remote_backward, remote_forward
 from swarm.coordinator.bans import BanList
 from swarm.coordinator.routing import Hop, span_throughput
 from swarm.coordinator.swarm_map import SwarmMapCache
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -39,18 +41,49 @@ class RemotePipeline:
     route: list[Hop]
     banned: set[str] = field(default_factory=set)  # failed during this pipeline's life
     bans: BanList | None = None  # the client's bans, shared with later routes
+    adapter: RemoteLora | None = None  # the client's LoRA, applied on every hop
 
-    async def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def tunings(self, prompts: torch.Tensor | None = None) -> list[Tuning]:
+        """Each hop's share of the adapter and of deep prompts [num_blocks, batch or 1, prefix, hidden].
+
+        Fixed before the forward pass, so backward sees the very adapter the forward pass used.
+        """
+        adapter = self.adapter
+        return [
+            Tuning(
+                adapter.payload(hop.start, hop.end) if adapter is not None else None,
+                prompts[hop.start : hop.end].detach() if prompts is not None else None,
+            )
+            for hop in self.route
+        ]
+
+    async def forward(
+        self, hidden: torch.Tensor, tunings: list[Tuning] | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run `hidden` [batch, tokens, hidden] through every hop; also return each hop's input."""
+        tunings = tunings if tunings is not None else self.tunings()
         inputs: list[torch.Tensor] = []
         for i in range(len(self.route)):
             inputs.append(hidden)
-            call = partial(remote_forward, self.pool, self.swarm_map.model, hidden=hidden, config=self.config)
+            call = partial(
+                remote_forward,
+                self.pool,
+                self.swarm_map.model,
+                hidden=hidden,
+                config=self.config,
+                tuning=tunings[i],
+            )
             hidden = await self._with_retry(i, call)
         return hidden, inputs
 
-    async def backward(self, inputs: list[torch.Tensor], grad: torch.Tensor) -> torch.Tensor:
-        """d(loss)/d(pipeline input), given the hop inputs of `forward` and d(loss)/d(its output)."""
+    async def backward(
+        self, inputs: list[torch.Tensor], grad: torch.Tensor, tunings: list[Tuning] | None = None
+    ) -> BackwardReply:
+        """d(loss)/d(pipeline input), given the hop inputs of `forward` and d(loss)/d(its output);
+        with tunings, also the gradients of the prompts (all blocks) and of the adapter tensors."""
+        tunings = tunings if tunings is not None else self.tunings()
+        grad_prompts: list[torch.Tensor] = []
+        adapter_grads: dict[str, torch.Tensor] = {}
         for i in reversed(range(len(self.route))):
             call = partial(
                 remote_backward,
@@ -59,12 +92,18 @@ class RemotePipeline:
                 hidden=inputs[i],
                 grad_outputs=grad,
                 config=self.config,
+                tuning=tunings[i],
             )
-            grad = await self._with_retry(i, call)
-        return grad
+            reply = await self._with_retry(i, call)
+            grad = reply.grad_inputs
+            if reply.grad_prompts is not None:
+                grad_prompts.insert(0, reply.grad_prompts)
+            adapter_grads.update(reply.adapter_grads)
+        prompts = torch.cat(grad_prompts) if grad_prompts else None
+        return BackwardReply(grad, prompts, adapter_grads)
 
-    async def _with_retry(self, i: int, call: Callable[[Hop], Awaitable[torch.Tensor]]) -> torch.Tensor:
-        async def attempt(n: int) -> torch.Tensor:
+    async def _with_retry(self, i: int, call: Callable[[Hop], Awaitable[T]]) -> T:
+        async def attempt(n: int) -> T:
             if n > 1:
                 await self._replace(i)
             return await call(self.route[i])
@@ -104,25 +143,52 @@ class RemotePipeline:
 
 
 class RemoteSpans(torch.autograd.Function):
-    """hidden [batch, tokens, hidden] -> the same after every remote block, differentiable."""
+    """hidden [batch, tokens, hidden] -> the same after every remote block, differentiable in
+    hidden, in the deep prompts and in the pipeline's adapter parameters."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, pipeline: RemotePipeline) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        pipeline: RemotePipeline,
+        prompts: torch.Tensor | None,
+        *adapter_params: torch.Tensor,
+    ) -> torch.Tensor:
+        tunings = pipeline.tunings(prompts)
         # run_sync blocks this (caller or autograd) thread, never the client loop's own thread.
-        output, inputs = run_sync(pipeline.forward(hidden.detach()))
-        ctx.pipeline, ctx.hop_inputs = pipeline, inputs
+        output, inputs = run_sync(pipeline.forward(hidden.detach(), tunings))
+        ctx.pipeline, ctx.hop_inputs, ctx.tunings = pipeline, inputs, tunings
         ctx.dtype, ctx.device = hidden.dtype, hidden.device
+        ctx.prompts_like = prompts.detach() if prompts is not None else None
+        ctx.params = adapter_params
         return output.to(hidden)  # the node may compute in another dtype
 
     @staticmethod
     @once_differentiable  # the node returns numbers, not a graph: no double backward
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         pipeline: RemotePipeline = ctx.pipeline
-        grad = run_sync(pipeline.backward(ctx.hop_inputs, grad_output.contiguous()))
-        return grad.to(device=ctx.device, dtype=ctx.dtype), None
+        reply = run_sync(pipeline.backward(ctx.hop_inputs, grad_output.contiguous(), ctx.tunings))
+        grad_prompts = None
+        if ctx.prompts_like is not None and reply.grad_prompts is not None:
+            grad_prompts = reply.grad_prompts.to(ctx.prompts_like)
+        grads = pipeline.adapter.accumulate(reply.adapter_grads) if pipeline.adapter is not None else []
+        param_grads = [g.to(p) if g is not None else None for g, p in zip(grads, ctx.params, strict=True)]
+        grad_inputs = reply.grad_inputs.to(device=ctx.device, dtype=ctx.dtype)
+        return (grad_inputs, None, grad_prompts, *param_grads)
 
 
-def run_remote_blocks(hidden: torch.Tensor, pipeline: RemotePipeline) -> torch.Tensor:
-    """`RemoteSpans.apply`, typed: gradients reach `hidden` when it requires them."""
-    output: torch.Tensor = RemoteSpans.apply(hidden, pipeline)
+def run_remote_blocks(
+    hidden: torch.Tensor, pipeline: RemotePipeline, prompts: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`RemoteSpans.apply`, typed: gradients reach `hidden`, the deep `prompts`
+    [num_blocks, batch or 1, prefix, hidden] and the pipeline's adapter when they require them."""
+    params = [p for _, p in _adapter_params(pipeline.adapter)]
+    output: torch.Tensor = RemoteSpans.apply(hidden, pipeline, prompts, *params)
     return output
+
+
+def _adapter_params(adapter: RemoteLora | None) -> list[tuple[str, torch.Tensor]]:
+    if adapter is None:
+        return []
+    tensors = adapter.named_tensors()
+    return [(name, tensors[name]) for name in adapter.names]

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol, overload
+from typing import Any, Protocol, overload
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ from swarm import checkpoint
 from swarm.client.autograd import RemotePipeline, run_remote_blocks
 from swarm.client.config import ClientConfig
 from swarm.client.loop import run_sync
+from swarm.client.lora import LoraConfig, RemoteLora
 from swarm.client.remote import ChannelPool
 from swarm.client.session import InferenceSession
 from swarm.coordinator.bans import BanList
@@ -86,6 +87,8 @@ class DistributedModelForCausalLM:
         self.bans = BanList(client_config.ban_base, client_config.ban_limit)
         self.rtts = RttTable()  # measured round trips, for the fastest routes
         self._rng = random.Random()  # draws training routes
+        self._adapter: RemoteLora | None = None  # client-owned LoRA on the remote blocks
+        self._adapter_enabled = True
 
     @classmethod
     def from_pretrained(
@@ -130,11 +133,60 @@ class DistributedModelForCausalLM:
 
     # ---- inference ----------------------------------------------------------------------------
 
+    # ---- LoRA adapters (transformers' PeftAdapterMixin names) --------------------------------
+
+    @property
+    def adapter(self) -> RemoteLora | None:
+        """The active LoRA adapter, or None; its parameters are the ones to train."""
+        return self._adapter if self._adapter_enabled else None
+
+    def add_adapter(self, config: LoraConfig | Any, *, seed: int | None = None) -> RemoteLora:
+        """Attach a new LoRA adapter to the remote blocks and return it (a `torch.nn.Module`).
+
+        `config` is a `swarm.client.lora.LoraConfig` or a `peft.LoraConfig`. The adapter starts
+        as a no-op (B = 0, as in peft); train `adapter.parameters()` with any optimizer.
+        """
+        lora_config = config if isinstance(config, LoraConfig) else LoraConfig.from_peft(config)
+        if lora_config.base_model_name_or_path is None:
+            lora_config = replace(lora_config, base_model_name_or_path=self.model_name)
+        return self._attach(RemoteLora(self.config, lora_config, seed=seed))
+
+    def load_adapter(self, path: str | Path) -> RemoteLora:
+        """Attach a peft LoRA adapter saved in `path` (adapter_config.json + adapter_model.safetensors)."""
+        return self._attach(RemoteLora.load_pretrained(path, self.config))
+
+    def save_adapter(self, path: str | Path) -> None:
+        """Write the adapter in peft's format: `PeftModel.from_pretrained(hf_model, path)` loads it."""
+        if self._adapter is None:
+            raise ConfigError("there is no adapter to save: add_adapter or load_adapter first")
+        self._adapter.save_pretrained(path)
+
+    def disable_adapters(self) -> None:
+        """Run the plain blocks (the adapter is kept; `enable_adapters` brings it back)."""
+        self._adapter_enabled = False
+
+    def enable_adapters(self) -> None:
+        self._adapter_enabled = True
+
+    def _attach(self, adapter: RemoteLora) -> RemoteLora:
+        device = self.parts.norm.weight.device
+        self._adapter, self._adapter_enabled = adapter.to(device), True
+        return adapter
+
+    # ---- inference ----------------------------------------------------------------------------
+
     @contextmanager
-    def inference_session(self, max_length: int, batch_size: int = 1) -> Iterator[InferenceSession]:
-        """A KV-cache session through the swarm; use `step` via `generate(session=...)`."""
+    def inference_session(
+        self, max_length: int, batch_size: int = 1, *, prompts: torch.Tensor | None = None
+    ) -> Iterator[InferenceSession]:
+        """A KV-cache session through the swarm; use `step` via `generate(session=...)`.
+
+        prompts: deep prompts [num_blocks, batch or 1, prefix, hidden] added to the first
+        `prefix` positions at every block's input (see `swarm.client.ptune`).
+        """
         if max_length < 1:
             raise ConfigError(f"max_length must be >= 1, got {max_length}")
+        self._check_prompts(prompts, batch_size)
         session = InferenceSession(
             self.pool,
             self.swarm_map,
@@ -143,6 +195,8 @@ class DistributedModelForCausalLM:
             max_length=max_length,
             bans=self.bans,
             rtts=self.rtts,
+            adapter=self.adapter,
+            prompts=prompts,
         )
         run_sync(session.open())
         try:
@@ -260,7 +314,21 @@ class DistributedModelForCausalLM:
     __call__ = forward
 
     def _needs_grad(self) -> bool:
-        return torch.is_grad_enabled() and any(p.requires_grad for p in self.parts.parameters())
+        params = [*self.parts.parameters(), *(self.adapter.parameters() if self.adapter else ())]
+        return torch.is_grad_enabled() and any(p.requires_grad for p in params)
+
+    def _check_prompts(self, prompts: torch.Tensor | None, batch_size: int) -> None:
+        if prompts is None:
+            return
+        c = self.config
+        shape = list(prompts.shape)
+        if len(shape) != 4 or shape[0] != c.num_hidden_layers or shape[1] not in (1, batch_size):
+            raise ConfigError(
+                f"deep prompts must be [num_blocks {c.num_hidden_layers}, batch {batch_size} or 1, prefix, "
+                f"hidden {c.hidden_size}], got {shape}"
+            )
+        if shape[3] != c.hidden_size:
+            raise ConfigError(f"deep prompts have hidden size {shape[3]}, the model {c.hidden_size}")
 
     @torch.inference_mode()
     def _inference_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -283,7 +351,7 @@ class DistributedModelForCausalLM:
         else:
             route = min_latency_route(snapshot, banned=avoid)
         config = self.client_config if codec is None else replace(self.client_config, codec=codec)
-        return RemotePipeline(self.pool, self.swarm_map, config, route, bans=self.bans)
+        return RemotePipeline(self.pool, self.swarm_map, config, route, bans=self.bans, adapter=self.adapter)
 
     def to(self, dtype: torch.dtype) -> DistributedModelForCausalLM:
         """Run the local parts (and send activations) in `dtype`, like `nn.Module.to`."""

@@ -15,7 +15,8 @@ import time
 import torch
 
 from swarm.client.config import ClientConfig
-from swarm.client.remote import ChannelPool, InferenceStream
+from swarm.client.lora import RemoteLora
+from swarm.client.remote import ChannelPool, InferenceStream, Tuning
 from swarm.coordinator.bans import BanList
 from swarm.coordinator.routing import Hop, min_latency_route
 from swarm.coordinator.rtt import RttTable
@@ -36,8 +37,14 @@ class InferenceSession:
         max_length: int,
         bans: BanList | None = None,
         rtts: RttTable | None = None,
+        adapter: RemoteLora | None = None,
+        prompts: torch.Tensor | None = None,
     ) -> None:
         self.pool, self.swarm_map, self.config = pool, swarm_map, config
+        # Tuning of every hop: the client's LoRA, and deep prompts [num_blocks, batch or 1, prefix,
+        # hidden] that each stream sends with the steps reaching into the prefix (replays included).
+        self.adapter = adapter
+        self.prompts = prompts.detach() if prompts is not None else None
         self.batch_size, self.max_length = batch_size, max_length
         self.streams: list[InferenceStream] = []
         self.history: list[list[torch.Tensor]] = []  # inputs sent to each stream, in order
@@ -70,8 +77,12 @@ class InferenceSession:
         self.step_seconds = [None for _ in self.streams]
 
     def _stream(self, hop: Hop) -> InferenceStream:
+        tuning = Tuning(
+            self.adapter.payload(hop.start, hop.end) if self.adapter is not None else None,
+            self.prompts[hop.start : hop.end] if self.prompts is not None else None,
+        )
         return InferenceStream(
-            self.pool, self.swarm_map.model, hop, self.config, self.batch_size, self.max_length
+            self.pool, self.swarm_map.model, hop, self.config, self.batch_size, self.max_length, tuning
         )
 
     @property

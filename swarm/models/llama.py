@@ -395,6 +395,51 @@ class LayerCache:
         return self.keys[:, :, :end], self.values[:, :, :end]
 
 
+# ----------------------------------------------------------------------------- LoRA
+
+
+# Projections a LoRA adapter may target, and the submodule each lives in (peft's names).
+LORA_PROJECTIONS: dict[str, str] = {
+    **dict.fromkeys(("q_proj", "k_proj", "v_proj", "o_proj"), "self_attn"),
+    **dict.fromkeys(("gate_proj", "up_proj", "down_proj"), "mlp"),
+}
+
+
+def projection_shapes(config: LlamaConfig) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of every projection in a block."""
+    d, i = config.hidden_size, config.intermediate_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    return {
+        "q_proj": (d, q),
+        "k_proj": (d, kv),
+        "v_proj": (d, kv),
+        "o_proj": (q, d),
+        "gate_proj": (d, i),
+        "up_proj": (d, i),
+        "down_proj": (i, d),
+    }
+
+
+@dataclass(frozen=True)
+class BlockLora:
+    """A LoRA adapter for one block: each named projection computes W x + scaling * B (A x).
+
+    pairs: projection name -> (A [r, in_features], B [out_features, r]); projections it does
+    not name run unchanged. peft's LoRA without dropout, so its saved adapters apply as is.
+    """
+
+    pairs: dict[str, tuple[Tensor, Tensor]]
+    scaling: float
+
+
+def _project(layer: nn.Module, x: Tensor, lora: BlockLora | None, name: str) -> Tensor:
+    y: Tensor = layer(x)  # a Linear, or a quantized stand-in for one
+    if lora is None or (pair := lora.pairs.get(name)) is None:
+        return y
+    a, b = pair
+    return y + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * lora.scaling
+
+
 # ----------------------------------------------------------------------------- decoder block
 
 
@@ -433,12 +478,15 @@ class Attention(nn.Module):
         # Angles in float32 (large positions), then cast as transformers does.
         return angles.cos().to(like.dtype), angles.sin().to(like.dtype)
 
-    def forward(self, x: Tensor, start: int, cache: LayerCache | None) -> Tensor:
+    def forward(
+        self, x: Tensor, start: int, cache: LayerCache | None, lora: BlockLora | None = None
+    ) -> Tensor:
         b, t, _ = x.shape
         c = self.config
-        q = self.q_proj(x).view(b, t, c.num_attention_heads, c.head_dim).transpose(1, 2)  # [b, H, t, hd]
-        k = self.k_proj(x).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)  # [b, KV, t, hd]
-        v = self.v_proj(x).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)  # [b, KV, t, hd]
+        q = _project(self.q_proj, x, lora, "q_proj").view(b, t, c.num_attention_heads, c.head_dim)
+        k = _project(self.k_proj, x, lora, "k_proj").view(b, t, c.num_key_value_heads, c.head_dim)
+        v = _project(self.v_proj, x, lora, "v_proj").view(b, t, c.num_key_value_heads, c.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, H or KV, t, hd]
         cos, sin = self._cos_sin(start, t, x)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
 
@@ -461,7 +509,7 @@ class Attention(nn.Module):
             mask = _attention_mask(start, t, k_start, s, window, x.device)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         # out: [b, H, t, hd] -> [b, t, H * hd]
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return _project(self.o_proj, out.transpose(1, 2).reshape(b, t, -1), lora, "o_proj")
 
 
 def _attention_mask(
@@ -484,8 +532,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(d, i, bias=bias)
         self.down_proj = nn.Linear(i, d, bias=bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+    def forward(self, x: Tensor, lora: BlockLora | None = None) -> Tensor:
+        gate, up = _project(self.gate_proj, x, lora, "gate_proj"), _project(self.up_proj, x, lora, "up_proj")
+        return _project(self.down_proj, F.silu(gate) * up, lora, "down_proj")  # SwiGLU
 
 
 class LlamaBlock(nn.Module):
@@ -499,7 +548,9 @@ class LlamaBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, hidden: Tensor, start: int = 0, cache: LayerCache | None = None) -> Tensor:
+    def forward(
+        self, hidden: Tensor, start: int = 0, cache: LayerCache | None = None, lora: BlockLora | None = None
+    ) -> Tensor:
         """hidden [b, t, D], its first token at absolute position `start` -> [b, t, D]."""
         if hidden.dim() != 3 or hidden.shape[-1] != self.config.hidden_size:
             raise ValueError(
@@ -517,8 +568,8 @@ class LlamaBlock(nn.Module):
                     f"hidden has batch {hidden.shape[0]} and dtype {hidden.dtype}, the KV cache was made for "
                     f"batch {cache.batch_size} and dtype {cache.keys.dtype}"
                 )
-        h = hidden + self.self_attn(self.input_layernorm(hidden), start, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h = hidden + self.self_attn(self.input_layernorm(hidden), start, cache, lora)
+        return h + self.mlp(self.post_attention_layernorm(h), lora)
 
 
 # ----------------------------------------------------------------------------- client parts and full model
