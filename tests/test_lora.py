@@ -27,7 +27,6 @@ from swarm.models.llama import LlamaConfig
 from swarm.node.adapters import AdapterCache
 from tests.checkpoints import make_checkpoint
 
-
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # One rank-4 adapter on every projection of a node's 4 blocks is 64 KiB: the nodes keep one, not two.
 ADAPTER_BUDGET = 100_000
