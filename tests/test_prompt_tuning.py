@@ -152,3 +152,63 @@ def test_save_load_round_trip(client: DistributedModelForCausalLM, trained: Trai
     assert torch.equal(fresh.prompt, trained.tuning.prompt)
     with pytest.raises(ConfigError, match=r"\[4, 64\].*needs \[3, 64\]"):
         PromptTuning(client, VIRTUAL - 1).load(path)
+
+
+# ---- deep prompt tuning: per-block prompts sent with the requests --------------------------
+
+
+def deep_tuning(client: DistributedModelForCausalLM, seed: int) -> PromptTuning:
+    tuning = PromptTuning(client, VIRTUAL, init="random", deep=True, seed=seed)
+    assert tuning.deep_prompts is not None and not tuning.deep_prompts.any()  # starts as the shallow tuning
+    with torch.no_grad():  # as if trained for a while, so the nodes' additions matter
+        tuning.deep_prompts.normal_(0, 0.5, generator=torch.Generator().manual_seed(seed))
+    return tuning
+
+
+def test_deep_prompt_gradients_match_local_model(
+    client: DistributedModelForCausalLM, reference: LlamaForCausalLM
+) -> None:
+    tuning = deep_tuning(client, seed=3)
+    assert tuning.deep_prompts is not None
+    input_ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(4))
+    out = tuning(input_ids, labels=input_ids)
+    out.loss.backward()
+
+    prompt = tuning.prompt.detach().clone().requires_grad_(True)
+    deep = tuning.deep_prompts.detach().clone().requires_grad_(True)
+    hidden = torch.cat([prompt.expand(2, -1, -1), reference.parts.embed(input_ids)], dim=1)
+    for i, block in enumerate(reference.blocks):  # each block's input gets its prompt on the prefix
+        hidden = block(torch.cat([hidden[:, :VIRTUAL] + deep[i], hidden[:, VIRTUAL:]], dim=1))
+    expected = causal_lm_loss(reference.parts.logits(hidden[:, VIRTUAL:]), input_ids)
+    expected.backward()
+
+    assert relative_error(out.loss.detach(), expected.detach()) <= TOLERANCE
+    assert tuning.prompt.grad is not None and prompt.grad is not None
+    assert tuning.deep_prompts.grad is not None and deep.grad is not None
+    assert relative_error(tuning.prompt.grad, prompt.grad) <= TOLERANCE
+    assert relative_error(tuning.deep_prompts.grad, deep.grad) <= TOLERANCE
+    assert float(deep.grad[-1].norm()) > 0  # the last block's prompt really took part
+    shallow = PromptTuning(client, VIRTUAL, init="random", seed=3)
+    with torch.no_grad():
+        assert relative_error(shallow(input_ids), out.logits.detach()) > 1e-2
+
+
+def test_deep_prompts_in_generation_and_save_load(
+    client: DistributedModelForCausalLM, tmp_path: Path
+) -> None:
+    tuning = deep_tuning(client, seed=6)
+    prefix = SEQUENCE[:, :4]
+    out = tuning.generate(prefix, max_new_tokens=5, eos_token_id=[])
+    expected = prefix
+    with torch.no_grad():  # the KV-cache path (prompts sent with the first step) = full forwards
+        for _ in range(5):
+            expected = torch.cat([expected, tuning(expected)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert out.tolist() == expected.tolist()
+
+    tuning.save(tmp_path / "deep.safetensors")
+    fresh = PromptTuning(client, VIRTUAL, deep=True)
+    fresh.load(tmp_path / "deep.safetensors")
+    assert fresh.deep_prompts is not None and tuning.deep_prompts is not None
+    assert torch.equal(fresh.deep_prompts, tuning.deep_prompts)
+    with pytest.raises(ConfigError, match="deep_prompts"):
+        PromptTuning(client, VIRTUAL).load(tmp_path / "deep.safetensors")

@@ -2,8 +2,10 @@
 
 The client owns the only trainable weights (`prompt` [num_virtual_tokens, hidden]); the blocks
 stay on the swarm and gradients reach the prompt by Backward RPCs through `run_remote_blocks`.
-Built on the public pieces of `DistributedModelForCausalLM`: local parts, remote pipelines and
-inference sessions.
+Deep prompt tuning (P-Tuning v2) adds `deep_prompts` [num_blocks, num_virtual_tokens, hidden]:
+each node adds its blocks' rows to the virtual positions at every block's input, and Backward
+returns their gradients. Built on the public pieces of `DistributedModelForCausalLM`: local
+parts, remote pipelines and inference sessions.
 """
 
 from __future__ import annotations
@@ -22,14 +24,17 @@ from swarm.errors import ConfigError
 from swarm.generation import generate_tokens
 
 PROMPT_KEY = "prompt"
+DEEP_KEY = "deep_prompts"
 
 
 class PromptTuning(nn.Module):
     """`num_virtual_tokens` trainable embeddings prepended to the input of the remote blocks.
 
     init "vocab": start from the embeddings of random vocabulary tokens (usually trains faster);
-    "random": small normal noise. Train with any optimizer over `parameters()`; the model's own
-    local parts are not registered here, so they are not trained unless the caller adds them.
+    "random": small normal noise. deep: also train per-block prompts, starting at zero (so a new
+    deep tuning begins as the shallow one). Train with any optimizer over `parameters()`; the
+    model's own local parts are not registered here, so they are not trained unless the caller
+    adds them.
     """
 
     def __init__(
@@ -38,6 +43,7 @@ class PromptTuning(nn.Module):
         num_virtual_tokens: int,
         init: Literal["random", "vocab"] = "vocab",
         *,
+        deep: bool = False,
         seed: int | None = None,
     ) -> None:
         super().__init__()
@@ -57,6 +63,14 @@ class PromptTuning(nn.Module):
             else:
                 start = torch.randn(num_virtual_tokens, self.hidden_size, generator=gen) * 0.02
         self.prompt = nn.Parameter(start.to(device=weight.device, dtype=weight.dtype))
+        self.deep_prompts: nn.Parameter | None = None
+        if deep:
+            shape = (model.config.num_hidden_layers, num_virtual_tokens, self.hidden_size)
+            self.deep_prompts = nn.Parameter(torch.zeros(shape, device=weight.device, dtype=weight.dtype))
+
+    def _deep(self) -> torch.Tensor | None:
+        """The deep prompts as the wire takes them, [num_blocks, 1, virtual, hidden] (batch broadcast)."""
+        return self.deep_prompts.unsqueeze(1) if self.deep_prompts is not None else None
 
     def _prepend(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[b, t] ids -> [b, virtual + t, D]: the prompt, then the tokens' embeddings."""
@@ -95,7 +109,7 @@ class PromptTuning(nn.Module):
             )
         codec = self.model.client_config.training_codec if labels is not None else None
         pipeline = self.model.remote_pipeline(randomized=True, codec=codec)
-        hidden = run_remote_blocks(self._prepend(input_ids), pipeline)
+        hidden = run_remote_blocks(self._prepend(input_ids), pipeline, self._deep())
         logits = self.model.parts.logits(hidden[:, self.num_virtual_tokens :])
         if labels is None:
             return logits
@@ -129,7 +143,8 @@ class PromptTuning(nn.Module):
             eos_token_id=eos_token_id,
         )
         max_length = self.num_virtual_tokens + input_ids.shape[1] + max_new_tokens
-        with model.inference_session(max_length, batch_size=input_ids.shape[0]) as session:
+        session_of = model.inference_session(max_length, batch_size=input_ids.shape[0], prompts=self._deep())
+        with session_of as session:
 
             def step(new_ids: torch.Tensor, start: int) -> torch.Tensor:
                 # The first step carries the virtual tokens; later ones only the new token.
@@ -139,21 +154,29 @@ class PromptTuning(nn.Module):
             return generate_tokens(step, input_ids, cfg)
 
     def save(self, path: str | Path) -> None:
-        """Write the prompt as safetensors (key "prompt", sizes in the metadata)."""
+        """Write the prompts as safetensors (keys "prompt" and, when deep, "deep_prompts")."""
         meta = {"num_virtual_tokens": str(self.num_virtual_tokens), "hidden_size": str(self.hidden_size)}
-        save_file({PROMPT_KEY: self.prompt.detach().cpu().contiguous()}, str(path), metadata=meta)
+        tensors = {name: p.detach().cpu().contiguous() for name, p in self._tensors().items()}
+        save_file(tensors, str(path), metadata=meta)
 
     def load(self, path: str | Path) -> None:
-        """Read a prompt written by `save`; its sizes must equal this module's."""
+        """Read prompts written by `save`; their kind (deep or not) and sizes must equal this module's."""
         tensors = load_file(str(path))
-        if PROMPT_KEY not in tensors:
-            raise ConfigError(f"{path} has no {PROMPT_KEY!r} tensor, only {sorted(tensors)}")
-        loaded = tensors[PROMPT_KEY]
-        expected = (self.num_virtual_tokens, self.hidden_size)
-        if tuple(loaded.shape) != expected:
-            raise ConfigError(
-                f"{path} holds a prompt of [num_virtual_tokens, hidden] = {list(loaded.shape)}, "
-                f"this PromptTuning needs {list(expected)}"
-            )
+        mine = self._tensors()
+        if set(tensors) != set(mine):
+            raise ConfigError(f"{path} holds {sorted(tensors)}, this PromptTuning has {sorted(mine)}")
+        for name, param in mine.items():
+            if tensors[name].shape != param.shape:
+                raise ConfigError(
+                    f"{path} holds {name} of shape {list(tensors[name].shape)}, this PromptTuning needs "
+                    f"{list(param.shape)} (num_virtual_tokens={self.num_virtual_tokens})"
+                )
         with torch.no_grad():
-            self.prompt.copy_(loaded.to(self.prompt))
+            for name, param in mine.items():
+                param.copy_(tensors[name].to(param))
+
+    def _tensors(self) -> dict[str, nn.Parameter]:
+        tensors = {PROMPT_KEY: self.prompt}
+        if self.deep_prompts is not None:
+            tensors[DEEP_KEY] = self.deep_prompts
+        return tensors
