@@ -2,6 +2,7 @@
 
     swarm generate --model PATH_OR_ID --initial-peers MADDR --prompt-ids 1 2 3 [--max-new-tokens N]
     swarm generate --model PATH_OR_ID --initial-peers MADDR --prompt "text"   (needs tokenizer.json)
+    swarm generate ... --adapter DIR   (a peft LoRA adapter, applied on the remote blocks)
 
 Tokens are printed as they are generated.
 """
@@ -33,6 +34,9 @@ class GenerateConfig:
     top_k: int = field(default=50, metadata={"help": "sample among the k most likely tokens (0: all)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
     seed: int | None = field(default=None, metadata={"help": "random seed for sampling"})
+    adapter: str | None = field(
+        default=None, metadata={"help": "peft LoRA adapter directory to apply", "metavar": "DIR"}
+    )
 
     def __post_init__(self) -> None:
         if bool(self.prompt_ids) == (self.prompt is not None):
@@ -66,6 +70,8 @@ def generate(cfg: GenerateConfig) -> int:
         print(tokenizer.decode([t]) if tokenizer is not None else t, end="" if tokenizer else " ", flush=True)
 
     with DistributedModelForCausalLM.from_pretrained(cfg.model, cfg.initial_peers) as model:
+        if cfg.adapter is not None:
+            model.load_adapter(cfg.adapter)
         model.generate(
             input_ids,
             cfg.max_new_tokens,

@@ -7,6 +7,8 @@ these tests check interoperability and correctness at once.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -320,3 +322,22 @@ def test_adapter_store_rejects_bad_adapters() -> None:
     with pytest.raises(ProtocolError, match="is not"):
         adapters.parse_name("0.mlp.q_proj.lora_A")  # q_proj lives in self_attn
     assert len(store) == 0
+
+
+def test_cli_generate_applies_an_adapter(
+    local_swarm: LocalSwarm, client: DistributedModelForCausalLM, model_path: Path, tmp_path: Path
+) -> None:
+    random_adapter(client, seed=21)
+    client.save_adapter(tmp_path / "adapter")
+    prompt = [3, 17, 42]
+    expected = client.generate(torch.tensor([prompt]), max_new_tokens=6)[0, 3:].tolist()
+    command = [sys.executable, "-m", "swarm.cli", "generate", "--model", str(model_path)]
+    command += ["--initial-peers", *local_swarm.initial_peers, "--prompt-ids", *map(str, prompt)]
+    command += ["--max-new-tokens", "6", "--adapter", str(tmp_path / "adapter")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, check=True)
+    assert [int(t) for t in result.stdout.split()] == expected
+    client.disable_adapters()
+    try:  # the adapter made the difference
+        assert client.generate(torch.tensor([prompt]), max_new_tokens=6)[0, 3:].tolist() != expected
+    finally:
+        client.enable_adapters()
