@@ -74,6 +74,10 @@ class NodeMetrics:
         self.cache_total_bytes = Gauge(
             "swarm_node_cache_total_bytes", "Attention cache capacity.", registry=r
         )
+        self.adapter_bytes = Gauge(
+            "swarm_node_adapter_bytes", "Bytes of client LoRA adapters held.", registry=r
+        )
+        self.adapters = Gauge("swarm_node_adapters", "Client LoRA adapters held.", registry=r)
         self.inference_sessions = Gauge(
             "swarm_node_inference_sessions", "Open inference sessions.", registry=r
         )

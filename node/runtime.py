@@ -459,6 +459,8 @@ def _export_live_gauges(node: Node) -> None:
 
     m.cache_used_bytes.set_function(backend_value(lambda b: b.budget.used))
     m.cache_total_bytes.set_function(backend_value(lambda b: b.budget.total))
+    m.adapter_bytes.set_function(backend_value(lambda b: b.adapters.used))
+    m.adapters.set_function(backend_value(lambda b: len(b.adapters)))
     m.inference_sessions.set_function(backend_value(lambda b: len(b.sessions)))
     for priority in ("inference", "forward", "backward"):
         m.queue_depth.labels(priority=priority).set_function(

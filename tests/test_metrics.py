@@ -40,6 +40,7 @@ def test_counters_histograms_and_gauges_are_served(served: tuple[NodeMetrics, in
     metrics.queue_depth.labels(priority="inference").set(2)
     metrics.batch_size.observe(3)
     metrics.rebalances.inc()
+    metrics.adapter_bytes.set(65536)
     metrics.set_info(
         version="0.1.0", model="tiny", device="cpu", dtype="float32", quant="none", peer_id="Qm1"
     )
@@ -61,6 +62,7 @@ def test_counters_histograms_and_gauges_are_served(served: tuple[NodeMetrics, in
         'swarm_node_wire_bytes_total{direction="sent",encoding="raw"} 0.0',
         "swarm_node_cache_used_bytes 256.0",
         "swarm_node_cache_total_bytes 1024.0",
+        "swarm_node_adapter_bytes 65536.0",
         "swarm_node_span_start 3.0",
         "swarm_node_span_end 7.0",
         'swarm_node_queue_depth{priority="inference"} 2.0',
