@@ -14,10 +14,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import pydantic
 from hivemind.dht import DHT, DHTNode
@@ -27,6 +27,8 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.dht import dht_call
 from swarm.errors import ConfigError, DHTError
+
+T = TypeVar("T")
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -187,20 +189,15 @@ async def announce(
     """
     keys = [block_key(record.model, b) for b in record.blocks]
     value = record.model_dump(mode="json")
-    stored = await dht_call(
-        dht.run_coroutine(
-            functools.partial(
-                _store_many,
-                keys=keys,
-                value=value,
-                subkey=identity.subkey,
-                expiration=expiration_time,
-                supersede=supersede,
-            ),
-            return_future=True,
-        ),
-        timeout=timeout,
+    store = functools.partial(
+        _store_many,
+        keys=keys,
+        value=value,
+        subkey=identity.subkey,
+        expiration=expiration_time,
+        supersede=supersede,
     )
+    stored = await _run(dht, store, timeout)
     failed = [k for k in keys if not stored.get(k)]
     if failed:
         raise DHTError(f"could not announce {len(failed)} of {len(keys)} blocks ({', '.join(failed[:5])}...)")
@@ -215,15 +212,10 @@ async def withdraw(dht: DHT, identity: NodeIdentity, record: ServerRecord) -> No
     offline = record.model_copy(update={"state": ServerState.OFFLINE})
     keys = [block_key(record.model, b) for b in record.blocks]
     try:
-        await dht_call(
-            dht.run_coroutine(
-                functools.partial(
-                    _replace_own, keys=keys, value=offline.model_dump(mode="json"), subkey=identity.subkey
-                ),
-                return_future=True,
-            ),
-            timeout=DHT_TIMEOUT,
+        replace = functools.partial(
+            _replace_own, keys=keys, value=offline.model_dump(mode="json"), subkey=identity.subkey
         )
+        await _run(dht, replace, DHT_TIMEOUT)
     except Exception as e:  # leaving must not fail; the old record expires on its own anyway
         logger.warning(
             "could not withdraw %s blocks %d:%d from the DHT: %s", record.model, record.start, record.end, e
@@ -240,11 +232,18 @@ async def fetch_records(
     OFFLINE/DRAINING records are returned so that callers see who left. Lists are sorted by peer_id.
     """
     keys = {block_key(model, b): b for b in blocks}
-    found = await dht_call(
-        dht.run_coroutine(functools.partial(_get_many, keys=list(keys)), return_future=True), timeout=timeout
-    )
+    found = await _run(dht, functools.partial(_get_many, keys=list(keys)), timeout)
     now = get_dht_time()
     return {block: _parse_entries(found.get(key), model, block, now) for key, block in keys.items()}
+
+
+async def _run(dht: DHT, fn: Callable[[Any, Any], Awaitable[T]], timeout: float | None) -> T:
+    """Run `fn(dht, node)` in the DHT process; every failure, a DHT already shut down too, is a DHTError."""
+    try:
+        future = dht.run_coroutine(fn, return_future=True)
+    except OSError as e:  # the pipe to the DHT process is closed: it was shut down
+        raise DHTError(f"the DHT is not running: {e}") from e
+    return await dht_call(future, timeout=timeout)
 
 
 def latest_per_peer(records: Iterable[ServerRecord]) -> list[ServerRecord]:

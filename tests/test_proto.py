@@ -36,4 +36,5 @@ def test_service_has_the_contracted_rpcs() -> None:
         "Inference": (True, True),
         "Ping": (False, False),
         "CheckReachability": (False, False),
+        "LoadAdapter": (False, False),
     }

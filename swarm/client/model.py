@@ -364,6 +364,7 @@ class DistributedModelForCausalLM:
 
     def shutdown(self) -> None:
         try:
+            run_sync(self.swarm_map.close(), timeout=10)  # stop its refresher before the DHT goes away
             run_sync(self.pool.close(), timeout=10)
         finally:
             self.dht.shutdown()
