@@ -16,8 +16,10 @@ Llama, hidden 512, vocab 4096, float32 on the CPU):
             DHT peer, both in the root namespace) over a veth pair with `tc netem delay 25ms
             rate 100mbit` on each end, so every hop costs one 50 ms round trip. Achieved decode
             steps/s are compared with the bound 1 / (hops x RTT + compute), compute being the
-            per-token time of (a). Needs root, `ip netns` and the netem qdisc; otherwise skipped,
-            with the reason in the table and the JSON.
+            per-token time of (a). Needs root, `ip netns` and the netem qdisc. Without them the
+            link is emulated by a userspace proxy in front of each node (bench/wan_proxy.py: the
+            same one-way delay and rate per direction; nodes announce the proxy's port), and the
+            reason is in the table and the JSON; `--wan-no-proxy` skips (d) instead.
 
 Every run must give exactly the tokens of (a). The namespace, the veth pair and every process
 started here are removed again, also on errors and Ctrl-C.
@@ -26,11 +28,13 @@ started here are removed again, also on errors and Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -53,6 +57,9 @@ from swarm.demo import build_checkpoint
 from swarm.dht import start_dht
 from swarm.generation import SamplingConfig, generate_tokens
 from swarm.localswarm import LocalSwarm, NodeProcess
+
+sys.path.insert(0, str(Path(__file__).parent))
+from wan_proxy import wan_proxy
 
 PROMPT = [1, 17, 230, 981, 44, 7, 3051, 12]
 SPANS = ("0:4", "4:8")
@@ -293,8 +300,7 @@ def bench_wan(
     wan.compute_s = compute_s
     wan.bound_steps_per_s = 1 / (hops * wan.rtt_s + compute_s)
     if reason := wan_unavailable():
-        wan.reason = reason
-        return wan, []
+        return bench_wan_proxy(args, path, workdir, input_ids, expected, wan, reason)
     runs: list[Run] = []
     try:
         with wan_namespace(args.wan_delay_ms, args.wan_rate, netem=not args.wan_no_netem) as (
@@ -318,14 +324,72 @@ def bench_wan(
                 node_side.close()
                 dht_side.close()
     except WanSkipped as e:
-        wan.reason = str(e)
-        return wan, runs
+        return bench_wan_proxy(args, path, workdir, input_ids, expected, wan, str(e))
     wan.ran = True
     if args.wan_no_netem:
         wan.reason = "--wan-no-netem: namespaces and veth only, no delay (plumbing check)"
     wan.steps_per_s = statistics.median(r.decode_steps_per_s for r in runs)
     wan.ratio = wan.steps_per_s / wan.bound_steps_per_s
     wan.extra = {"tokens_per_s_end_to_end": statistics.median(r.tokens_per_s for r in runs)}
+    return wan, runs
+
+
+def parse_rate(rate: str) -> float:
+    """A tc rate ('100mbit', '1gbit', '500kbit', '8bit') in bytes/s."""
+    units = {"gbit": 1e9, "mbit": 1e6, "kbit": 1e3, "bit": 1.0}
+    for unit, bits in units.items():
+        if rate.lower().endswith(unit):
+            return float(rate[: -len(unit)]) * bits / 8
+    raise ValueError(f"rate {rate!r} is not N followed by gbit, mbit, kbit or bit")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def bench_wan_proxy(
+    args: argparse.Namespace,
+    path: Path,
+    workdir: Path,
+    input_ids: torch.Tensor,
+    expected: torch.Tensor,
+    wan: Wan,
+    why: str,
+) -> tuple[Wan, list[Run]]:
+    """(d) without netem: each node is reached through a userspace proxy with the same delay and rate.
+
+    The nodes announce the proxy's port (--announce-port), so the client's pings, sessions and
+    every activation cross the emulated link; DHT traffic does not (it does not affect decoding).
+    """
+    if args.wan_no_proxy:
+        wan.reason = why
+        return wan, []
+    delay_s, rate = args.wan_delay_ms / 1000, parse_rate(args.wan_rate)
+    wan.rtt_s = 2 * delay_s
+    wan.bound_steps_per_s = 1 / (wan.hops * wan.rtt_s + wan.compute_s)
+    runs: list[Run] = []
+    with LocalSwarm(workdir / "wan-proxy") as swarm, contextlib.ExitStack() as proxies:
+        swarm.start_dht()
+        for i, span in enumerate(SPANS):
+            port = free_port()
+            proxy = proxies.enter_context(wan_proxy(port, delay_s, rate))
+            extra = [*node_args(args), "--port", str(port), "--announce-port", str(proxy.port)]
+            swarm.start_node(path, span, *extra, name=f"wan-node-{i}")
+        with DistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers) as client:
+            client.generate(input_ids, max_new_tokens=2, eos_token_id=[])  # warm-up
+            for rep in range(args.wan_reps):
+                runs.append(swarm_generate(client, input_ids, args.new_tokens, "wan", rep, expected))
+                print_run(runs[-1])
+    wan.ran = True
+    wan.reason = f"{why}; emulated instead by a userspace proxy per node (bench/wan_proxy.py)"
+    wan.steps_per_s = statistics.median(r.decode_steps_per_s for r in runs)
+    wan.ratio = wan.steps_per_s / wan.bound_steps_per_s
+    wan.extra = {
+        "tokens_per_s_end_to_end": statistics.median(r.tokens_per_s for r in runs),
+        "emulation": "proxy",
+    }
     return wan, runs
 
 
@@ -358,6 +422,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wan-rate", default="100mbit", help="netem rate per direction")
     parser.add_argument(
         "--wan-no-netem", action="store_true", help="run (d) without netem (namespace plumbing check only)"
+    )
+    parser.add_argument(
+        "--wan-no-proxy",
+        action="store_true",
+        help="when netem is unavailable, skip (d) instead of emulating the link with a userspace proxy",
     )
     parser.add_argument("--skip-wan", action="store_true", help="skip (d)")
     parser.add_argument("--device", default="cpu", help="device of the nodes: cpu | cuda | auto")

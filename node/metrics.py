@@ -112,9 +112,14 @@ class NodeMetrics:
 
     def _initialise_series(self) -> None:
         # Export known label sets at 0 from the start, so rate() and dashboards see the series before traffic.
-        for direction in ("received", "sent"):
-            for encoding in ("raw", "compressed"):
-                self.wire_bytes.labels(direction=direction, encoding=encoding)
+        # observe_wire runs twice per request: keep its children instead of looking them up each time
+        self._wire_children = {
+            direction: (
+                self.wire_bytes.labels(direction=direction, encoding="raw"),
+                self.wire_bytes.labels(direction=direction, encoding="compressed"),
+            )
+            for direction in ("received", "sent")
+        }
         for priority in PRIORITIES:
             self.queue_depth.labels(priority=priority)
         for kind in THROUGHPUT_KINDS:
@@ -161,8 +166,9 @@ class NodeMetrics:
 
     def observe_wire(self, direction: Direction, raw_bytes: int, compressed_bytes: int) -> None:
         """Count one tensor message: its float size before the codec and its size on the wire."""
-        self.wire_bytes.labels(direction=direction, encoding="raw").inc(raw_bytes)
-        self.wire_bytes.labels(direction=direction, encoding="compressed").inc(compressed_bytes)
+        raw, compressed = self._wire_children[direction]
+        raw.inc(raw_bytes)
+        compressed.inc(compressed_bytes)
 
     @contextmanager
     def track_request(self, rpc: str, context: StatusSource | None = None) -> Iterator[RequestOutcome]:

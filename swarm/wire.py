@@ -65,6 +65,9 @@ _CACHE_GRANULE: Final = 2 << 20  # cached buffer sizes are rounded up to huge pa
 # 2**20 float32 elements = 4 MiB: several such temporaries stay in the L3 cache, and the slices are
 # still large enough for torch's intra-op threads to pay off.
 _CHUNK_ELEMENTS: Final = 1 << 20
+# Below this many payload bytes (a decoding step's hidden states: a few KiB) the tricks above cost
+# more than they save; plain `bytes` are quicker (encode 30 -> 7 us, decode 17 -> 7 us, 2 KiB).
+_SMALL_BYTES: Final = 64 << 10
 
 _DTYPE_TO_PB: Final[dict[torch.dtype, int]] = {
     torch.float32: swarm_pb2.DTYPE_FLOAT32,
@@ -173,6 +176,10 @@ def encode_tensor(
     if codec_value == swarm_pb2.CODEC_INT8_BLOCKWISE:
         return _serialize_into(header, nbytes, lambda data: _encode_int8(t, block_size, data))
     target = _HALF_CODEC_DTYPE.get(codec_value, t.dtype)
+    if 0 < nbytes <= _SMALL_BYTES and t.device.type == "cpu":
+        payload = t.to(target).contiguous().reshape(-1).view(torch.uint8)
+        header.data = payload.numpy().tobytes()
+        return header
     # One copy_ gathers strides, casts and moves off the GPU at once.
     return _serialize_into(header, nbytes, lambda data: data.view(target).view(t.shape).copy_(t))
 
@@ -321,6 +328,8 @@ def _decode_raw(data: bytes, dtype: torch.dtype, numel: int, block_size: int) ->
     if dtype == torch.bool:
         # Bytes other than 0/1 would make an invalid torch bool; normalise them instead of trusting them.
         return _readonly(data, torch.uint8, numel) != 0
+    if 0 < len(data) <= _SMALL_BYTES:  # one copy into a fresh, writable buffer
+        return torch.frombuffer(bytearray(data), dtype=dtype, count=numel)
     out = _empty(numel, dtype)
     out.copy_(_readonly(data, dtype, numel))
     return out

@@ -260,8 +260,11 @@ class InferenceStream:
             # The first write opens the stream (and maybe the connection): connect_timeout bounds it.
             opening = request.HasField("open")
             write_timeout = self.config.connect_timeout if opening else self.config.request_timeout
-            await asyncio.wait_for(self._call.write(request), write_timeout)
-            response = await asyncio.wait_for(self._call.read(), self.config.request_timeout)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for wraps every await in a new task
+            async with asyncio.timeout(write_timeout):
+                await self._call.write(request)
+            async with asyncio.timeout(self.config.request_timeout):
+                response = await self._call.read()
         except grpc.aio.AioRpcError as e:
             raise translate_rpc_error(self.hop.peer_id, e) from None
         except asyncio.InvalidStateError:  # the stream already ended (peer died): report why

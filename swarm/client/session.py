@@ -122,7 +122,8 @@ class InferenceSession:
             deadline = self.config.request_timeout
         started = time.monotonic()
         try:
-            out = await asyncio.wait_for(stream.step(x), deadline)
+            async with asyncio.timeout(deadline):  # not wait_for: no extra task per hop and token
+                out = await stream.step(x)
         except TimeoutError:
             raise PeerUnavailable(
                 f"{stream.hop.peer_id} did not answer a step within {deadline:.1f} s (hung?)"
