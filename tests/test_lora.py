@@ -7,6 +7,7 @@ these tests check interoperability and correctness at once.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,9 +21,12 @@ import transformers
 
 from swarm import adapters
 from swarm._proto import swarm_pb2
+from swarm.client.autograd import run_remote_blocks
 from swarm.client.config import ClientConfig
+from swarm.client.loop import run_sync
 from swarm.client.lora import LoraConfig, RemoteLora
 from swarm.client.model import DistributedModelForCausalLM, causal_lm_loss
+from swarm.coordinator.routing import Hop
 from swarm.errors import AdapterNotLoaded, ConfigError, LimitExceeded, ProtocolError
 from swarm.localswarm import LocalSwarm
 from swarm.models.llama import LlamaConfig
@@ -341,3 +345,34 @@ def test_cli_generate_applies_an_adapter(
         assert client.generate(torch.tensor([prompt]), max_new_tokens=6)[0, 3:].tolist() != expected
     finally:
         client.enable_adapters()
+
+
+def test_lora_backward_goes_elsewhere_when_a_server_dies(
+    local_swarm: LocalSwarm, client: DistributedModelForCausalLM, model_path: Path, tmp_path: Path
+) -> None:
+    """A server of blocks 4:8 is SIGKILLed between forward and backward: the retry sends the adapter
+    to the other server of that span, and the gradients still equal peft's."""
+    budget = ("--dtype", "float32", "--adapter-cache-bytes", str(ADAPTER_BUDGET))
+    spare = local_swarm.start_node(model_path, "4:8", *budget, name="spare")
+    spare_id = spare.info["peer_id"]
+    snapshot = run_sync(client.swarm_map.get(refresh=True))
+    spare_record = next(s for s in snapshot.online() if s.peer_id == spare_id)
+
+    adapter = random_adapter(client, seed=31)
+    client.save_adapter(tmp_path / "adapter")
+    pipeline = client.remote_pipeline(randomized=True)
+    pipeline.route[-1] = Hop(spare_record, 4, 8)  # the forward pass runs 4:8 on the spare node
+    input_ids = ids(2, 9, seed=5)
+    adapter.zero_grad(set_to_none=True)
+    hidden = run_remote_blocks(client.parts.embed(input_ids), pipeline)
+    loss = causal_lm_loss(client.parts.logits(hidden), input_ids)
+    local_swarm.stop(spare, signal.SIGKILL)
+    loss.backward()
+    assert pipeline.route[-1].peer_id != spare_id  # backward went to the surviving server
+
+    reference = peft.PeftModel.from_pretrained(hf_model(model_path), tmp_path / "adapter", is_trainable=True)
+    causal_lm_loss(reference(input_ids).logits, input_ids).backward()
+    local = {wire_name(n): p.grad for n, p in reference.named_parameters() if "lora_" in n}
+    for name, param in adapter.named_tensors().items():
+        assert param.grad is not None and local[name] is not None, name
+        assert relative_error(param.grad, local[name]) <= 1e-4, name
