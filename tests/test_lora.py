@@ -121,7 +121,7 @@ def test_peft_adapter_runs_on_the_swarm_for_generation(
     )
     torch.manual_seed(5)
     reference = peft.get_peft_model(hf_model(model_path), config).eval()
-    reference.save_pretrained(tmp_path / "from-peft")
+    reference.save_pretrained(str(tmp_path / "from-peft"))
     client.load_adapter(tmp_path / "from-peft")
 
     prompt = ids(1, 6, seed=3)
@@ -153,11 +153,11 @@ def test_lora_gradients_through_the_swarm_equal_peft(
     expected.backward()
 
     assert relative_error(loss.detach(), expected.detach()) <= 1e-5
-    local = {wire_name(n): p.grad for n, p in reference.named_parameters() if "lora_" in n}
+    local = {wire_name(n): p.grad for n, p in reference.named_parameters() if p.grad is not None}
     remote = {n: p.grad for n, p in adapter.named_tensors().items()}
     assert set(remote) == set(local) and len(remote) == 8 * 7 * 2
     for name, grad in remote.items():
-        assert grad is not None and local[name] is not None, name
+        assert grad is not None, name
         assert relative_error(grad, local[name]) <= 1e-4, name
 
 
@@ -372,7 +372,7 @@ def test_lora_backward_goes_elsewhere_when_a_server_dies(
 
     reference = peft.PeftModel.from_pretrained(hf_model(model_path), tmp_path / "adapter", is_trainable=True)
     causal_lm_loss(reference(input_ids).logits, input_ids).backward()
-    local = {wire_name(n): p.grad for n, p in reference.named_parameters() if "lora_" in n}
+    local = {wire_name(n): p.grad for n, p in reference.named_parameters() if p.grad is not None}
     for name, param in adapter.named_tensors().items():
-        assert param.grad is not None and local[name] is not None, name
+        assert param.grad is not None, name
         assert relative_error(param.grad, local[name]) <= 1e-4, name
