@@ -33,7 +33,7 @@ from torch import Tensor
 
 from swarm.adapters import tensor_name
 from swarm.errors import ConfigError, DeadlineExceeded, LimitExceeded, ProtocolError, SwarmError
-from swarm.models.llama import BlockLora, LayerCache, LlamaBlock, LlamaConfig
+from swarm.models.llama import BlockLora, LayerCache, LlamaBlock, LlamaConfig, hf_block_prefix
 from swarm.node.adapters import Adapter, AdapterCache
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,11 @@ class BackwardResult:
 # What a task computes: its inputs (on the device, in the compute dtype, possibly several
 # requests concatenated along the batch dim) -> one output of the same batch size. A task
 # that always runs alone (key None) may return a BackwardResult, already on the CPU.
-Result = Tensor | BackwardResult
+Result = Tensor | BackwardResult | dict[str, Tensor]
 Compute = Callable[[list[Tensor]], Result]
+# on_gradients(samples): called on the worker thread after a training Backward has left the
+# gradients of one request (a mean over its `samples` sequences) in the weights' `.grad`.
+OnGradients = Callable[[int], None]
 
 
 def deadline_after(seconds: float | None) -> float | None:
@@ -179,7 +182,7 @@ class ComputeWorker:
     ) -> Result:
         """Queue `compute(inputs)` and wait for its result (inputs are [batch, length, ...])."""
         loop = asyncio.get_running_loop()
-        tokens = inputs[0].shape[0] * inputs[0].shape[1]
+        tokens = inputs[0].shape[0] * inputs[0].shape[1] if inputs else 0
         task = _Task(kind, inputs, compute, key, tokens, loop.create_future(), loop, deadline)
         with self._cond:
             if self._closed:
@@ -285,9 +288,15 @@ class ComputeWorker:
             parts = [t.inputs[i].to(self.device, self.dtype) for t in live]
             inputs.append(torch.cat(parts) if len(parts) > 1 else parts[0])  # alone: no copy
         out = live[0].compute(inputs)
-        if isinstance(out, BackwardResult):  # a task that runs alone, its result already on the CPU
-            return [out]
+        if len(live) == 1:  # alone: nothing to split (and maybe not a tensor)
+            return [out.cpu() if isinstance(out, Tensor) else out]
+        assert isinstance(out, Tensor)  # merged tasks compute one batched tensor
         return list(out.cpu().split([t.inputs[0].shape[0] for t in live]))
+
+    async def call(self, fn: Callable[[], Result]) -> Result:
+        """Run `fn` on the worker thread between batches, after queued work of higher priority:
+        e.g. read weights that no optimizer step is changing meanwhile."""
+        return await self.submit(BACKWARD, [], lambda _inputs: fn())
 
 
 def _report(on_batch: OnBatch, live: list[_Task], now: float) -> None:
@@ -359,6 +368,24 @@ def _backward(blocks: list[LlamaBlock], first: int, loras: Loras, inputs: list[T
     return BackwardResult(grads[0].cpu(), grad_prompts, adapter_grads)
 
 
+def _train_backward(blocks: list[LlamaBlock], on_gradients: OnGradients, inputs: list[Tensor]) -> Result:
+    """Training: d(loss)/d(inputs), and the weights' gradients handed to the optimizer hook.
+
+    Runs on the worker thread, so no forward pass reads the weights while the hook (the
+    optimizer) changes them.
+    """
+    hidden, grad_outputs = inputs
+    params = [p for block in blocks for p in block.parameters()]
+    with torch.enable_grad():
+        h_in = hidden.detach().requires_grad_(True)
+        out = _run(blocks, h_in, [None] * len(blocks), None)
+        grad_in, *grads = torch.autograd.grad(out, [h_in, *params], grad_outputs, allow_unused=True)
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g if g is not None else torch.zeros_like(p)
+    on_gradients(hidden.shape[0])
+    return grad_in
+
+
 def _leaf_loras(loras: Loras, first: int) -> tuple[dict[str, Tensor], Loras]:
     """Copies of the adapter tensors that autograd tracks, by tensor name; blocks start at `first`."""
     leaves: dict[str, Tensor] = {}
@@ -407,11 +434,15 @@ class BlockBackend:
         batching: bool = True,
         batch_tokens: int = DEFAULT_BATCH_TOKENS,
         on_batch: OnBatch | None = None,
+        on_gradients: OnGradients | None = None,
     ) -> None:
         self.config = config
         self.blocks = blocks
-        for block in blocks:  # serving mode: Backward computes input gradients only
-            block.requires_grad_(False)
+        # Serving: Backward computes input gradients only. Training (on_gradients set): Backward
+        # also leaves the weights' gradients in `.grad` and hands them to on_gradients.
+        self.on_gradients = on_gradients
+        for block in blocks:
+            block.requires_grad_(on_gradients is not None)
         self.start, self.end = start, start + len(blocks)
         self.dtype, self.device = dtype, device
         self.budget = CacheBudget(cache_bytes)
@@ -424,6 +455,21 @@ class BlockBackend:
     def shutdown(self, timeout: float = 5.0) -> None:
         """Fail queued requests with BackendClosed and stop the worker (a running batch finishes)."""
         self.worker.close(timeout)
+
+    async def state(self) -> dict[str, Tensor]:
+        """The blocks' weights by transformers name ('model.layers.3.mlp.up_proj.weight'), copied to
+        the CPU on the worker thread, so no optimizer step changes them halfway through the copy."""
+
+        def copy() -> dict[str, Tensor]:
+            return {
+                f"{hf_block_prefix(self.start + i)}{name}": t.detach().to("cpu", copy=True)
+                for i, block in enumerate(self.blocks)
+                for name, t in block.state_dict().items()
+            }
+
+        out = await self.worker.call(copy)
+        assert isinstance(out, dict)
+        return out
 
     def queue_depth(self) -> dict[str, int]:
         """Requests waiting (not running) by kind: 'inference', 'forward', 'backward'."""
@@ -507,12 +553,23 @@ class BlockBackend:
                 f"grad_outputs shape {list(grad_outputs.shape)} != hidden_states shape {list(hidden.shape)}"
             )
         self._check_prompts(prompts, start, end, hidden.shape[0])
-        # Merged requests would sum their adapter (and prompt) gradients: tuned ones run alone.
-        key = (start, end, hidden.shape[1]) if adapter is None and prompts is None else None
+        # Merged requests would sum their adapter (and prompt) gradients: tuned ones run alone, and
+        # so does training, whose optimizer counts samples per request.
+        alone = adapter is not None or prompts is not None or self.on_gradients is not None
+        key = None if alone else (start, end, hidden.shape[1])
         compute = partial(_backward, blocks, start, self._loras(adapter, start, end))
+        if self.on_gradients is not None:
+            if (start, end) != (self.start, self.end):
+                raise ProtocolError(
+                    f"a training node runs its whole stage {self.start}:{self.end}, not {start}:{end}"
+                )
+            compute = partial(_train_backward, blocks, self.on_gradients)
         inputs = [hidden, grad_outputs] if prompts is None else [hidden, grad_outputs, prompts]
         out = await self.worker.submit(BACKWARD, inputs, compute, key=key, deadline=deadline)
-        return out if isinstance(out, BackwardResult) else BackwardResult(out)
+        if isinstance(out, BackwardResult):
+            return out
+        assert isinstance(out, Tensor)  # a plain backward computes the input gradient alone
+        return BackwardResult(out)
 
     def open_session(
         self, start: int, end: int, batch_size: int, max_length: int, adapter: Adapter | None = None

@@ -88,6 +88,7 @@ def run_join(cfg: NodeConfig) -> int:
 
     from swarm.dht import start_dht
     from swarm.node.runtime import serve
+    from swarm.node.training import serve_training
     from swarm.records import NodeIdentity
 
     identity = (
@@ -102,7 +103,8 @@ def run_join(cfg: NodeConfig) -> int:
         startup_timeout=cfg.startup_timeout,
     )
     try:
-        uvloop.run(serve(cfg, dht, identity, on_ready=lambda facts: announce_ready(facts, cfg.ready_file)))
+        run = serve_training if cfg.train else serve
+        uvloop.run(run(cfg, dht, identity, on_ready=lambda facts: announce_ready(facts, cfg.ready_file)))
     finally:
         dht.shutdown()
     return 0

@@ -125,6 +125,21 @@ class NodeConfig:
         default=256 * MiB,
         metadata=_help("bytes of client LoRA adapters kept (least recently used dropped first)"),
     )
+    # ---- training (--train): this node trains one stage of the model with its peers
+    train: bool = field(default=False, metadata=_help("train one stage of the model (SWARM training)"))
+    stage: str = field(default="auto", metadata=_help("stage to train: auto (the least served) or its index"))
+    num_stages: int = field(default=2, metadata=_help("stages the model is cut into (all peers must agree)"))
+    target_batch_size: int = field(
+        default=256, metadata=_help("samples the whole stage accumulates per optimizer step")
+    )
+    lr: float = field(default=1e-3, metadata=_help("AdamW learning rate"))
+    weight_decay: float = field(default=0.01, metadata=_help("AdamW weight decay"))
+    warmup_steps: int = field(default=10, metadata=_help("optimizer steps of linear learning-rate warm-up"))
+    matchmaking_time: float = field(
+        default=1.0, metadata=_help("seconds peers of a stage take to gather before averaging")
+    )
+    averaging_timeout: float = field(default=10.0, metadata=_help("seconds one averaging round may take"))
+    seed: int = field(default=0, metadata=_help("seed of the initial weights when training from a config"))
     session_idle_timeout: float = field(
         default=300.0, metadata=_help("seconds an inference session may wait for its next step")
     )
@@ -150,6 +165,11 @@ class NodeConfig:
             ),
         ]
         for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.stage != "auto" and not self.stage.isdigit():
+            raise ConfigError(f"--stage must be 'auto' or a stage index, got {self.stage!r}")
+        for name in ("num_stages", "target_batch_size", "lr", "matchmaking_time", "averaging_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.adapter_cache_bytes < 0:

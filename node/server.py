@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -71,6 +71,8 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
         # around a ready backend (tests, benchmarks) is online from the start.
         self.state = "online" if backend is not None else "joining"
         self.compute_throughput = 0.0
+        # A training node's optimizer epoch (steps of its stage's collaboration), for GetState.
+        self.training_epoch: Callable[[], int] = lambda: 0
         # Requests and sessions in progress; draining waits for `idle`.
         self.active = 0
         self.idle = asyncio.Event()
@@ -308,6 +310,31 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
             raise LimitExceeded(f"batch_size {batch} exceeds this node's max_batch {self.limits.max_batch}")
         adapter = self._adapter(request.header)
         return self._backend().open_session(start, end, batch, max_length, adapter)
+
+    async def GetState(
+        self, request: swarm_pb2.StateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[swarm_pb2.StateChunk]:
+        with self._track("GetState", context):
+            try:
+                backend = self._backend()
+                header = swarm_pb2.RequestHeader(
+                    protocol_version=request.protocol_version, model=request.model
+                )
+                header.span.start, header.span.end = backend.start, backend.end
+                self._check_header(header)
+                state = await backend.state()
+            except Exception as e:
+                await _abort(context, e)
+                raise
+            span = swarm_pb2.Span(start=backend.start, end=backend.end)
+            for i in range(backend.start, backend.end):  # one block per message
+                prefix = f"model.layers.{i}."
+                tensors = [
+                    swarm_pb2.NamedTensor(name=name, tensor=wire.encode_tensor(t, "none"))
+                    for name, t in state.items()
+                    if name.startswith(prefix)
+                ]
+                yield swarm_pb2.StateChunk(tensors=tensors, epoch=self.training_epoch(), span=span)
 
     async def LoadAdapter(
         self, request: swarm_pb2.LoadAdapterRequest, context: grpc.aio.ServicerContext

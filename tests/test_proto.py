@@ -37,4 +37,5 @@ def test_service_has_the_contracted_rpcs() -> None:
         "Ping": (False, False),
         "CheckReachability": (False, False),
         "LoadAdapter": (False, False),
+        "GetState": (False, True),
     }

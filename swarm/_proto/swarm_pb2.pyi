@@ -251,3 +251,29 @@ class LoadAdapterResponse(_message.Message):
     cached_bytes: int
     budget_bytes: int
     def __init__(self, cached_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ...) -> None: ...
+
+class StateRequest(_message.Message):
+    __slots__ = ("protocol_version", "model")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    model: str
+    def __init__(self, protocol_version: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+
+class NamedTensor(_message.Message):
+    __slots__ = ("name", "tensor")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tensor: Tensor
+    def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class StateChunk(_message.Message):
+    __slots__ = ("tensors", "epoch", "span")
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SPAN_FIELD_NUMBER: _ClassVar[int]
+    tensors: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    epoch: int
+    span: Span
+    def __init__(self, tensors: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., epoch: _Optional[int] = ..., span: _Optional[_Union[Span, _Mapping]] = ...) -> None: ...

@@ -65,6 +65,11 @@ class BlockServiceStub:
                 request_serializer=swarm_dot_v1_dot_swarm__pb2.LoadAdapterRequest.SerializeToString,
                 response_deserializer=swarm_dot_v1_dot_swarm__pb2.LoadAdapterResponse.FromString,
                 _registered_method=True)
+        self.GetState = channel.unary_stream(
+                '/swarm.v1.BlockService/GetState',
+                request_serializer=swarm_dot_v1_dot_swarm__pb2.StateRequest.SerializeToString,
+                response_deserializer=swarm_dot_v1_dot_swarm__pb2.StateChunk.FromString,
+                _registered_method=True)
         self.Inference = channel.stream_stream(
                 '/swarm.v1.BlockService/Inference',
                 request_serializer=swarm_dot_v1_dot_swarm__pb2.InferenceRequest.SerializeToString,
@@ -111,6 +116,12 @@ class BlockServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetState(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Inference(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -149,6 +160,11 @@ def add_BlockServiceServicer_to_server(servicer, server):
                     servicer.LoadAdapter,
                     request_deserializer=swarm_dot_v1_dot_swarm__pb2.LoadAdapterRequest.FromString,
                     response_serializer=swarm_dot_v1_dot_swarm__pb2.LoadAdapterResponse.SerializeToString,
+            ),
+            'GetState': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetState,
+                    request_deserializer=swarm_dot_v1_dot_swarm__pb2.StateRequest.FromString,
+                    response_serializer=swarm_dot_v1_dot_swarm__pb2.StateChunk.SerializeToString,
             ),
             'Inference': grpc.stream_stream_rpc_method_handler(
                     servicer.Inference,
@@ -318,6 +334,33 @@ class BlockService:
             '/swarm.v1.BlockService/LoadAdapter',
             swarm_dot_v1_dot_swarm__pb2.LoadAdapterRequest.SerializeToString,
             swarm_dot_v1_dot_swarm__pb2.LoadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/swarm.v1.BlockService/GetState',
+            swarm_dot_v1_dot_swarm__pb2.StateRequest.SerializeToString,
+            swarm_dot_v1_dot_swarm__pb2.StateChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -572,6 +572,20 @@ class LlamaBlock(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h), lora)
 
 
+def init_weights(module: nn.Module, seed: int, std: float = 0.02) -> None:
+    """Fresh weights for training from scratch, identical for one seed on every machine: matrices
+    ~ N(0, std) as transformers initialises Llama, norm weights 1, biases 0."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():  # a fixed order, so the draws are too
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.fill_(1.0)
+
+
 # ----------------------------------------------------------------------------- client parts and full model
 
 
