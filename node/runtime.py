@@ -340,13 +340,19 @@ async def watch_swarm(node: Node) -> None:
 # ---- the whole life -------------------------------------------------------------------------------
 
 
-async def serve(
-    cfg: NodeConfig, dht: DHT, identity: NodeIdentity, on_ready: Callable[[dict[str, Any]], None]
-) -> None:
+def stop_on_signals() -> asyncio.Event:
+    """An event that SIGTERM or SIGINT sets (call from inside the node's event loop)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def serve(
+    cfg: NodeConfig, dht: DHT, identity: NodeIdentity, on_ready: Callable[[dict[str, Any]], None]
+) -> None:
+    stop = stop_on_signals()
 
     ckpt = await asyncio.to_thread(checkpoint.open_checkpoint, cfg.model)
     model = checkpoint.model_name(cfg.model)

@@ -138,12 +138,18 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
         """The adapter the header names (NOT_FOUND if this node does not hold it), or None."""
         return self._backend().adapters.get(header.adapter) if header.adapter else None
 
-    def _decode_prompts(self, msg: swarm_pb2.Tensor, span: tuple[int, int]) -> torch.Tensor:
-        """Deep prompts [span blocks, batch or 1, prefix, hidden], bounded like hidden states."""
-        blocks = span[1] - span[0]
-        max_elements = blocks * self.limits.max_tokens * self._backend().config.hidden_size
-        prompts = wire.decode_tensor(msg, max_elements=max_elements)
-        self.metrics.observe_wire("received", wire.raw_nbytes(prompts), wire.encoded_nbytes(msg))
+    def _decode_prompts(
+        self,
+        request: swarm_pb2.ForwardRequest | swarm_pb2.BackwardRequest | swarm_pb2.InferenceStep,
+        span: tuple[int, int],
+    ) -> torch.Tensor | None:
+        """The request's deep prompts [span blocks, batch or 1, prefix, hidden], bounded like hidden
+        states; None when it has none."""
+        if not request.HasField("prompts"):
+            return None
+        max_elements = (span[1] - span[0]) * self.limits.max_tokens * self._backend().config.hidden_size
+        prompts = wire.decode_tensor(request.prompts, max_elements=max_elements)
+        self.metrics.observe_wire("received", wire.raw_nbytes(prompts), wire.encoded_nbytes(request.prompts))
         return prompts
 
     def _count_tokens(self, rpc: str, hidden: torch.Tensor) -> None:
@@ -199,11 +205,7 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
                 start, end = self._check_header(request.header)
                 adapter = self._adapter(request.header)
                 hidden = self._decode_hidden(request.hidden_states)
-                prompts = (
-                    self._decode_prompts(request.prompts, (start, end))
-                    if request.HasField("prompts")
-                    else None
-                )
+                prompts = self._decode_prompts(request, (start, end))
                 deadline = deadline_after(context.time_remaining())
                 out = await self._backend().forward(
                     hidden, start, end, adapter=adapter, prompts=prompts, deadline=deadline
@@ -223,11 +225,7 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
                 adapter = self._adapter(request.header)
                 hidden = self._decode_hidden(request.hidden_states)
                 grad_out = self._decode_hidden(request.grad_outputs, "grad_outputs")
-                prompts = (
-                    self._decode_prompts(request.prompts, (start, end))
-                    if request.HasField("prompts")
-                    else None
-                )
+                prompts = self._decode_prompts(request, (start, end))
                 deadline = deadline_after(context.time_remaining())
                 result = await self._backend().backward(
                     hidden, grad_out, start, end, adapter=adapter, prompts=prompts, deadline=deadline
@@ -279,7 +277,7 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
                 step = request.step
                 hidden = self._decode_hidden(step.hidden_states)
                 span = (session.start, session.end)
-                prompts = self._decode_prompts(step.prompts, span) if step.HasField("prompts") else None
+                prompts = self._decode_prompts(step, span)
                 deadline = deadline_after(context.time_remaining())
                 started = time.perf_counter()
                 out = await backend.step(session, hidden, step.position, prompts=prompts, deadline=deadline)

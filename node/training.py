@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import re
-import signal
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
@@ -37,6 +36,7 @@ from swarm.node.backend import BlockBackend
 from swarm.node.config import NodeConfig
 from swarm.node.metrics import NodeMetrics
 from swarm.node.reachability import announce_host
+from swarm.node.runtime import stop_on_signals
 from swarm.node.server import SERVICE_NAME, BlockServicer, ServerLimits, start_grpc_server
 from swarm.records import NodeIdentity, ServerRecord, ServerState, fetch_records, latest_per_peer
 
@@ -162,10 +162,7 @@ def _warmup(steps: int, epoch: int) -> float:
 async def serve_training(
     cfg: NodeConfig, dht: DHT, identity: NodeIdentity, on_ready: Callable[[dict[str, Any]], None]
 ) -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     config = read_config(cfg.model)
     model = checkpoint.model_name(cfg.model)
     device = devices.resolve_device(cfg.device)

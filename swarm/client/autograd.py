@@ -182,13 +182,7 @@ def run_remote_blocks(
 ) -> torch.Tensor:
     """`RemoteSpans.apply`, typed: gradients reach `hidden`, the deep `prompts`
     [num_blocks, batch or 1, prefix, hidden] and the pipeline's adapter when they require them."""
-    params = [p for _, p in _adapter_params(pipeline.adapter)]
+    # parameters() runs in registration order, which is adapter.names order, as accumulate() returns
+    params = list(pipeline.adapter.parameters()) if pipeline.adapter is not None else []
     output: torch.Tensor = RemoteSpans.apply(hidden, pipeline, prompts, *params)
     return output
-
-
-def _adapter_params(adapter: RemoteLora | None) -> list[tuple[str, torch.Tensor]]:
-    if adapter is None:
-        return []
-    tensors = adapter.named_tensors()
-    return [(name, tensors[name]) for name in adapter.names]
