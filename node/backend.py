@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -36,6 +37,7 @@ from swarm.errors import ConfigError, DeadlineExceeded, LimitExceeded, ProtocolE
 from swarm.models.llama import BlockLora, LayerCache, LlamaBlock, LlamaConfig, hf_block_prefix
 from swarm.node.adapters import Adapter, AdapterCache
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 INFERENCE, FORWARD, BACKWARD = 0, 1, 2  # priorities: lower runs first
@@ -61,8 +63,8 @@ class BackwardResult:
 # that always runs alone (key None) may return a BackwardResult, already on the CPU.
 Result = Tensor | BackwardResult | dict[str, Tensor]
 Compute = Callable[[list[Tensor]], Result]
-# on_gradients(samples): called on the worker thread after a training Backward has left the
-# gradients of one request (a mean over its `samples` sequences) in the weights' `.grad`.
+# on_gradients(samples): called on the worker thread after a training Backward has added the
+# gradients of one request (a mean over its `samples` sequences) to the weights' `.grad`.
 OnGradients = Callable[[int], None]
 
 
@@ -293,10 +295,17 @@ class ComputeWorker:
         assert isinstance(out, Tensor)  # merged tasks compute one batched tensor
         return list(out.cpu().split([t.inputs[0].shape[0] for t in live]))
 
-    async def call(self, fn: Callable[[], Result]) -> Result:
+    async def call(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the worker thread between batches, after queued work of higher priority:
         e.g. read weights that no optimizer step is changing meanwhile."""
-        return await self.submit(BACKWARD, [], lambda _inputs: fn())
+        box: list[T] = []
+
+        def run(_inputs: list[Tensor]) -> Result:
+            box.append(fn())
+            return {}
+
+        await self.submit(BACKWARD, [], run)
+        return box[0]
 
 
 def _report(on_batch: OnBatch, live: list[_Task], now: float) -> None:
@@ -381,7 +390,8 @@ def _train_backward(blocks: list[LlamaBlock], on_gradients: OnGradients, inputs:
         out = _run(blocks, h_in, [None] * len(blocks), None)
         grad_in, *grads = torch.autograd.grad(out, [h_in, *params], grad_outputs, allow_unused=True)
     for p, g in zip(params, grads, strict=True):
-        p.grad = g if g is not None else torch.zeros_like(p)
+        if g is not None:  # summed: the optimizer decides when to average and clear them
+            p.grad = g if p.grad is None else p.grad.add_(g)
     on_gradients(hidden.shape[0])
     return grad_in
 
@@ -456,20 +466,20 @@ class BlockBackend:
         """Fail queued requests with BackendClosed and stop the worker (a running batch finishes)."""
         self.worker.close(timeout)
 
-    async def state(self) -> dict[str, Tensor]:
+    async def state(self, also: Callable[[], T]) -> tuple[dict[str, Tensor], T]:
         """The blocks' weights by transformers name ('model.layers.3.mlp.up_proj.weight'), copied to
-        the CPU on the worker thread, so no optimizer step changes them halfway through the copy."""
+        the CPU on the worker thread, so no optimizer step changes them halfway through the copy;
+        and `also()`, read at the same moment (e.g. the optimizer's epoch)."""
 
-        def copy() -> dict[str, Tensor]:
-            return {
+        def copy() -> tuple[dict[str, Tensor], T]:
+            weights = {
                 f"{hf_block_prefix(self.start + i)}{name}": t.detach().to("cpu", copy=True)
                 for i, block in enumerate(self.blocks)
                 for name, t in block.state_dict().items()
             }
+            return weights, also()
 
-        out = await self.worker.call(copy)
-        assert isinstance(out, dict)
-        return out
+        return await self.worker.call(copy)
 
     def queue_depth(self) -> dict[str, int]:
         """Requests waiting (not running) by kind: 'inference', 'forward', 'backward'."""

@@ -139,6 +139,9 @@ class NodeConfig:
         default=1.0, metadata=_help("seconds peers of a stage take to gather before averaging")
     )
     averaging_timeout: float = field(default=10.0, metadata=_help("seconds one averaging round may take"))
+    average_state_every: int = field(
+        default=5, metadata=_help("also average weights and Adam statistics every this many steps")
+    )
     seed: int = field(default=0, metadata=_help("seed of the initial weights when training from a config"))
     session_idle_timeout: float = field(
         default=300.0, metadata=_help("seconds an inference session may wait for its next step")
@@ -169,7 +172,10 @@ class NodeConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.stage != "auto" and not self.stage.isdigit():
             raise ConfigError(f"--stage must be 'auto' or a stage index, got {self.stage!r}")
-        for name in ("num_stages", "target_batch_size", "lr", "matchmaking_time", "averaging_timeout"):
+        for name in (
+            *("num_stages", "target_batch_size", "lr", "matchmaking_time", "averaging_timeout"),
+            "average_state_every",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.adapter_cache_bytes < 0:

@@ -71,8 +71,9 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
         # around a ready backend (tests, benchmarks) is online from the start.
         self.state = "online" if backend is not None else "joining"
         self.compute_throughput = 0.0
-        # A training node's optimizer epoch (steps of its stage's collaboration), for GetState.
-        self.training_epoch: Callable[[], int] = lambda: 0
+        # A training node's optimizer epoch (steps of its stage's collaboration) and recent epochs'
+        # weight fingerprints, for GetState; read on the compute thread along with the weights.
+        self.training_status: Callable[[], tuple[int, dict[int, list[float]]]] = lambda: (0, {})
         # Requests and sessions in progress; draining waits for `idle`.
         self.active = 0
         self.idle = asyncio.Event()
@@ -320,7 +321,7 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
                 )
                 header.span.start, header.span.end = backend.start, backend.end
                 self._check_header(header)
-                state = await backend.state()
+                state, (epoch, fingerprints) = await backend.state(self.training_status)
             except Exception as e:
                 await _abort(context, e)
                 raise
@@ -332,7 +333,12 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
                     for name, t in state.items()
                     if name.startswith(prefix)
                 ]
-                yield swarm_pb2.StateChunk(tensors=tensors, epoch=self.training_epoch(), span=span)
+                chunk = swarm_pb2.StateChunk(tensors=tensors, epoch=epoch, span=span)
+                if i == backend.end - 1:
+                    chunk.fingerprints.extend(
+                        swarm_pb2.EpochFingerprint(epoch=e, sum_of_squares=f) for e, f in fingerprints.items()
+                    )
+                yield chunk
 
     async def LoadAdapter(
         self, request: swarm_pb2.LoadAdapterRequest, context: grpc.aio.ServicerContext

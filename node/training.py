@@ -13,13 +13,13 @@ server starts (forking a process with live gRPC threads is unsafe).
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import logging
 import os
-import re
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,7 +28,6 @@ from hivemind.dht import DHT
 
 import swarm
 from swarm import checkpoint
-from swarm.errors import ConfigError
 from swarm.models.llama import LlamaBlock, LlamaConfig, init_weights
 from swarm.node import device as devices
 from swarm.node.announcer import Announcer
@@ -39,21 +38,12 @@ from swarm.node.reachability import announce_host
 from swarm.node.runtime import stop_on_signals
 from swarm.node.server import SERVICE_NAME, BlockServicer, ServerLimits, start_grpc_server
 from swarm.records import NodeIdentity, ServerRecord, ServerState, fetch_records, latest_per_peer
+from swarm.training.stages import has_weights, read_config, run_id, stage_span
 
 log = logging.getLogger("swarm.node")
 
 
 # ---- pure decisions -------------------------------------------------------------------------------
-
-
-def stage_span(num_blocks: int, num_stages: int, stage: int) -> tuple[int, int]:
-    """Blocks [start, end) of `stage` when `num_blocks` are cut into `num_stages` near-equal stages."""
-    if not 1 <= num_stages <= num_blocks:
-        raise ConfigError(f"--num-stages must be in 1..{num_blocks} (the model's blocks), got {num_stages}")
-    if not 0 <= stage < num_stages:
-        raise ConfigError(f"--stage must be in 0..{num_stages - 1}, got {stage}")
-    bounds = [round(i * num_blocks / num_stages) for i in range(num_stages + 1)]
-    return bounds[stage], bounds[stage + 1]
 
 
 def choose_stage(records: Iterable[ServerRecord], num_stages: int) -> int:
@@ -67,30 +57,7 @@ def choose_stage(records: Iterable[ServerRecord], num_stages: int) -> int:
     return min(range(num_stages), key=lambda k: (totals[k], peers[k], k))
 
 
-def run_id(model: str, stage: int) -> str:
-    """The stage's hivemind run id: "<model>-stage<K>", the model name reduced to [A-Za-z0-9_-]
-    (hivemind uses it as a DHT key prefix, which must not contain '.')."""
-    return f"{re.sub(r'[^A-Za-z0-9_-]', '_', model)}-stage{stage}"
-
-
 # ---- weights -----------------------------------------------------------------------------------
-
-
-def read_config(model: str) -> LlamaConfig:
-    """The model's config: a config.json file, or a directory holding one (weights optional)."""
-    path = Path(model)
-    file = path / "config.json" if path.is_dir() else path
-    if not file.is_file():
-        raise ConfigError(f"--train --model needs a config.json or a checkpoint directory, got {model}")
-    try:
-        return LlamaConfig.from_hf_dict(json.loads(file.read_text()))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{file} is not valid JSON: {e}") from e
-
-
-def has_weights(model: str) -> bool:
-    path = Path(model)
-    return path.is_dir() and any(path.glob("*.safetensors"))
 
 
 def stage_blocks(model: str, config: LlamaConfig, span: tuple[int, int], seed: int) -> list[LlamaBlock]:
@@ -111,12 +78,40 @@ def stage_blocks(model: str, config: LlamaConfig, span: tuple[int, int], seed: i
 
 
 class StageOptimizer:
-    """hivemind.Optimizer for one stage, fed one Backward request at a time (on the compute thread)."""
+    """hivemind.Optimizer for one stage, driven from the compute thread only.
 
-    def __init__(self, dht: DHT, run_id: str, params: list[torch.nn.Parameter], cfg: NodeConfig) -> None:
+    hivemind talks to the other peers only inside `step`. A peer that gets no Backward while its
+    mates average would miss their round, and worse, a mate already matched with it in a group
+    would wait for it until the averaging timeout, its compute thread (and every trainer's
+    micro-batch there) stalled. So a ticker calls `tick` every KEEP_UP_PERIOD: once the stage
+    has its target batch, this peer steps too, with whatever it has accumulated (possibly
+    nothing: it then takes part with weight 0 and still receives the averaged gradients). A
+    peer that missed a step anyway loads the stage's state from a mate.
+
+    hivemind sees a peer only once it reports samples, so peers that start together would each
+    take their first steps alone and drift apart for good. Until this peer's tracker sees every
+    online peer of the stage (`expected_peers`, from the DHT's records) or START_GATE seconds
+    pass, it only reports its samples and keeps their gradients.
+
+    Gradients are summed in the weights' own .grad (hivemind's reuse_grad_buffers): a request's
+    gradient is a mean over its samples, and hivemind divides the sum by the number of step
+    calls, so the sum is rescaled whenever the calls and the requests differ.
+
+    `fingerprints` keeps, per epoch, the weights' sums of squares as the epoch began here: the
+    peers of a stage in sync show equal fingerprints (to float rounding) for the epochs they share.
+    """
+
+    HISTORY = 256  # epochs of fingerprints kept
+    START_GATE = 15.0  # seconds the first step waits to see the stage's other peers
+
+    def __init__(
+        self, dht: DHT, run_id: str, params: list[torch.nn.Parameter], cfg: NodeConfig, identity: NodeIdentity
+    ) -> None:
         from hivemind import Optimizer
 
         warmup = max(1, cfg.warmup_steps)
+        self.params = params
+        self.target_batch_size = cfg.target_batch_size
         self.opt = Optimizer(
             dht=dht,
             run_id=run_id,
@@ -127,34 +122,139 @@ class StageOptimizer:
             matchmaking_time=cfg.matchmaking_time,
             averaging_timeout=cfg.averaging_timeout,
             load_state_timeout=cfg.averaging_timeout * 3,
-            # Average parameters and Adam's moments in every step, in the step: peers that stepped
-            # alone (before they found each other) become identical again at the next one.
-            average_state_every=1,
+            reuse_grad_buffers=True,
+            offload_optimizer=False,  # step the weights themselves, on this (the compute) thread's watch
+            # Averaged gradients keep the peers identical; averaging the whole state (a second
+            # round, with its own matchmaking) now and then is the safety net.
+            average_state_every=cfg.average_state_every,
             delay_state_averaging=False,
             average_opt_statistics=("exp_avg", "exp_avg_sq"),
             averager_opts={"request_timeout": 0.5},
-            verbose=False,
+            # Progress records are signed, and our DHT checks signatures against the node's key:
+            # hivemind's default (a process-wide key) would be refused, and peers never meet.
+            # A short refresh period: peers learn of each other's progress within 2 s.
+            tracker_opts={"private_key": identity.private_key, "max_refresh_period": 2.0},
+            verbose=os.environ.get("SWARM_HIVEMIND_VERBOSE") == "1",
         )
+        self.expected_peers = 1  # online peers of this stage, this one included (set by the node)
+        self._gated: tuple[int, int, float] | None = (0, 0, 0.0)  # (requests, samples, since)
+        self.fingerprints: OrderedDict[int, list[float]] = OrderedDict()
+        self._note_epoch()
 
     @property
     def epoch(self) -> int:
         return int(self.opt.local_epoch)
 
     def on_gradients(self, samples: int) -> None:
-        """The weights' .grad hold one request's gradients (a mean over `samples` sequences)."""
-        self.opt.step(batch_size=samples)
-        self.opt.zero_grad()  # hivemind adds .grad into its own accumulators at every step
+        """One request's gradients (a mean over its `samples` sequences) were added to .grad."""
+        if self._gated is None:
+            self._step(samples)
+            return
+        requests, total, since = self._gated
+        self._gated = (requests + 1, total + samples, since or time.monotonic())
+        self.opt.tracker.report_local_progress(self.epoch, total + samples)  # be seen
+        self._open_gate()
+
+    def tick(self) -> None:
+        """Take part in the stage's step once it is due, or catch up if it went on without us."""
+        if self._gated is not None:
+            self._open_gate()
+            return
+        tracker = self.opt.tracker
+        if int(tracker.global_epoch) > self.epoch:
+            log.info(
+                "the stage is at epoch %d, this peer at %d: loading state", tracker.global_epoch, self.epoch
+            )
+            self.load_state_from_peers()
+            return
+        progress = tracker.global_progress
+        if progress.samples_accumulated >= self.target_batch_size and progress.num_peers > 1:
+            calls = self.opt.grad_averager.local_times_accumulated  # hivemind's divisor
+            if calls:  # one more call, no more gradients: keep sum / calls the mean
+                self._scale_grads((calls + 1) / calls)
+            self._step(0)
 
     def load_state_from_peers(self) -> None:
         self.opt.load_state_from_peers()
+        self._note_epoch()
 
     def shutdown(self) -> None:
         self.opt.shutdown()
+
+    def _open_gate(self) -> None:
+        assert self._gated is not None
+        requests, samples, since = self._gated
+        if not requests:
+            return
+        seen = self.opt.tracker.global_progress.num_peers
+        if seen < self.expected_peers and time.monotonic() - since < self.START_GATE:
+            return
+        log.info("first step with %d of %d peers of the stage in view", seen, self.expected_peers)
+        self._gated = None
+        self._scale_grads(1 / requests)  # the sum of `requests` means, handed over as one call
+        self._step(samples)
+
+    def _scale_grads(self, factor: float) -> None:
+        with torch.no_grad():
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(factor)
+
+    def _step(self, samples: int) -> None:
+        self.opt.step(batch_size=samples)
+        self._note_epoch()
+
+    def _note_epoch(self) -> None:
+        if self.epoch not in self.fingerprints:
+            self.fingerprints[self.epoch] = weights_fingerprint(self.params)
+            while len(self.fingerprints) > self.HISTORY:
+                self.fingerprints.popitem(last=False)
+
+
+def weights_fingerprint(params: Iterable[torch.Tensor]) -> list[float]:
+    """Each tensor's sum of squares, in float64: equal for weights equal to float rounding, and
+    apart by far more for weights that took different steps."""
+    return [float(p.detach().double().square().sum()) for p in params]
 
 
 def _warmup(steps: int, epoch: int) -> float:
     return min(1.0, (epoch + 1) / steps)
 
+
+async def _keep_up(backend: BlockBackend, optimizer: StageOptimizer, stop: asyncio.Event) -> None:
+    """Every KEEP_UP_PERIOD, on the compute thread (between requests): step with the stage, or
+    catch up with it; see StageOptimizer."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), KEEP_UP_PERIOD)
+        if stop.is_set():
+            return
+        try:
+            await backend.worker.call(optimizer.tick)
+        except Exception:  # keep serving; the next tick (or hivemind's own step) tries again
+            log.exception("could not keep up with the stage's peers")
+
+
+async def _count_mates(
+    dht: DHT, model: str, stage: int, span: tuple[int, int], optimizer: StageOptimizer, stop: asyncio.Event
+) -> None:
+    """Keep `optimizer.expected_peers` at the number of online peers of the stage, from the DHT."""
+    while not stop.is_set():
+        try:
+            records = await fetch_records(dht, model, [span[0]])
+            mates = {
+                r.peer_id
+                for r in latest_per_peer(x for rs in records.values() for x in rs)
+                if r.trainable_stage == stage and r.state == ServerState.ONLINE
+            }
+            optimizer.expected_peers = max(1, len(mates | {str(dht.peer_id)}))
+        except Exception:  # the DHT may hiccup; the gate also opens on its own timer
+            log.debug("could not read the stage's peers", exc_info=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+
+
+KEEP_UP_PERIOD = 0.2
 
 # ---- the node's life -------------------------------------------------------------------------
 
@@ -176,7 +276,7 @@ async def serve_training(
     blocks = [b.to(device) for b in await asyncio.to_thread(stage_blocks, cfg.model, config, span, cfg.seed)]
     params = [p for b in blocks for p in b.parameters()]
     # On this thread: hivemind installs signal handlers, which only the main thread may do.
-    optimizer = StageOptimizer(dht, run_id(model, stage), params, cfg)
+    optimizer = StageOptimizer(dht, run_id(model, stage), params, cfg, identity)
     try:
         mates = [r for r in peers if r.trainable_stage == stage and r.state == ServerState.ONLINE]
         if mates:  # others train this stage already: start from where they are
@@ -217,7 +317,7 @@ async def _serve_stage(
         cfg.max_batch, cfg.max_tokens, cfg.max_session_length, cfg.max_message_bytes, cfg.session_idle_timeout
     )
     servicer = BlockServicer(backend, model, str(dht.peer_id), limits, metrics=metrics)
-    servicer.training_epoch = lambda: optimizer.epoch
+    servicer.training_status = lambda: (optimizer.epoch, dict(optimizer.fingerprints))
     server, port, health = await start_grpc_server(servicer, cfg.host, cfg.port, cfg.max_message_bytes)
     address = f"{announce_host(cfg)}:{cfg.announce_port or port}"
     announcer = Announcer(dht, identity, cfg.announce_period)
@@ -232,7 +332,7 @@ async def _serve_stage(
         trainable_stage=stage,
         software_version=swarm.__version__,
     )
-    background = None
+    background: list[asyncio.Task[None]] | None = None
     try:
         await announcer.publish(record, required=True)
         await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -248,11 +348,15 @@ async def _serve_stage(
                 "pid": os.getpid(),
             }
         )
-        background = asyncio.create_task(announcer.run(stop))
+        background = [
+            asyncio.create_task(announcer.run(stop)),
+            asyncio.create_task(_keep_up(backend, optimizer, stop)),
+            asyncio.create_task(_count_mates(dht, model, stage, span, optimizer, stop)),
+        ]
         await stop.wait()
     finally:
-        if background is not None:
-            background.cancel()
+        for task in background or ():
+            task.cancel()
         servicer.state = str(ServerState.DRAINING)
         await announcer.withdraw()
         await server.stop(grace=2)

@@ -24,9 +24,10 @@ from swarm.dht import start_dht
 from swarm.errors import ConfigError
 from swarm.localswarm import LocalSwarm
 from swarm.models.llama import ClientParts, LlamaBlock, LlamaConfig, init_weights
-from swarm.node.training import choose_stage, read_config, run_id, stage_blocks, stage_span
+from swarm.node.training import choose_stage, stage_blocks
 from swarm.records import ServerRecord, ServerState
 from swarm.training.data import VOCAB_SIZE, ByteDataset, DataConfig
+from swarm.training.stages import read_config, run_id, stage_span
 
 HF_CONFIG = {
     "model_type": "llama",

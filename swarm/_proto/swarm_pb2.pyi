@@ -269,11 +269,21 @@ class NamedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class StateChunk(_message.Message):
-    __slots__ = ("tensors", "epoch", "span")
+    __slots__ = ("tensors", "epoch", "span", "fingerprints")
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SPAN_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINTS_FIELD_NUMBER: _ClassVar[int]
     tensors: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     epoch: int
     span: Span
-    def __init__(self, tensors: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., epoch: _Optional[int] = ..., span: _Optional[_Union[Span, _Mapping]] = ...) -> None: ...
+    fingerprints: _containers.RepeatedCompositeFieldContainer[EpochFingerprint]
+    def __init__(self, tensors: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., epoch: _Optional[int] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., fingerprints: _Optional[_Iterable[_Union[EpochFingerprint, _Mapping]]] = ...) -> None: ...
+
+class EpochFingerprint(_message.Message):
+    __slots__ = ("epoch", "sum_of_squares")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SUM_OF_SQUARES_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    sum_of_squares: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, epoch: _Optional[int] = ..., sum_of_squares: _Optional[_Iterable[float]] = ...) -> None: ...

@@ -26,6 +26,7 @@ from swarm.client.remote import BackwardReply, ChannelPool, Tuning, remote_backw
 from swarm.coordinator.bans import BanList
 from swarm.coordinator.routing import Hop, span_throughput
 from swarm.coordinator.swarm_map import SwarmMapCache
+from swarm.records import ServerRecord
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -42,6 +43,8 @@ class RemotePipeline:
     banned: set[str] = field(default_factory=set)  # failed during this pipeline's life
     bans: BanList | None = None  # the client's bans, shared with later routes
     adapter: RemoteLora | None = None  # the client's LoRA, applied on every hop
+    # Which servers may replace a failed hop (the trainer takes training peers only); None: any.
+    eligible: Callable[[ServerRecord], bool] | None = None
 
     def tunings(self, prompts: torch.Tensor | None = None) -> list[Tuning]:
         """Each hop's share of the adapter and of deep prompts [num_blocks, batch or 1, prefix, hidden].
@@ -127,6 +130,7 @@ class RemotePipeline:
             s
             for s in snapshot.online()
             if s.start <= hop.start and hop.end <= s.end and s.peer_id not in avoid
+            if self.eligible is None or self.eligible(s)
         ]
         if candidates:  # drawn by throughput, as the route itself was (SWARM wiring)
             weights = [span_throughput(s) for s in candidates]

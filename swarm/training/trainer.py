@@ -1,0 +1,378 @@
+"""The SWARM trainer (`swarm train`): data, embeddings and LM head here; the blocks on the swarm.
+
+Every micro-batch takes its own pipeline, drawn at random in proportion to each peer's
+throughput divided by the work this trainer already has in flight there (SWARM's stochastic
+wiring: a slow or busy peer simply gets less). Several micro-batches are in flight at once, so
+all stages work in parallel. Backward goes back through the very peers of the forward pass;
+a hop whose peer fails is re-sent to another peer of its stage (RemotePipeline's retry), and
+a micro-batch whose pipeline fails altogether is run again on a new one. Every micro-batch is
+counted once when it is issued and once when it completes; `run` asserts the two agree.
+
+The client parts (embeddings, final norm, LM head) are this trainer's own stage: several
+trainers average them with hivemind.Optimizer under the run id "<model>-head", as the nodes of
+a stage do. Local compute runs on one thread of its own, so the event loop keeps the network
+busy while the head computes, and every micro-batch's gradients reach the optimizer whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from hivemind.dht import DHT
+
+from swarm import checkpoint
+from swarm.client.autograd import RemotePipeline
+from swarm.client.config import ClientConfig
+from swarm.client.loop import run_sync
+from swarm.client.remote import ChannelPool
+from swarm.coordinator.bans import BanList
+from swarm.coordinator.routing import SwarmMap, throughput_weighted_route
+from swarm.coordinator.swarm_map import SwarmMapCache
+from swarm.errors import ConfigError, SwarmError
+from swarm.models.llama import ClientParts, LlamaConfig, init_weights
+from swarm.records import NodeIdentity
+from swarm.training.data import ByteDataset, DataConfig
+from swarm.training.stages import HEAD, has_weights, read_config, run_id
+
+log = logging.getLogger("swarm.training")
+T = TypeVar("T")
+
+
+class TrainingError(SwarmError):
+    """Training cannot go on: a micro-batch failed on every pipeline tried, or counts disagree."""
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    model: str  # the nodes' --model: a config.json or a checkpoint directory
+    steps: int = 100  # optimizer steps (of the trainers' collaboration) to run
+    micro_batch_size: int = 8  # sequences per micro-batch
+    in_flight: int = 4  # micro-batches in the swarm at once
+    target_batch_size: int = 256  # samples per optimizer step, swarm-wide (as the nodes')
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 10
+    matchmaking_time: float = 1.0
+    averaging_timeout: float = 10.0
+    seed: int = 0  # initial weights (as the nodes') and the data order
+    codec: str = "int8"  # activations and gradients on the wire
+    max_attempts: int = 3  # pipelines tried per micro-batch (each hop also retries on its own)
+    request_timeout: float = 60.0  # one Forward/Backward; a node may be averaging for a while
+    max_seconds: float | None = None  # stop after this long, whatever the step
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        positive = [
+            *("steps", "micro_batch_size", "in_flight", "target_batch_size", "lr", "warmup_steps"),
+            *("matchmaking_time", "averaging_timeout", "max_attempts", "request_timeout"),
+        ]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ConfigError(f"--max-seconds must be > 0, got {self.max_seconds}")
+        if self.micro_batch_size > self.target_batch_size:
+            raise ConfigError(
+                f"--micro-batch-size {self.micro_batch_size} is above --target-batch-size "
+                f"{self.target_batch_size}: every micro-batch would be a step of its own"
+            )
+
+
+@dataclass
+class Progress:
+    """What the trainer has done so far; `on_progress` gets it after every micro-batch."""
+
+    step: int = 0  # optimizer steps of the trainers' collaboration
+    issued: int = 0  # micro-batches sent into the swarm
+    completed: int = 0  # micro-batches whose gradients reached every stage and the head
+    resent: int = 0  # completed micro-batches that needed another peer for some hop
+    samples: int = 0
+    started: float = field(default_factory=time.monotonic)
+    losses: list[tuple[float, int, float]] = field(default_factory=list)  # (seconds, samples, loss)
+    peers: dict[int, int] = field(default_factory=dict)  # stage -> online training peers
+
+    @property
+    def samples_per_second(self) -> float:
+        elapsed = time.monotonic() - self.started
+        return self.samples / elapsed if elapsed > 0 else 0.0
+
+    def recent_loss(self, n: int = 20) -> float:
+        """Mean loss of the last `n` micro-batches (nan before the first)."""
+        tail = [loss for _, _, loss in self.losses[-n:]]
+        return sum(tail) / len(tail) if tail else math.nan
+
+
+def model_name(model: str) -> str:
+    """The name the swarm knows the model by: its directory's name (for a config.json, the
+    directory holding it), as the nodes announce it."""
+    path = Path(model)
+    return checkpoint.model_name(path.parent if path.is_file() else path)
+
+
+def initial_parts(model: str, config: LlamaConfig, seed: int) -> ClientParts:
+    """The client parts from the checkpoint's weights, or fresh from `seed` (the nodes draw block i
+    from seed + i + 1, so no two parts share a draw)."""
+    if has_weights(model):
+        return checkpoint.load_client_parts(checkpoint.open_checkpoint(model), dtype=torch.float32)
+    parts = ClientParts(config)
+    init_weights(parts, seed)
+    parts.tie_weights()
+    return parts
+
+
+class HeadOptimizer:
+    """hivemind.Optimizer over the client parts, shared by all trainers of the model."""
+
+    def __init__(self, dht: DHT, model: str, parts: ClientParts, cfg: TrainerConfig, identity: NodeIdentity):
+        from hivemind import Optimizer
+
+        warmup = cfg.warmup_steps
+        self.opt = Optimizer(
+            dht=dht,
+            run_id=run_id(model, HEAD),
+            params=list(parts.parameters()),
+            optimizer=partial(torch.optim.AdamW, lr=cfg.lr, weight_decay=cfg.weight_decay),
+            scheduler=partial(
+                torch.optim.lr_scheduler.LambdaLR, lr_lambda=lambda e: min(1.0, (e + 1) / warmup)
+            ),
+            target_batch_size=cfg.target_batch_size,
+            matchmaking_time=cfg.matchmaking_time,
+            averaging_timeout=cfg.averaging_timeout,
+            average_state_every=5,
+            average_opt_statistics=("exp_avg", "exp_avg_sq"),
+            averager_opts={"request_timeout": 0.5},
+            tracker_opts={"private_key": identity.private_key},  # see StageOptimizer
+            verbose=False,
+        )
+
+    @property
+    def epoch(self) -> int:
+        return int(self.opt.local_epoch)
+
+
+class Head:
+    """The client parts' compute, always on one thread (`run`), so that an optimizer step never
+    overlaps a micro-batch's use of the weights."""
+
+    def __init__(self, parts: ClientParts, optimizer: HeadOptimizer) -> None:
+        self.parts, self.optimizer = parts, optimizer
+        self._params = list(parts.parameters())
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="swarm-head")
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.parts.embed(tokens[:, :-1])
+
+    def loss(
+        self, hidden: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[float, torch.Tensor, list[torch.Tensor]]:
+        """Next-byte loss of the blocks' output `hidden`; d(loss)/d(hidden) and d(loss)/d(head weights)."""
+        hidden = hidden.float().requires_grad_(True)
+        logits = self.parts.logits(hidden)
+        loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        grad_hidden, *grads = torch.autograd.grad(loss, [hidden, *self._params], allow_unused=True)
+        return (
+            float(loss.detach()),
+            grad_hidden,
+            [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, self._params, strict=True)],
+        )
+
+    def apply(
+        self, tokens: torch.Tensor, grad_embedded: torch.Tensor, head_grads: list[torch.Tensor]
+    ) -> None:
+        """Hand one micro-batch's gradients (head, plus embeddings from the blocks' input gradient)
+        to the optimizer, which steps when the collaboration has its target batch."""
+        for p, g in zip(self._params, head_grads, strict=True):
+            p.grad = g.clone()
+        with torch.enable_grad():
+            embedded = self.parts.embed(tokens[:, :-1])
+            embedded.backward(grad_embedded.to(embedded.dtype))
+        self.optimizer.opt.step(batch_size=tokens.shape[0])
+        self.optimizer.opt.zero_grad()
+
+    def shutdown(self) -> None:
+        self._thread.shutdown(wait=True)
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        dht: DHT,
+        identity: NodeIdentity,
+        *,
+        client_config: ClientConfig | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.config = read_config(cfg.model)
+        self.model = model_name(cfg.model)
+        self.dht = dht
+        self.data = ByteDataset(replace(cfg.data, seed=cfg.seed))
+        self.parts = initial_parts(cfg.model, self.config, cfg.seed)
+        # Built here, on the caller's (main) thread: hivemind installs signal handlers.
+        self.optimizer = HeadOptimizer(dht, self.model, self.parts, cfg, identity)
+        self.head = Head(self.parts, self.optimizer)
+        base = client_config or ClientConfig()
+        self.client_config = replace(base, codec=cfg.codec, request_timeout=cfg.request_timeout)
+        self.swarm_map = SwarmMapCache(dht, self.model, self.config.num_hidden_layers, ttl=2.0)
+        self.pool = ChannelPool(self.client_config)
+        self.bans = BanList(self.client_config.ban_base, self.client_config.ban_limit)
+        self.rng = random.Random(cfg.seed)
+        self.load: Counter[str] = Counter()  # this trainer's micro-batches in flight, per peer
+        self.progress = Progress()
+        self._done: set[int] = set()
+        self._stop = asyncio.Event()
+
+    # ---- one micro-batch --------------------------------------------------------------------
+
+    def _training_map(self, snapshot: SwarmMap) -> SwarmMap:
+        return replace(snapshot, servers=tuple(s for s in snapshot.servers if s.trainable_stage is not None))
+
+    async def _pipeline(self) -> RemotePipeline:
+        snapshot = self._training_map(await self.swarm_map.get())
+        route = throughput_weighted_route(snapshot, rng=self.rng, banned=self.bans.banned(), load=self.load)
+        return RemotePipeline(
+            self.pool,
+            self.swarm_map,
+            self.client_config,
+            route,
+            bans=self.bans,
+            eligible=lambda s: s.trainable_stage is not None,
+        )
+
+    async def _micro_batch(self, index: int) -> tuple[float, bool]:
+        """Forward and backward of micro-batch `index` through the swarm; (loss, re-sent?)."""
+        tokens = self.data.batch(index, self.cfg.micro_batch_size)
+        error: BaseException | None = None
+        for attempt in range(1, self.cfg.max_attempts + 1):
+            try:
+                pipeline = await self._pipeline()
+            except SwarmError as e:  # e.g. a stage with no peer right now
+                error = e
+                await self._wait_before(attempt, e)
+                continue
+            peers = [hop.peer_id for hop in pipeline.route]
+            self.load.update(peers)
+            try:
+                embedded = await self.head.run(self.head.embed, tokens)
+                hidden, inputs = await pipeline.forward(embedded)
+                loss, grad_hidden, head_grads = await self.head.run(self.head.loss, hidden, tokens)
+                reply = await pipeline.backward(inputs, grad_hidden)
+                await self.head.run(self.head.apply, tokens, reply.grad_inputs, head_grads)
+                return loss, attempt > 1 or bool(pipeline.banned)
+            except SwarmError as e:
+                if not e.retryable:
+                    raise
+                error = e
+                await self._wait_before(attempt, e)
+            finally:
+                self.load.subtract(peers)
+        raise TrainingError(
+            f"micro-batch {index} failed on {self.cfg.max_attempts} pipelines; last error: {error}"
+        )
+
+    async def _wait_before(self, attempt: int, error: BaseException) -> None:
+        if attempt < self.cfg.max_attempts:
+            log.warning("micro-batch pipeline failed (%s); trying a new one", error)
+            await asyncio.sleep(self.client_config.retry.delay(attempt))
+            await self.swarm_map.get(refresh=True)
+
+    # ---- the run ----------------------------------------------------------------------------
+
+    def _finished(self) -> bool:
+        if self.optimizer.epoch >= self.cfg.steps:
+            return True
+        elapsed = time.monotonic() - self.progress.started
+        return self.cfg.max_seconds is not None and elapsed >= self.cfg.max_seconds
+
+    async def _worker(self, next_index: Callable[[], int], on_progress: Callable[[Progress], None]) -> None:
+        while not self._stop.is_set() and not self._finished():
+            index = next_index()
+            self.progress.issued += 1
+            loss, resent = await self._micro_batch(index)
+            if index in self._done:
+                raise TrainingError(f"micro-batch {index} completed twice")
+            self._done.add(index)
+            p = self.progress
+            p.completed += 1
+            p.resent += resent
+            p.samples += self.cfg.micro_batch_size
+            p.step = self.optimizer.epoch
+            p.losses.append((time.monotonic() - p.started, p.samples, loss))
+            on_progress(p)
+
+    async def _watch_peers(self) -> None:
+        """Keep `progress.peers` (online training peers per stage) current for the progress bar."""
+        while not self._stop.is_set():
+            snapshot = self._training_map(await self.swarm_map.get())
+            counts: Counter[int] = Counter(
+                s.trainable_stage for s in snapshot.online() if s.trainable_stage is not None
+            )
+            self.progress.peers = dict(sorted(counts.items()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), 1.0)
+
+    async def run(
+        self, on_progress: Callable[[Progress], None] = lambda p: None, first_index: int = 0
+    ) -> Progress:
+        """Train until `steps` optimizer steps (or `max_seconds`); then let the micro-batches in
+        flight finish, so every issued micro-batch is completed (or the run fails loudly)."""
+        counter = iter(range(first_index, 1 << 62))
+        self.progress = Progress()
+        watcher = asyncio.create_task(self._watch_peers())
+        workers = [
+            asyncio.create_task(self._worker(lambda: next(counter), on_progress))
+            for _ in range(self.cfg.in_flight)
+        ]
+        try:
+            await asyncio.gather(*workers)
+        except BaseException:
+            self._stop.set()
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            raise
+        finally:
+            self._stop.set()
+            watcher.cancel()
+        p = self.progress
+        p.step = self.optimizer.epoch
+        if p.completed != p.issued or len(self._done) != p.completed:
+            raise TrainingError(
+                f"issued {p.issued} micro-batches but completed {p.completed} ({len(self._done)} distinct)"
+            )
+        return p
+
+    def stop(self) -> None:
+        """Stop issuing micro-batches (thread-safe); those in flight finish."""
+        from swarm.client.loop import get_loop
+
+        get_loop().call_soon_threadsafe(self._stop.set)
+
+    def train(self, on_progress: Callable[[Progress], None] = lambda p: None) -> Progress:
+        return run_sync(self.run(on_progress))
+
+    def shutdown(self) -> None:
+        try:
+            run_sync(self.swarm_map.close(), timeout=10)
+            run_sync(self.pool.close(), timeout=10)
+        finally:
+            self.head.shutdown()
+            self.optimizer.opt.shutdown()
