@@ -162,9 +162,13 @@ class ComputeWorker:
         batching: bool = True,
         batch_tokens: int = DEFAULT_BATCH_TOKENS,
         on_batch: OnBatch | None = None,
+        slowdown: float = 1.0,
     ) -> None:
         if batch_tokens < 1:
             raise ConfigError(f"batch_tokens must be >= 1, got {batch_tokens}")
+        if slowdown < 1:
+            raise ConfigError(f"slowdown must be >= 1, got {slowdown}")
+        self.slowdown = slowdown  # > 1 emulates a slower device (benchmarks): idle after each batch
         self.device, self.dtype = device, dtype
         self.batching, self.batch_tokens, self.on_batch = batching, batch_tokens, on_batch
         self._queues: tuple[deque[_Task], ...] = tuple(deque() for _ in KINDS)
@@ -274,7 +278,10 @@ class ComputeWorker:
         if self.on_batch is not None:
             _report(self.on_batch, live, now)
         try:
+            began = time.monotonic()
             outputs = self._compute(live)
+            if self.slowdown > 1:
+                time.sleep((self.slowdown - 1) * (time.monotonic() - began))
         except Exception as e:  # e.g. out of memory: every request of the batch gets the error
             for task in live:
                 task.resolve(e)
@@ -445,6 +452,7 @@ class BlockBackend:
         batch_tokens: int = DEFAULT_BATCH_TOKENS,
         on_batch: OnBatch | None = None,
         on_gradients: OnGradients | None = None,
+        slowdown: float = 1.0,
     ) -> None:
         self.config = config
         self.blocks = blocks
@@ -459,7 +467,7 @@ class BlockBackend:
         self.adapters = AdapterCache(adapter_bytes)  # client LoRA adapters for this span
         self.sessions: dict[int, InferenceSession] = {}
         self.worker = ComputeWorker(
-            device, dtype, batching=batching, batch_tokens=batch_tokens, on_batch=on_batch
+            device, dtype, batching=batching, batch_tokens=batch_tokens, on_batch=on_batch, slowdown=slowdown
         )
 
     def shutdown(self, timeout: float = 5.0) -> None:

@@ -143,6 +143,10 @@ class NodeConfig:
         default=5, metadata=_help("also average weights and Adam statistics every this many steps")
     )
     seed: int = field(default=0, metadata=_help("seed of the initial weights when training from a config"))
+    slowdown: float = field(
+        default=1.0,
+        metadata=_help("emulate a slower device for benchmarks: every batch takes this many times as long"),
+    )
     session_idle_timeout: float = field(
         default=300.0, metadata=_help("seconds an inference session may wait for its next step")
     )
@@ -184,6 +188,8 @@ class NodeConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        if self.slowdown < 1:
+            raise ConfigError(f"--slowdown must be >= 1, got {self.slowdown}")
         if self.balance_threshold < 0:
             raise ConfigError(f"--balance-threshold must be >= 0, got {self.balance_threshold}")
 

@@ -312,6 +312,7 @@ async def _serve_stage(
         batching=cfg.batching,
         batch_tokens=cfg.batch_tokens,
         on_gradients=optimizer.on_gradients,
+        slowdown=cfg.slowdown,
     )
     limits = ServerLimits(
         cfg.max_batch, cfg.max_tokens, cfg.max_session_length, cfg.max_message_bytes, cfg.session_idle_timeout

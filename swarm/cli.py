@@ -5,6 +5,9 @@
     swarm generate ... --adapter DIR   (a peft LoRA adapter, applied on the remote blocks)
 
 Tokens are printed as they are generated.
+
+    swarm train --model CONFIG_OR_CHECKPOINT --initial-peers MADDR [--steps N] [--data PATH]
+    swarm export --model CONFIG_OR_CHECKPOINT --initial-peers MADDR --out DIR
 """
 
 from __future__ import annotations
@@ -86,16 +89,113 @@ def generate(cfg: GenerateConfig) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class TrainCommand:
+    model: str = field(metadata={"help": "the training nodes' --model: config.json or checkpoint dir"})
+    initial_peers: tuple[str, ...] = field(metadata={"help": "multiaddrs of swarm peers"})
+    steps: int = field(default=100, metadata={"help": "optimizer steps to train for"})
+    micro_batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch"})
+    in_flight: int = field(default=4, metadata={"help": "micro-batches in the swarm at once"})
+    target_batch_size: int = field(
+        default=256, metadata={"help": "samples per optimizer step, swarm-wide (as the nodes')"}
+    )
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of embeddings and head"})
+    warmup_steps: int = field(default=10, metadata={"help": "steps of learning-rate warm-up"})
+    seq_len: int = field(default=256, metadata={"help": "bytes per training sequence"})
+    data: str | None = field(
+        default=None, metadata={"help": "text file or directory (default: the Python standard library)"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of initial weights and data order (as the nodes')"})
+    codec: str = field(default="int8", metadata={"help": "activations and gradients on the wire"})
+    wiring: str = field(default="random", metadata={"help": "random (SWARM) or fixed pipeline"})
+    checkpoint_dir: str | None = field(
+        default=None, metadata={"help": "save (and resume from) trainer.pt here", "metavar": "DIR"}
+    )
+    checkpoint_every: int = field(default=10, metadata={"help": "steps between checkpoints"})
+    max_seconds: float | None = field(default=None, metadata={"help": "stop after this many seconds"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address this trainer's DHT peer listens on"})
+
+
+def train(cmd: TrainCommand) -> int:
+    from swarm.dht import start_dht
+    from swarm.records import NodeIdentity
+    from swarm.training.data import DataConfig
+    from swarm.training.trainer import Trainer, TrainerConfig
+
+    cfg = TrainerConfig(
+        model=cmd.model,
+        steps=cmd.steps,
+        micro_batch_size=cmd.micro_batch_size,
+        in_flight=cmd.in_flight,
+        target_batch_size=cmd.target_batch_size,
+        lr=cmd.lr,
+        warmup_steps=cmd.warmup_steps,
+        seed=cmd.seed,
+        codec=cmd.codec,
+        wiring=cmd.wiring,  # type: ignore[arg-type]  # checked by TrainerConfig
+        checkpoint_dir=Path(cmd.checkpoint_dir) if cmd.checkpoint_dir else None,
+        checkpoint_every=cmd.checkpoint_every,
+        max_seconds=cmd.max_seconds,
+        data=DataConfig(data=Path(cmd.data) if cmd.data else None, seq_len=cmd.seq_len + 1),
+    )
+    identity = NodeIdentity.generate()
+    dht = start_dht(initial_peers=cmd.initial_peers, host=cmd.host, identity=identity)
+    trainer = Trainer(cfg, dht, identity)
+    try:
+        progress = trainer.train(ProgressLine(cfg.steps))
+    finally:
+        trainer.shutdown()
+        dht.shutdown()
+    first = progress.losses[0][2] if progress.losses else float("nan")
+    print(
+        f"train: loss {first:.3f} -> {progress.recent_loss():.3f} in {progress.step} steps, "
+        f"{progress.completed} micro-batches ({progress.resent} re-sent), "
+        f"{progress.samples_per_second:.1f} samples/s",
+        flush=True,
+    )
+    return 0
+
+
+class ProgressLine:
+    """One status line: redrawn in place on a terminal, printed every 5 s otherwise."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+        self.tty = sys.stdout.isatty()
+        self.last = 0.0
+
+    def __call__(self, p: Any) -> None:
+        import time
+
+        now = time.monotonic()
+        if now - self.last < (0.2 if self.tty else 5.0):
+            return
+        self.last = now
+        done = min(1.0, p.step / self.steps)
+        bar = "#" * int(done * 20)
+        peers = " ".join(f"s{k}:{n}" for k, n in p.peers.items())
+        line = (
+            f"[{bar:<20}] step {p.step}/{self.steps}  loss {p.recent_loss():.3f}  "
+            f"{p.samples_per_second:.1f} samples/s  peers {peers}  re-sent {p.resent}"
+        )
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="swarm", description="Use a model served by a Swarm.")
     commands = parser.add_subparsers(dest="command", required=True)
-    add_config_arguments(
-        commands.add_parser("generate", help="generate text through the swarm"), GenerateConfig
-    )
+    # name -> (help, config class, function); each command's flags come from its config class
+    table: dict[str, tuple[str, type, Any]] = {
+        "generate": ("generate text through the swarm", GenerateConfig, generate),
+        "train": ("train a model on the swarm's training nodes (SWARM)", TrainCommand, train),
+    }
+    for name, (help_text, cls, _) in table.items():
+        add_config_arguments(commands.add_parser(name, help=help_text), cls)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _, cls, run = table[args.command]
     try:
-        return generate(config_from_args(GenerateConfig, args))
+        return int(run(config_from_args(cls, args)))
     except SwarmError as e:
         print(f"swarm: error: {e}", file=sys.stderr)
         return 2

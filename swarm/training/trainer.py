@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,7 @@ from swarm.client.config import ClientConfig
 from swarm.client.loop import run_sync
 from swarm.client.remote import ChannelPool
 from swarm.coordinator.bans import BanList
-from swarm.coordinator.routing import SwarmMap, throughput_weighted_route
+from swarm.coordinator.routing import Hop, SwarmMap, throughput_weighted_route
 from swarm.coordinator.swarm_map import SwarmMapCache
 from swarm.errors import ConfigError, SwarmError
 from swarm.models.llama import ClientParts, LlamaConfig, init_weights
@@ -73,16 +73,23 @@ class TrainerConfig:
     max_attempts: int = 3  # pipelines tried per micro-batch (each hop also retries on its own)
     request_timeout: float = 60.0  # one Forward/Backward; a node may be averaging for a while
     max_seconds: float | None = None  # stop after this long, whatever the step
+    # SWARM's random wiring per micro-batch, or one fixed pipeline (re-drawn only on failure),
+    # the baseline that bench/training.py compares against.
+    wiring: Literal["random", "fixed"] = "random"
+    checkpoint_dir: Path | None = None  # trainer.pt here: saved every checkpoint_every steps, resumed
+    checkpoint_every: int = 10
     data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
         positive = [
             *("steps", "micro_batch_size", "in_flight", "target_batch_size", "lr", "warmup_steps"),
-            *("matchmaking_time", "averaging_timeout", "max_attempts", "request_timeout"),
+            *("matchmaking_time", "averaging_timeout", "max_attempts", "request_timeout", "checkpoint_every"),
         ]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.wiring not in ("random", "fixed"):
+            raise ConfigError(f"--wiring must be 'random' or 'fixed', got {self.wiring!r}")
         if self.max_seconds is not None and self.max_seconds <= 0:
             raise ConfigError(f"--max-seconds must be > 0, got {self.max_seconds}")
         if self.micro_batch_size > self.target_batch_size:
@@ -134,6 +141,45 @@ def initial_parts(model: str, config: LlamaConfig, seed: int) -> ClientParts:
     return parts
 
 
+TRAINER_CHECKPOINT = "trainer.pt"
+
+
+def save_trainer_checkpoint(
+    path: Path, parts: ClientParts, optimizer_state: dict[str, Any], step: int, next_index: int
+) -> None:
+    """The trainer's own stage: client-part weights (our names), optimizer state, step, and the next
+    micro-batch index. Written to a temporary file and renamed, so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    state = {
+        "parts": parts.state_dict(),
+        "optimizer": optimizer_state,
+        "step": step,
+        "next_index": next_index,
+    }
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_trainer_checkpoint(path: Path) -> dict[str, Any]:
+    """What save_trainer_checkpoint wrote: {"parts", "optimizer", "step", "next_index"}."""
+    if not path.is_file():
+        raise ConfigError(
+            f"no trainer checkpoint at {path} "
+            f"(swarm train writes {TRAINER_CHECKPOINT} in its --checkpoint-dir)"
+        )
+    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    return state
+
+
+def load_trainer_parts(path: Path, config: LlamaConfig) -> ClientParts:
+    """The client parts (embeddings, final norm, LM head) from a trainer checkpoint."""
+    parts = ClientParts(config)
+    parts.load_state_dict(load_trainer_checkpoint(path)["parts"])
+    parts.tie_weights()
+    return parts
+
+
 class HeadOptimizer:
     """hivemind.Optimizer over the client parts, shared by all trainers of the model."""
 
@@ -152,6 +198,7 @@ class HeadOptimizer:
             target_batch_size=cfg.target_batch_size,
             matchmaking_time=cfg.matchmaking_time,
             averaging_timeout=cfg.averaging_timeout,
+            offload_optimizer=False,  # the weights themselves, so a checkpoint holds what was trained
             average_state_every=5,
             average_opt_statistics=("exp_avg", "exp_avg_sq"),
             averager_opts={"request_timeout": 0.5},
@@ -238,6 +285,19 @@ class Trainer:
         self.load: Counter[str] = Counter()  # this trainer's micro-batches in flight, per peer
         self.progress = Progress()
         self._done: set[int] = set()
+        self._fixed: list[Hop] = []  # the one route of wiring="fixed"
+        self.checkpoint = cfg.checkpoint_dir / TRAINER_CHECKPOINT if cfg.checkpoint_dir else None
+        self._next_index = 0  # in the data order; a resumed run goes on from its checkpoint's
+        self._in_flight: set[int] = set()
+        self._saved_step = 0
+        if self.checkpoint is not None and self.checkpoint.is_file():
+            state = load_trainer_checkpoint(self.checkpoint)
+            self.parts.load_state_dict(state["parts"])
+            self.optimizer.opt.load_state_dict(state["optimizer"])
+            self._next_index = int(state["next_index"])
+            log.info(
+                "resumed from %s: step %d, micro-batch %d", self.checkpoint, state["step"], self._next_index
+            )
         self._stop = asyncio.Event()
 
     # ---- one micro-batch --------------------------------------------------------------------
@@ -247,7 +307,12 @@ class Trainer:
 
     async def _pipeline(self) -> RemotePipeline:
         snapshot = self._training_map(await self.swarm_map.get())
-        route = throughput_weighted_route(snapshot, rng=self.rng, banned=self.bans.banned(), load=self.load)
+        banned = self.bans.banned()
+        if self.cfg.wiring == "fixed" and self._fixed and not {h.peer_id for h in self._fixed} & banned:
+            route = list(self._fixed)
+        else:
+            route = throughput_weighted_route(snapshot, rng=self.rng, banned=banned, load=self.load)
+            self._fixed = list(route)
         return RemotePipeline(
             self.pool,
             self.swarm_map,
@@ -302,11 +367,14 @@ class Trainer:
         elapsed = time.monotonic() - self.progress.started
         return self.cfg.max_seconds is not None and elapsed >= self.cfg.max_seconds
 
-    async def _worker(self, next_index: Callable[[], int], on_progress: Callable[[Progress], None]) -> None:
+    async def _worker(self, on_progress: Callable[[Progress], None]) -> None:
         while not self._stop.is_set() and not self._finished():
-            index = next_index()
+            index = self._next_index
+            self._next_index += 1
+            self._in_flight.add(index)
             self.progress.issued += 1
             loss, resent = await self._micro_batch(index)
+            self._in_flight.discard(index)
             if index in self._done:
                 raise TrainingError(f"micro-batch {index} completed twice")
             self._done.add(index)
@@ -316,7 +384,18 @@ class Trainer:
             p.samples += self.cfg.micro_batch_size
             p.step = self.optimizer.epoch
             p.losses.append((time.monotonic() - p.started, p.samples, loss))
+            if self.checkpoint is not None and p.step >= self._saved_step + self.cfg.checkpoint_every:
+                self._saved_step = p.step
+                await self.head.run(self.save_checkpoint)
             on_progress(p)
+
+    def save_checkpoint(self) -> None:
+        """Write trainer.pt (call on the head's thread, or once nothing runs there)."""
+        if self.checkpoint is None:
+            return
+        resume_at = min(self._in_flight, default=self._next_index)  # unfinished ones run again
+        state = self.optimizer.opt.state_dict()
+        save_trainer_checkpoint(self.checkpoint, self.parts, state, self.optimizer.epoch, resume_at)
 
     async def _watch_peers(self) -> None:
         """Keep `progress.peers` (online training peers per stage) current for the progress bar."""
@@ -329,18 +408,14 @@ class Trainer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), 1.0)
 
-    async def run(
-        self, on_progress: Callable[[Progress], None] = lambda p: None, first_index: int = 0
-    ) -> Progress:
-        """Train until `steps` optimizer steps (or `max_seconds`); then let the micro-batches in
-        flight finish, so every issued micro-batch is completed (or the run fails loudly)."""
-        counter = iter(range(first_index, 1 << 62))
-        self.progress = Progress()
+    async def run(self, on_progress: Callable[[Progress], None] = lambda p: None) -> Progress:
+        """Train until `steps` optimizer steps (or `max_seconds`, or `stop()`); then let the
+        micro-batches in flight finish, so every issued micro-batch is completed (or the run fails
+        loudly), and save the checkpoint."""
+        self.progress = Progress(step=self.optimizer.epoch)
+        self._saved_step = self.optimizer.epoch
         watcher = asyncio.create_task(self._watch_peers())
-        workers = [
-            asyncio.create_task(self._worker(lambda: next(counter), on_progress))
-            for _ in range(self.cfg.in_flight)
-        ]
+        workers = [asyncio.create_task(self._worker(on_progress)) for _ in range(self.cfg.in_flight)]
         try:
             await asyncio.gather(*workers)
         except BaseException:
@@ -354,6 +429,7 @@ class Trainer:
             watcher.cancel()
         p = self.progress
         p.step = self.optimizer.epoch
+        await self.head.run(self.save_checkpoint)
         if p.completed != p.issued or len(self._done) != p.completed:
             raise TrainingError(
                 f"issued {p.issued} micro-batches but completed {p.completed} ({len(self._done)} distinct)"
