@@ -22,8 +22,9 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
+import grpc
 import torch
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hivemind.dht import DHT
 
 import swarm
@@ -38,7 +39,7 @@ from swarm.node.reachability import announce_host
 from swarm.node.runtime import stop_on_signals
 from swarm.node.server import SERVICE_NAME, BlockServicer, ServerLimits, start_grpc_server
 from swarm.records import NodeIdentity, ServerRecord, ServerState, fetch_records, latest_per_peer
-from swarm.training.stages import has_weights, read_config, run_id, stage_span
+from swarm.training.stages import has_weights, model_name, read_config, run_id, stage_span
 
 log = logging.getLogger("swarm.node")
 
@@ -264,13 +265,21 @@ async def serve_training(
 ) -> None:
     stop = stop_on_signals()
     config = read_config(cfg.model)
-    model = checkpoint.model_name(cfg.model)
+    model = model_name(cfg.model)
     device = devices.resolve_device(cfg.device)
     n = config.num_hidden_layers
     records = await fetch_records(dht, model, list(range(n)))
-    peers = [
-        r for r in latest_per_peer(x for rs in records.values() for x in rs) if r.peer_id != str(dht.peer_id)
-    ]
+    # Only peers that answer: a crashed peer's record stays in the DHT until it expires, and
+    # counting it would send this node to the wrong stage (or wait on it for state).
+    peers = await _answering(
+        [
+            r
+            for r in latest_per_peer(x for rs in records.values() for x in rs)
+            if r.peer_id != str(dht.peer_id)
+            and r.trainable_stage is not None
+            and r.state == ServerState.ONLINE
+        ]
+    )
     stage = choose_stage(peers, cfg.num_stages) if cfg.stage == "auto" else int(cfg.stage)
     span = stage_span(n, cfg.num_stages, stage)
     blocks = [b.to(device) for b in await asyncio.to_thread(stage_blocks, cfg.model, config, span, cfg.seed)]
@@ -285,6 +294,23 @@ async def serve_training(
         await _serve_stage(cfg, dht, identity, on_ready, stop, config, model, stage, span, blocks, optimizer)
     finally:
         await asyncio.to_thread(optimizer.shutdown)
+
+
+async def _answering(records: list[ServerRecord], timeout: float = 3.0) -> list[ServerRecord]:
+    """The records whose node answers a gRPC health check as SERVING within `timeout` seconds."""
+
+    async def serving(record: ServerRecord) -> bool:
+        try:
+            async with grpc.aio.insecure_channel(record.grpc_address) as channel:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout
+                )
+            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+        except grpc.aio.AioRpcError:
+            return False
+
+    answers = await asyncio.gather(*(serving(r) for r in records))
+    return [r for r, ok in zip(records, answers, strict=True) if ok]
 
 
 async def _serve_stage(

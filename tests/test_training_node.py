@@ -2,7 +2,7 @@
 
 What is checked here: the pure stage decisions, deterministic initial weights, and 2 stages x
 2 peers training a byte-level model from a config: the loss falls and every peer's optimizer
-takes steps. Keeping the peers of a stage identical after each step is not reached yet.
+takes steps, and the two peers of each stage begin every epoch with the same weights.
 """
 
 from __future__ import annotations
@@ -14,20 +14,20 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from hivemind.dht import DHT
 
 import swarm
 from swarm import wire
 from swarm._proto import swarm_pb2, swarm_pb2_grpc
-from swarm.client.config import ClientConfig
-from swarm.client.model import DistributedModelForCausalLM
 from swarm.dht import start_dht
 from swarm.errors import ConfigError
 from swarm.localswarm import LocalSwarm
-from swarm.models.llama import ClientParts, LlamaBlock, LlamaConfig, init_weights
+from swarm.models.llama import LlamaBlock, LlamaConfig
 from swarm.node.training import choose_stage, stage_blocks
-from swarm.records import ServerRecord, ServerState
-from swarm.training.data import VOCAB_SIZE, ByteDataset, DataConfig
+from swarm.records import NodeIdentity, ServerRecord, ServerState
+from swarm.training.data import VOCAB_SIZE, DataConfig
 from swarm.training.stages import read_config, run_id, stage_span
+from swarm.training.trainer import Trainer, TrainerConfig
 
 HF_CONFIG = {
     "model_type": "llama",
@@ -115,43 +115,69 @@ def training_swarm(tmp_path_factory: pytest.TempPathFactory, config_dir: Path) -
         yield local
 
 
-def get_state(address: str) -> tuple[int, dict[str, torch.Tensor]]:
+def get_state(address: str) -> tuple[int, dict[str, torch.Tensor], dict[int, list[float]]]:
+    """(epoch, weights by name, weight fingerprints by epoch) of a training node."""
     with grpc.insecure_channel(address) as channel:
         request = swarm_pb2.StateRequest(protocol_version=swarm.PROTOCOL_VERSION, model="byte-llama")
         chunks = list(swarm_pb2_grpc.BlockServiceStub(channel).GetState(request, timeout=60))
-    return chunks[-1].epoch, {t.name: wire.decode_tensor(t.tensor) for c in chunks for t in c.tensors}
+    weights = {t.name: wire.decode_tensor(t.tensor) for c in chunks for t in c.tensors}
+    prints = {f.epoch: list(f.sum_of_squares) for f in chunks[-1].fingerprints}
+    return chunks[-1].epoch, weights, prints
 
 
-def test_two_stages_of_two_peers_train_a_byte_model(training_swarm: LocalSwarm) -> None:
+def assert_in_step(a: dict[int, list[float]], b: dict[int, list[float]], at_least: int) -> list[int]:
+    """Two peers of a stage began every epoch they share with the same weights (to float rounding)."""
+    shared = sorted(set(a) & set(b))
+    assert len(shared) >= at_least, (sorted(a), sorted(b))
+    for epoch in shared:
+        assert a[epoch] == pytest.approx(b[epoch], rel=1e-5), f"weights differ at epoch {epoch}"
+    return shared
+
+
+def trainer_for(local: LocalSwarm, config_dir: Path, **overrides: object) -> tuple[Trainer, DHT]:
+    identity = NodeIdentity.generate()
+    dht = start_dht(initial_peers=local.initial_peers, identity=identity)
+    settings: dict[str, object] = dict(
+        model=str(config_dir),
+        steps=16,
+        micro_batch_size=8,
+        in_flight=4,
+        target_batch_size=32,
+        lr=3e-3,
+        warmup_steps=2,
+        codec="none",
+        data=DataConfig(seq_len=65, max_bytes=1 << 20),
+    )
+    settings.update(overrides)
+    return Trainer(TrainerConfig(**settings), dht, identity), dht  # type: ignore[arg-type]
+
+
+def test_two_stages_of_two_peers_train_in_step(training_swarm: LocalSwarm, config_dir: Path) -> None:
     nodes = [p for p in training_swarm.processes if p.name.startswith("train-")]
     assert [p.info["stage"] for p in nodes] == [0, 1, 0, 1]
     assert [p.info["span"] for p in nodes] == ["0:2", "2:4", "0:2", "2:4"]
-    config = LlamaConfig.from_hf_dict(HF_CONFIG)
-    parts = ClientParts(config)
-    init_weights(parts, seed=0)
-    dht = start_dht(initial_peers=training_swarm.initial_peers, client_mode=True)
-    model = DistributedModelForCausalLM("byte-llama", config, parts, dht, ClientConfig())
+    trainer, dht = trainer_for(training_swarm, config_dir)
     try:
-        data = ByteDataset(DataConfig(seq_len=64, max_bytes=1 << 20))
-        optimizer = torch.optim.AdamW(parts.parameters(), lr=3e-3)
-        losses = []
-        for step in range(40):
-            batch = data.batch(step, 8)
-            loss = model(batch, labels=batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(float(loss.detach()))
+        progress = trainer.train()
     finally:
-        model.shutdown()
-    print(f"training: loss {losses[0]:.2f} -> {sum(losses[-5:]) / 5:.2f} (mean of the last 5) in 40 steps")
-    assert sum(losses[-5:]) / 5 < 0.75 * losses[0], losses
+        trainer.shutdown()
+        dht.shutdown()
+    losses = [loss for _, _, loss in progress.losses]
+    print(f"training: loss {losses[0]:.2f} -> {progress.recent_loss(5):.2f} in {progress.step} steps, {progress.completed} micro-batches")
+    assert progress.step >= 16
+    assert progress.issued == progress.completed == len(losses)
+    assert progress.recent_loss(5) < 0.85 * losses[0], losses
 
-    for node, span in zip(nodes, ((0, 2), (2, 4), (0, 2), (2, 4)), strict=True):
-        epoch, state = get_state(node.info["grpc_address"])
-        assert epoch >= 1, node.name  # its optimizer stepped with the stage's collaboration
+    config = LlamaConfig.from_hf_dict(HF_CONFIG)
+    states = [get_state(node.info["grpc_address"]) for node in nodes]
+    for (epoch, weights, _), span in zip(states, ((0, 2), (2, 4), (0, 2), (2, 4)), strict=True):
+        assert epoch >= 3  # every peer's optimizer stepped with its stage
         names = {
             f"model.layers.{i}.{n}" for i in range(*span) for n, _ in LlamaBlock(config).named_parameters()
         }
-        assert set(state) == names
-        assert all(torch.isfinite(t).all() for t in state.values())
+        assert set(weights) == names
+        assert all(torch.isfinite(t).all() for t in weights.values())
+    for a, b in ((0, 2), (1, 3)):  # the two peers of each stage, after every step they both took
+        shared = assert_in_step(states[a][2], states[b][2], at_least=4)
+        assert max(shared) >= 3
+        assert states[a][2][0] != pytest.approx(states[a][2][max(shared)], rel=1e-5)  # they did train

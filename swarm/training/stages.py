@@ -10,6 +10,7 @@ import json
 import re
 from pathlib import Path
 
+from swarm import checkpoint
 from swarm.errors import ConfigError
 from swarm.models.llama import LlamaConfig
 
@@ -49,3 +50,10 @@ def read_config(model: str) -> LlamaConfig:
 def has_weights(model: str) -> bool:
     path = Path(model)
     return path.is_dir() and any(path.glob("*.safetensors"))
+
+
+def model_name(model: str) -> str:
+    """The name the swarm knows a trained model by: its directory's name (for a config.json, the
+    directory holding it). Nodes and trainers must agree on it."""
+    path = Path(model)
+    return checkpoint.model_name(path.parent if path.is_file() else path)

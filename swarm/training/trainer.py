@@ -46,7 +46,7 @@ from swarm.errors import ConfigError, SwarmError
 from swarm.models.llama import ClientParts, LlamaConfig, init_weights
 from swarm.records import NodeIdentity
 from swarm.training.data import ByteDataset, DataConfig
-from swarm.training.stages import HEAD, has_weights, read_config, run_id
+from swarm.training.stages import HEAD, has_weights, model_name, read_config, run_id
 
 log = logging.getLogger("swarm.training")
 T = TypeVar("T")
@@ -121,13 +121,6 @@ class Progress:
         """Mean loss of the last `n` micro-batches (nan before the first)."""
         tail = [loss for _, _, loss in self.losses[-n:]]
         return sum(tail) / len(tail) if tail else math.nan
-
-
-def model_name(model: str) -> str:
-    """The name the swarm knows the model by: its directory's name (for a config.json, the
-    directory holding it), as the nodes announce it."""
-    path = Path(model)
-    return checkpoint.model_name(path.parent if path.is_file() else path)
 
 
 def initial_parts(model: str, config: LlamaConfig, seed: int) -> ClientParts:
