@@ -8,6 +8,9 @@ takes steps, and the two peers of each stage begin every epoch with the same wei
 from __future__ import annotations
 
 import json
+import signal
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +30,7 @@ from swarm.node.training import choose_stage, stage_blocks
 from swarm.records import NodeIdentity, ServerRecord, ServerState
 from swarm.training.data import VOCAB_SIZE, DataConfig
 from swarm.training.stages import read_config, run_id, stage_span
-from swarm.training.trainer import Trainer, TrainerConfig
+from swarm.training.trainer import Progress, Trainer, TrainerConfig
 
 HF_CONFIG = {
     "model_type": "llama",
@@ -163,7 +166,9 @@ def test_two_stages_of_two_peers_train_in_step(training_swarm: LocalSwarm, confi
         trainer.shutdown()
         dht.shutdown()
     losses = [loss for _, _, loss in progress.losses]
-    print(f"training: loss {losses[0]:.2f} -> {progress.recent_loss(5):.2f} in {progress.step} steps, {progress.completed} micro-batches")
+    print(
+        f"training: loss {losses[0]:.2f} -> {progress.recent_loss(5):.2f} in {progress.step} steps, {progress.completed} micro-batches"
+    )
     assert progress.step >= 16
     assert progress.issued == progress.completed == len(losses)
     assert progress.recent_loss(5) < 0.85 * losses[0], losses
@@ -181,3 +186,68 @@ def test_two_stages_of_two_peers_train_in_step(training_swarm: LocalSwarm, confi
         shared = assert_in_step(states[a][2], states[b][2], at_least=4)
         assert max(shared) >= 3
         assert states[a][2][0] != pytest.approx(states[a][2][max(shared)], rel=1e-5)  # they did train
+
+
+def test_a_killed_peer_loses_nothing_and_its_replacement_takes_part(
+    tmp_path_factory: pytest.TempPathFactory, config_dir: Path
+) -> None:
+    with LocalSwarm(tmp_path_factory.mktemp("faults")) as local:
+        local.start_dht()
+        nodes = [
+            local.start_node(config_dir, None, *TRAIN, "--stage", str(stage), name=f"peer-{i}")
+            for i, stage in enumerate((0, 1, 0, 1))
+        ]
+        trainer, dht = trainer_for(local, config_dir, steps=10_000, max_seconds=240)
+        progressed = threading.Condition()
+        outcome: dict[str, object] = {}
+
+        def on_progress(_: Progress) -> None:
+            with progressed:
+                progressed.notify_all()
+
+        def train() -> None:
+            try:
+                outcome["progress"] = trainer.train(on_progress)
+            except BaseException as e:  # reported by the assertions below
+                outcome["error"] = e
+            finally:
+                with progressed:
+                    progressed.notify_all()
+
+        runner = threading.Thread(target=train, name="trainer")
+        try:
+            runner.start()
+            with progressed:  # train a few steps with all four peers
+                assert progressed.wait_for(lambda: trainer.progress.step >= 3 or bool(outcome), timeout=120)
+            assert not outcome, outcome
+            local.stop(nodes[3], signal.SIGKILL)  # a stage-1 peer dies with micro-batches in flight
+
+            replacement = local.start_node(config_dir, None, *TRAIN, "--stage", "auto", name="replacement")
+            assert replacement.info["stage"] == 1  # the stage that lost a peer
+            joined_at = replacement.info["epoch"]
+            assert joined_at >= 1  # it loaded the stage's state, not fresh weights
+
+            def took_part() -> bool:  # two steps with its mate since it joined
+                epoch, _, _ = get_state(replacement.info["grpc_address"])
+                return epoch >= joined_at + 2 or bool(outcome)
+
+            deadline = time.monotonic() + 120
+            while not took_part() and time.monotonic() < deadline:
+                with progressed:
+                    progressed.wait(timeout=5.0)  # woken by the next micro-batch
+        finally:
+            trainer.stop()
+            runner.join(timeout=120)
+            trainer.shutdown()
+            dht.shutdown()
+
+        assert "error" not in outcome, outcome
+        progress = outcome["progress"]
+        assert isinstance(progress, Progress)
+        print(f"faults: {progress.completed} micro-batches, {progress.resent} re-sent after the kill")
+        assert progress.issued == progress.completed  # none lost, none counted twice
+        assert progress.resent >= 1
+        _, _, mate = get_state(nodes[1].info["grpc_address"])
+        _, _, new = get_state(replacement.info["grpc_address"])
+        shared = assert_in_step(mate, new, at_least=2)
+        assert max(shared) >= joined_at + 2
