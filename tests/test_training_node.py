@@ -166,9 +166,8 @@ def test_two_stages_of_two_peers_train_in_step(training_swarm: LocalSwarm, confi
         trainer.shutdown()
         dht.shutdown()
     losses = [loss for _, _, loss in progress.losses]
-    print(
-        f"training: loss {losses[0]:.2f} -> {progress.recent_loss(5):.2f} in {progress.step} steps, {progress.completed} micro-batches"
-    )
+    loss = f"{losses[0]:.2f} -> {progress.recent_loss(5):.2f}"
+    print(f"training: loss {loss} in {progress.step} steps, {progress.completed} micro-batches")
     assert progress.step >= 16
     assert progress.issued == progress.completed == len(losses)
     assert progress.recent_loss(5) < 0.85 * losses[0], losses
