@@ -169,6 +169,9 @@ class ComputeWorker:
         if slowdown < 1:
             raise ConfigError(f"slowdown must be >= 1, got {slowdown}")
         self.slowdown = slowdown  # > 1 emulates a slower device (benchmarks): idle after each batch
+        # Work done, for a measured throughput: tokens of the requests run, and seconds they took.
+        self.tokens_done = 0
+        self.busy_seconds = 0.0
         self.device, self.dtype = device, dtype
         self.batching, self.batch_tokens, self.on_batch = batching, batch_tokens, on_batch
         self._queues: tuple[deque[_Task], ...] = tuple(deque() for _ in KINDS)
@@ -282,6 +285,10 @@ class ComputeWorker:
             outputs = self._compute(live)
             if self.slowdown > 1:
                 time.sleep((self.slowdown - 1) * (time.monotonic() - began))
+            tokens = sum(task.tokens for task in live)
+            if tokens:
+                self.tokens_done += tokens
+                self.busy_seconds += time.monotonic() - began
         except Exception as e:  # e.g. out of memory: every request of the batch gets the error
             for task in live:
                 task.resolve(e)

@@ -11,6 +11,7 @@ JSON to --ready-file, so scripts and tests wait for readiness instead of sleepin
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -83,7 +84,7 @@ def run_dht(cfg: DHTPeerConfig) -> int:
     return 0
 
 
-def run_join(cfg: NodeConfig) -> int:
+def run_join(cfg: NodeConfig, argv: list[str]) -> int:
     import uvloop
 
     from swarm.dht import start_dht
@@ -102,11 +103,17 @@ def run_join(cfg: NodeConfig) -> int:
         identity=identity,
         startup_timeout=cfg.startup_timeout,
     )
+    on_ready = functools.partial(announce_ready, ready_file=cfg.ready_file)
     try:
-        run = serve_training if cfg.train else serve
-        uvloop.run(run(cfg, dht, identity, on_ready=lambda facts: announce_ready(facts, cfg.ready_file)))
+        if not cfg.train:
+            uvloop.run(serve(cfg, dht, identity, on_ready=on_ready))
+            return 0
+        move = uvloop.run(serve_training(cfg, dht, identity, on_ready=on_ready))
     finally:
         dht.shutdown()
+    if move is not None:  # a fresh process joins the stage that needs it most (the same PID)
+        log.info("restarting to join stage %d", move)
+        os.execv(sys.executable, [sys.executable, "-m", "swarm.node.cli", *argv])
     return 0
 
 
@@ -128,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "dht":
             return run_dht(config_from_args(DHTPeerConfig, args))
-        return run_join(config_from_args(NodeConfig, args))
+        return run_join(config_from_args(NodeConfig, args), list(sys.argv[1:] if argv is None else argv))
     except SwarmError as e:
         log.error("%s", e)
         return 2

@@ -143,6 +143,10 @@ class NodeConfig:
         default=5, metadata=_help("also average weights and Adam statistics every this many steps")
     )
     seed: int = field(default=0, metadata=_help("seed of the initial weights when training from a config"))
+    checkpoint_dir: str | None = field(
+        default=None, metadata=_help("save the stage's state here (and resume from it)", metavar="DIR")
+    )
+    checkpoint_every: int = field(default=10, metadata=_help("optimizer steps between stage checkpoints"))
     slowdown: float = field(
         default=1.0,
         metadata=_help("emulate a slower device for benchmarks: every batch takes this many times as long"),
@@ -178,7 +182,7 @@ class NodeConfig:
             raise ConfigError(f"--stage must be 'auto' or a stage index, got {self.stage!r}")
         for name in (
             *("num_stages", "target_batch_size", "lr", "matchmaking_time", "averaging_timeout"),
-            "average_state_every",
+            *("average_state_every", "checkpoint_every"),
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")

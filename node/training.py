@@ -16,10 +16,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -29,6 +31,7 @@ from hivemind.dht import DHT
 
 import swarm
 from swarm import checkpoint
+from swarm.errors import ConfigError
 from swarm.models.llama import LlamaBlock, LlamaConfig, init_weights
 from swarm.node import device as devices
 from swarm.node.announcer import Announcer
@@ -47,15 +50,44 @@ log = logging.getLogger("swarm.node")
 # ---- pure decisions -------------------------------------------------------------------------------
 
 
-def choose_stage(records: Iterable[ServerRecord], num_stages: int) -> int:
-    """The stage with the least total throughput among online training peers (ties: the lowest)."""
+def stage_totals(records: Iterable[ServerRecord], num_stages: int) -> tuple[list[float], list[int]]:
+    """Total announced throughput and number of online training peers, per stage."""
     totals = [0.0] * num_stages
     peers = [0] * num_stages
     for r in records:
         if r.state == ServerState.ONLINE and r.trainable_stage is not None and r.trainable_stage < num_stages:
             totals[r.trainable_stage] += r.throughput
             peers[r.trainable_stage] += 1
+    return totals, peers
+
+
+def choose_stage(records: Iterable[ServerRecord], num_stages: int) -> int:
+    """The stage with the least total throughput among online training peers (ties: the lowest)."""
+    totals, peers = stage_totals(records, num_stages)
     return min(range(num_stages), key=lambda k: (totals[k], peers[k], k))
+
+
+def plan_stage_move(
+    totals: list[float], peers: list[int], mine: int, my_throughput: float, threshold: float
+) -> int | None:
+    """The stage this peer should move to, or None (SWARM's adaptive rebalancing).
+
+    The pipeline runs at the pace of its least-served stage. Only a peer of the best-served
+    stage moves, and only to the worst-served one, never leaving its stage empty, and only when
+    the bottleneck then rises by more than `threshold` (a fraction). Every move raises the
+    bottleneck, so peers cannot move in circles.
+    """
+    worst = min(range(len(totals)), key=lambda k: (totals[k], k))
+    best = max(range(len(totals)), key=lambda k: (totals[k], -k))
+    if mine != best or worst == mine or peers[mine] < 2:
+        return None
+    after = list(totals)
+    after[mine] -= my_throughput
+    after[worst] += my_throughput
+    before = min(totals)
+    if before <= 0:
+        return worst  # a stage with no peer stops all training: any peer helps
+    return worst if min(after) > before * (1 + threshold) else None
 
 
 # ---- weights -----------------------------------------------------------------------------------
@@ -106,12 +138,21 @@ class StageOptimizer:
     START_GATE = 15.0  # seconds the first step waits to see the stage's other peers
 
     def __init__(
-        self, dht: DHT, run_id: str, params: list[torch.nn.Parameter], cfg: NodeConfig, identity: NodeIdentity
+        self,
+        dht: DHT,
+        run_id: str,
+        blocks: list[LlamaBlock],
+        cfg: NodeConfig,
+        identity: NodeIdentity,
+        *,
+        checkpoint: Path | None = None,
     ) -> None:
         from hivemind import Optimizer
 
         warmup = max(1, cfg.warmup_steps)
-        self.params = params
+        self.blocks = blocks
+        self.params = params = [p for b in blocks for p in b.parameters()]
+        self.checkpoint, self.checkpoint_every = checkpoint, cfg.checkpoint_every
         self.target_batch_size = cfg.target_batch_size
         self.opt = Optimizer(
             dht=dht,
@@ -179,6 +220,35 @@ class StageOptimizer:
         self.opt.load_state_from_peers()
         self._note_epoch()
 
+    def save_checkpoint(self) -> None:
+        """<run id>.pt: the stage's weights, optimizer state and epoch (atomically replaced)."""
+        if self.checkpoint is None:
+            return
+        state = {
+            "blocks": [b.state_dict() for b in self.blocks],
+            "optimizer": self.opt.state_dict(),
+            "epoch": self.epoch,
+        }
+        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoint.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.checkpoint)
+
+    def load_checkpoint(self) -> None:
+        """Resume from save_checkpoint's file: weights, Adam moments and the epoch."""
+        assert self.checkpoint is not None
+        state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+        if len(state["blocks"]) != len(self.blocks):
+            raise ConfigError(
+                f"{self.checkpoint} holds {len(state['blocks'])} blocks, this stage {len(self.blocks)}"
+            )
+        with torch.no_grad():
+            for block, weights in zip(self.blocks, state["blocks"], strict=True):
+                block.load_state_dict(weights)
+        self.opt.load_state_dict(state["optimizer"])
+        self.opt.tracker.report_local_progress(self.epoch, 0)
+        self._note_epoch()
+
     def shutdown(self) -> None:
         self.opt.shutdown()
 
@@ -206,10 +276,13 @@ class StageOptimizer:
         self._note_epoch()
 
     def _note_epoch(self) -> None:
-        if self.epoch not in self.fingerprints:
-            self.fingerprints[self.epoch] = weights_fingerprint(self.params)
-            while len(self.fingerprints) > self.HISTORY:
-                self.fingerprints.popitem(last=False)
+        if self.epoch in self.fingerprints:
+            return
+        self.fingerprints[self.epoch] = weights_fingerprint(self.params)
+        while len(self.fingerprints) > self.HISTORY:
+            self.fingerprints.popitem(last=False)
+        if self.epoch and self.epoch % self.checkpoint_every == 0:
+            self.save_checkpoint()
 
 
 def weights_fingerprint(params: Iterable[torch.Tensor]) -> list[float]:
@@ -262,37 +335,64 @@ KEEP_UP_PERIOD = 0.2
 
 async def serve_training(
     cfg: NodeConfig, dht: DHT, identity: NodeIdentity, on_ready: Callable[[dict[str, Any]], None]
-) -> None:
+) -> int | None:
+    """Train a stage until SIGTERM/SIGINT (-> None). With --stage auto, leave it when moving to
+    another stage raises the pipeline's bottleneck (see plan_stage_move) and return that stage:
+    the caller then starts the node afresh, and the fresh node joins the least-served stage,
+    which is that one. (A restart, because hivemind's averagers, forked from this process, do
+    not survive a second optimizer here: the DHT daemon went down with the first.)"""
     stop = stop_on_signals()
     config = read_config(cfg.model)
     model = model_name(cfg.model)
-    device = devices.resolve_device(cfg.device)
-    n = config.num_hidden_layers
-    records = await fetch_records(dht, model, list(range(n)))
-    # Only peers that answer: a crashed peer's record stays in the DHT until it expires, and
-    # counting it would send this node to the wrong stage (or wait on it for state).
-    peers = await _answering(
-        [
-            r
-            for r in latest_per_peer(x for rs in records.values() for x in rs)
-            if r.peer_id != str(dht.peer_id)
-            and r.trainable_stage is not None
-            and r.state == ServerState.ONLINE
-        ]
-    )
+    peers = await training_peers(dht, model, config.num_hidden_layers)
     stage = choose_stage(peers, cfg.num_stages) if cfg.stage == "auto" else int(cfg.stage)
-    span = stage_span(n, cfg.num_stages, stage)
+    return await _train_stage(cfg, dht, identity, on_ready, stop, config, model, stage, peers)
+
+
+async def training_peers(dht: DHT, model: str, num_blocks: int) -> list[ServerRecord]:
+    """Online training peers of `model` other than this node that answer a health check: a
+    crashed peer's record outlives it in the DHT, and counting it would send this node to the
+    wrong stage (or wait on it for state)."""
+    records = await fetch_records(dht, model, list(range(num_blocks)))
+    announced = latest_per_peer(x for rs in records.values() for x in rs)
+    others = [r for r in announced if r.peer_id != str(dht.peer_id) and r.trainable_stage is not None]
+    return await _answering([r for r in others if r.state == ServerState.ONLINE])
+
+
+async def _train_stage(
+    cfg: NodeConfig,
+    dht: DHT,
+    identity: NodeIdentity,
+    on_ready: Callable[[dict[str, Any]], None],
+    stop: asyncio.Event,
+    config: LlamaConfig,
+    model: str,
+    stage: int,
+    peers: list[ServerRecord],
+) -> int | None:
+    """Serve `stage` until `stop` (-> None) or until moving pays (-> the stage to move to)."""
+    span = stage_span(config.num_hidden_layers, cfg.num_stages, stage)
+    device = devices.resolve_device(cfg.device)
     blocks = [b.to(device) for b in await asyncio.to_thread(stage_blocks, cfg.model, config, span, cfg.seed)]
-    params = [p for b in blocks for p in b.parameters()]
+    rid = run_id(model, stage)
+    saved = Path(cfg.checkpoint_dir) / f"{rid}.pt" if cfg.checkpoint_dir else None
     # On this thread: hivemind installs signal handlers, which only the main thread may do.
-    optimizer = StageOptimizer(dht, run_id(model, stage), params, cfg, identity)
+    optimizer = StageOptimizer(dht, rid, blocks, cfg, identity, checkpoint=saved)
     try:
-        mates = [r for r in peers if r.trainable_stage == stage and r.state == ServerState.ONLINE]
+        mates = [r for r in peers if r.trainable_stage == stage]
         if mates:  # others train this stage already: start from where they are
-            log.info("loading stage %d's state from %d peer(s)", stage, len(mates))
+            names = ", ".join(f"{r.peer_id} at {r.grpc_address}" for r in mates)
+            log.info("loading stage %d's state from its peers (%s)", stage, names)
             await asyncio.to_thread(optimizer.load_state_from_peers)
-        await _serve_stage(cfg, dht, identity, on_ready, stop, config, model, stage, span, blocks, optimizer)
+        elif saved is not None and saved.is_file():
+            await asyncio.to_thread(optimizer.load_checkpoint)
+            log.info("resumed stage %d from %s at epoch %d", stage, saved, optimizer.epoch)
+        return await _serve_stage(
+            cfg, dht, identity, on_ready, stop, config, model, stage, span, blocks, optimizer
+        )
     finally:
+        # The compute thread has stopped (_serve_stage shut the backend down): nothing steps now.
+        await asyncio.to_thread(optimizer.save_checkpoint)
         await asyncio.to_thread(optimizer.shutdown)
 
 
@@ -313,6 +413,29 @@ async def _answering(records: list[ServerRecord], timeout: float = 3.0) -> list[
     return [r for r, ok in zip(records, answers, strict=True) if ok]
 
 
+def measure_throughput(blocks: list[LlamaBlock], hidden_size: int, slowdown: float) -> float:
+    """Tokens/s this node can train through its stage, as a trainer's traffic counts them (a
+    forward request and a training backward of the same tokens), on random inputs."""
+    params = [p for b in blocks for p in b.parameters()]
+    h = torch.randn(4, 64, hidden_size, device=params[0].device)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        for block in blocks:
+            x = block(x, 0, None)
+        return x
+
+    began = time.monotonic()
+    for _ in range(2):
+        with torch.no_grad():
+            run(h)
+        with torch.enable_grad():
+            h_in = h.detach().requires_grad_(True)
+            out = run(h_in)
+            torch.autograd.grad(out, [h_in, *params], torch.ones_like(out), allow_unused=True)
+    seconds = (time.monotonic() - began) * slowdown
+    return 2 * 2 * h.shape[0] * h.shape[1] / seconds
+
+
 async def _serve_stage(
     cfg: NodeConfig,
     dht: DHT,
@@ -325,7 +448,7 @@ async def _serve_stage(
     span: tuple[int, int],
     blocks: list[LlamaBlock],
     optimizer: StageOptimizer,
-) -> None:
+) -> int | None:
     device = next(blocks[0].parameters()).device
     metrics = NodeMetrics()
     backend = BlockBackend(
@@ -345,9 +468,25 @@ async def _serve_stage(
     )
     servicer = BlockServicer(backend, model, str(dht.peer_id), limits, metrics=metrics)
     servicer.training_status = lambda: (optimizer.epoch, dict(optimizer.fingerprints))
+    estimate = cfg.throughput
+    if estimate is None:
+        estimate = await asyncio.to_thread(measure_throughput, blocks, config.hidden_size, cfg.slowdown)
+
+    def throughput() -> float:
+        """The measured figure once this node has done real work, else the start-up estimate."""
+        worker = backend.worker
+        if cfg.throughput or worker.busy_seconds < 2.0:
+            return estimate
+        return worker.tokens_done / worker.busy_seconds
+
     server, port, health = await start_grpc_server(servicer, cfg.host, cfg.port, cfg.max_message_bytes)
     address = f"{announce_host(cfg)}:{cfg.announce_port or port}"
-    announcer = Announcer(dht, identity, cfg.announce_period)
+    announcer = Announcer(
+        dht,
+        identity,
+        cfg.announce_period,
+        refresh=lambda r: r.model_copy(update={"throughput": throughput()}),
+    )
     record = ServerRecord(
         state=ServerState.ONLINE,
         peer_id=str(dht.peer_id),
@@ -355,11 +494,13 @@ async def _serve_stage(
         model=model,
         start=span[0],
         end=span[1],
-        throughput=cfg.throughput or 1.0,
+        throughput=estimate,
         trainable_stage=stage,
         software_version=swarm.__version__,
     )
-    background: list[asyncio.Task[None]] | None = None
+    leave = asyncio.Event()  # set by stop, or by a decision to move
+    move: list[int] = []
+    background: list[asyncio.Task[None]] = []
     try:
         await announcer.publish(record, required=True)
         await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -371,20 +512,80 @@ async def _serve_stage(
                 "span": f"{span[0]}:{span[1]}",
                 "stage": stage,
                 "epoch": optimizer.epoch,
+                "throughput": round(estimate, 1),
                 "maddrs": [str(m) for m in dht.get_visible_maddrs()],
                 "pid": os.getpid(),
             }
         )
         background = [
-            asyncio.create_task(announcer.run(stop)),
-            asyncio.create_task(_keep_up(backend, optimizer, stop)),
-            asyncio.create_task(_count_mates(dht, model, stage, span, optimizer, stop)),
+            asyncio.create_task(announcer.run(leave)),
+            asyncio.create_task(_keep_up(backend, optimizer, leave)),
+            asyncio.create_task(_count_mates(dht, model, stage, span, optimizer, leave)),
+            asyncio.create_task(_forward(stop, leave)),
         ]
-        await stop.wait()
+        if cfg.stage == "auto":
+            background.append(
+                asyncio.create_task(_rebalance(cfg, dht, config, model, stage, throughput, leave, move))
+            )
+        await leave.wait()
     finally:
-        for task in background or ():
+        leave.set()
+        for task in background:
             task.cancel()
         servicer.state = str(ServerState.DRAINING)
+        await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await announcer.withdraw()
+        await _drain(servicer, cfg.drain_timeout)
         await server.stop(grace=2)
         backend.shutdown()
+    return move[0] if move and not stop.is_set() else None
+
+
+async def _forward(stop: asyncio.Event, leave: asyncio.Event) -> None:
+    await stop.wait()
+    leave.set()
+
+
+async def _drain(servicer: BlockServicer, timeout: float) -> None:
+    """Let requests in flight finish (new ones get UNAVAILABLE), for at most `timeout` seconds."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(servicer.idle.wait(), timeout)
+
+
+async def _rebalance(
+    cfg: NodeConfig,
+    dht: DHT,
+    config: LlamaConfig,
+    model: str,
+    stage: int,
+    throughput: Callable[[], float],
+    leave: asyncio.Event,
+    move: list[int],
+) -> None:
+    """Every --rebalance-period (with jitter, so peers do not all move at once): compare the
+    stages' total throughput and move when plan_stage_move says it pays."""
+    while not leave.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(leave.wait(), cfg.rebalance_period * random.uniform(0.5, 1.5))
+        if leave.is_set():
+            return
+        try:
+            peers = await training_peers(dht, model, config.num_hidden_layers)
+        except Exception:  # the DHT may hiccup: look again next period
+            log.debug("could not read the training peers", exc_info=True)
+            continue
+        totals, counts = stage_totals(peers, cfg.num_stages)
+        mine = throughput()
+        totals[stage] += mine
+        counts[stage] += 1
+        target = plan_stage_move(totals, counts, stage, mine, cfg.balance_threshold)
+        if target is not None:
+            log.info(
+                "moving from stage %d to stage %d: stage totals %s tokens/s",
+                stage,
+                target,
+                [round(t) for t in totals],
+            )
+            move.append(target)
+            leave.set()
+            return

@@ -7,7 +7,7 @@
 Tokens are printed as they are generated.
 
     swarm train --model CONFIG_OR_CHECKPOINT --initial-peers MADDR [--steps N] [--data PATH]
-    swarm export --model CONFIG_OR_CHECKPOINT --initial-peers MADDR --out DIR
+    swarm export --model CONFIG_OR_CHECKPOINT --initial-peers MADDR --checkpoint-dir DIR --out DIR
 """
 
 from __future__ import annotations
@@ -181,6 +181,39 @@ class ProgressLine:
         print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", flush=True)
 
 
+@dataclass(frozen=True)
+class ExportCommand:
+    model: str = field(metadata={"help": "the training nodes' --model: config.json or checkpoint dir"})
+    initial_peers: tuple[str, ...] = field(metadata={"help": "multiaddrs of swarm peers"})
+    checkpoint_dir: str = field(
+        metadata={"help": "the trainer's --checkpoint-dir (embeddings and head)", "metavar": "DIR"}
+    )
+    out: str = field(metadata={"help": "directory to write the transformers checkpoint to", "metavar": "DIR"})
+    timeout: float = field(default=60.0, metadata={"help": "seconds for one stage's weights to arrive"})
+
+    def __post_init__(self) -> None:
+        if self.timeout <= 0:
+            raise ConfigError(f"--timeout must be > 0, got {self.timeout}")
+
+
+def export(cmd: ExportCommand) -> int:
+    from swarm.dht import start_dht
+    from swarm.training.export import export_model
+
+    dht = start_dht(initial_peers=cmd.initial_peers, client_mode=True)
+    try:
+        result = export_model(dht, cmd.model, Path(cmd.checkpoint_dir), Path(cmd.out), timeout=cmd.timeout)
+    finally:
+        dht.shutdown()
+    epochs = " ".join(f"s{k}:{e}" for k, e in result.epochs.items())
+    print(
+        f"export: {result.num_blocks} blocks from {len(result.epochs)} stages "
+        f"(epochs {epochs}, trainer step {result.trainer_step}) -> {result.path}",
+        flush=True,
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="swarm", description="Use a model served by a Swarm.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -188,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     table: dict[str, tuple[str, type, Any]] = {
         "generate": ("generate text through the swarm", GenerateConfig, generate),
         "train": ("train a model on the swarm's training nodes (SWARM)", TrainCommand, train),
+        "export": (
+            "write the model trained on the swarm as a transformers checkpoint",
+            ExportCommand,
+            export,
+        ),
     }
     for name, (help_text, cls, _) in table.items():
         add_config_arguments(commands.add_parser(name, help=help_text), cls)

@@ -7,8 +7,10 @@ takes steps, and the two peers of each stage begin every epoch with the same wei
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -18,15 +20,17 @@ import grpc
 import pytest
 import torch
 from hivemind.dht import DHT
+from hypothesis import given
+from hypothesis import strategies as st
 
 import swarm
 from swarm import wire
 from swarm._proto import swarm_pb2, swarm_pb2_grpc
 from swarm.dht import start_dht
 from swarm.errors import ConfigError
-from swarm.localswarm import LocalSwarm
+from swarm.localswarm import LocalSwarm, NodeProcess
 from swarm.models.llama import LlamaBlock, LlamaConfig
-from swarm.node.training import choose_stage, stage_blocks
+from swarm.node.training import choose_stage, plan_stage_move, stage_blocks
 from swarm.records import NodeIdentity, ServerRecord, ServerState
 from swarm.training.data import VOCAB_SIZE, DataConfig
 from swarm.training.stages import read_config, run_id, stage_span
@@ -76,6 +80,44 @@ def test_auto_stage_is_the_least_served() -> None:
     # offline peers and inference servers do not count
     assert choose_stage([*peers, record("d", 1, 9.0, ServerState.OFFLINE), record("e", None, 9.0)], 3) == 1
     assert choose_stage([record("a", 0, 1.0)], 2) == 1
+
+
+def test_a_peer_moves_only_from_the_best_to_the_worst_served_stage_when_it_pays() -> None:
+    # stage 0 has three peers of 10, stage 1 one of 10: a stage-0 peer raises the bottleneck 10 -> 20
+    assert plan_stage_move([30.0, 10.0], [3, 1], mine=0, my_throughput=10.0, threshold=0.15) == 1
+    assert plan_stage_move([30.0, 10.0], [3, 1], mine=1, my_throughput=10.0, threshold=0.15) is None
+    # balanced (20 / 20): moving would make the other stage the bottleneck
+    assert plan_stage_move([20.0, 20.0], [2, 2], mine=0, my_throughput=10.0, threshold=0.15) is None
+    # a gain below the threshold is not worth the move (bottleneck 10 -> 11)
+    assert plan_stage_move([12.0, 10.0, 11.0], [2, 1, 1], mine=0, my_throughput=1.0, threshold=0.15) is None
+    # never leave a stage empty, but always fill an empty one
+    assert plan_stage_move([10.0, 0.0], [1, 0], mine=0, my_throughput=10.0, threshold=0.15) is None
+    assert plan_stage_move([20.0, 0.0], [2, 0], mine=0, my_throughput=10.0, threshold=0.15) == 1
+
+
+@given(
+    st.lists(st.lists(st.floats(1.0, 100.0), min_size=1, max_size=4), min_size=2, max_size=4),
+    st.floats(0.0, 0.5),
+)
+def test_stage_moves_always_raise_the_bottleneck_so_they_end(
+    stages: list[list[float]], threshold: float
+) -> None:
+    """Apply moves until none is planned: each raises the minimum stage total, so it terminates."""
+    stages = [list(s) for s in stages]
+    for _ in range(100):
+        totals = [sum(s) for s in stages]
+        moves = [
+            (k, i, target)
+            for k, s in enumerate(stages)
+            for i, t in enumerate(s)
+            if (target := plan_stage_move(totals, [len(x) for x in stages], k, t, threshold)) is not None
+        ]
+        if not moves:
+            return
+        k, i, target = moves[0]
+        stages[target].append(stages[k].pop(i))
+        assert min(sum(s) for s in stages) > min(totals)
+    raise AssertionError("peers kept moving")
 
 
 def test_run_id_is_a_valid_hivemind_prefix() -> None:
@@ -250,3 +292,58 @@ def test_a_killed_peer_loses_nothing_and_its_replacement_takes_part(
         _, _, new = get_state(replacement.info["grpc_address"])
         shared = assert_in_step(mate, new, at_least=2)
         assert max(shared) >= joined_at + 2
+
+
+def ready_info(local: LocalSwarm, node: NodeProcess) -> dict[str, object]:
+    """The node's latest ready line (a node that moves to another stage writes it again)."""
+    info: dict[str, object] = json.loads((local.workdir / f"{node.name}.ready.json").read_text())
+    return info
+
+
+def test_a_peer_moves_to_the_stage_that_lost_its_peers_and_a_stage_resumes_from_its_checkpoint(
+    tmp_path_factory: pytest.TempPathFactory, config_dir: Path
+) -> None:
+    saved = tmp_path_factory.mktemp("stage-checkpoints")
+    with LocalSwarm(tmp_path_factory.mktemp("moves")) as local:
+        local.start_dht()
+        fixed = ("--checkpoint-dir", str(saved), "--checkpoint-every", "2")
+        p0 = local.start_node(
+            config_dir, None, *TRAIN, "--stage", "0", "--throughput", "10", *fixed, name="p0"
+        )
+        p1 = local.start_node(config_dir, None, *TRAIN, "--stage", "1", "--throughput", "1", name="p1")
+        auto = (*TRAIN, "--throughput", "10", "--rebalance-period", "1")
+        a = local.start_node(config_dir, None, *auto, name="a")
+        b = local.start_node(config_dir, None, *auto, name="b")
+        # auto peers join the least-served stage: a -> stage 1 (1 < 10), then b -> stage 0 (10 < 11)
+        assert (a.info["stage"], b.info["stage"]) == (1, 0)
+
+        trainer, dht = trainer_for(local, config_dir, steps=8)
+        try:
+            trainer.train()
+        finally:
+            trainer.shutdown()
+            dht.shutdown()
+
+        # stage 1 falls to 1 token/s against stage 0's 20: b's move lifts the bottleneck to 10
+        local.stop(a, signal.SIGKILL)
+        deadline = time.monotonic() + 90
+        while ready_info(local, b)["stage"] != 1:
+            assert b.proc.poll() is None, b.log_tail()
+            assert time.monotonic() < deadline, b.log_tail()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                b.proc.wait(timeout=0.2)  # the poll interval
+        moved = ready_info(local, b)
+        assert moved["span"] == "2:4"
+        epoch_p1, weights_p1, _ = get_state(p1.info["grpc_address"])
+        epoch_b, weights_b, _ = get_state(str(moved["grpc_address"]))
+        assert epoch_b == epoch_p1 >= 1  # it loaded the stage's state before serving
+        assert all(torch.equal(weights_b[name], weights_p1[name]) for name in weights_p1)
+
+        # stage 0's last peer stops (saving its state); a new one resumes from that checkpoint
+        epoch_p0, weights_p0, _ = get_state(p0.info["grpc_address"])
+        assert local.stop(p0) == 0
+        assert (saved / f"{run_id('byte-llama', 0)}.pt").is_file()
+        again = local.start_node(config_dir, None, *TRAIN, "--stage", "0", *fixed, name="p0-again")
+        assert again.info["epoch"] == epoch_p0 >= 1
+        _, weights_again, _ = get_state(again.info["grpc_address"])
+        assert all(torch.equal(weights_again[name], weights_p0[name]) for name in weights_p0)
