@@ -258,7 +258,8 @@ class StageOptimizer:
         if not requests:
             return
         seen = self.opt.tracker.global_progress.num_peers
-        if seen < self.expected_peers and time.monotonic() - since < self.START_GATE:
+        alone = self.expected_peers <= 1  # nobody to wait for
+        if not alone and seen < self.expected_peers and time.monotonic() - since < self.START_GATE:
             return
         log.info("first step with %d of %d peers of the stage in view", seen, self.expected_peers)
         self._gated = None
@@ -380,6 +381,7 @@ async def _train_stage(
     optimizer = StageOptimizer(dht, rid, blocks, cfg, identity, checkpoint=saved)
     try:
         mates = [r for r in peers if r.trainable_stage == stage]
+        optimizer.expected_peers = len(mates) + 1  # kept current by _count_mates
         if mates:  # others train this stage already: start from where they are
             names = ", ".join(f"{r.peer_id} at {r.grpc_address}" for r in mates)
             log.info("loading stage %d's state from its peers (%s)", stage, names)

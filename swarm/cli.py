@@ -108,8 +108,8 @@ class TrainCommand:
     seed: int = field(default=0, metadata={"help": "seed of initial weights and data order (as the nodes')"})
     codec: str = field(default="int8", metadata={"help": "activations and gradients on the wire"})
     wiring: str = field(default="random", metadata={"help": "random (SWARM) or fixed pipeline"})
-    checkpoint_dir: str | None = field(
-        default=None, metadata={"help": "save (and resume from) trainer.pt here", "metavar": "DIR"}
+    checkpoint_dir: str = field(
+        default="swarm-train", metadata={"help": "save (and resume from) trainer.pt here", "metavar": "DIR"}
     )
     checkpoint_every: int = field(default=10, metadata={"help": "steps between checkpoints"})
     max_seconds: float | None = field(default=None, metadata={"help": "stop after this many seconds"})
@@ -133,7 +133,7 @@ def train(cmd: TrainCommand) -> int:
         seed=cmd.seed,
         codec=cmd.codec,
         wiring=cmd.wiring,  # type: ignore[arg-type]  # checked by TrainerConfig
-        checkpoint_dir=Path(cmd.checkpoint_dir) if cmd.checkpoint_dir else None,
+        checkpoint_dir=Path(cmd.checkpoint_dir),
         checkpoint_every=cmd.checkpoint_every,
         max_seconds=cmd.max_seconds,
         data=DataConfig(data=Path(cmd.data) if cmd.data else None, seq_len=cmd.seq_len + 1),
@@ -185,10 +185,11 @@ class ProgressLine:
 class ExportCommand:
     model: str = field(metadata={"help": "the training nodes' --model: config.json or checkpoint dir"})
     initial_peers: tuple[str, ...] = field(metadata={"help": "multiaddrs of swarm peers"})
-    checkpoint_dir: str = field(
-        metadata={"help": "the trainer's --checkpoint-dir (embeddings and head)", "metavar": "DIR"}
-    )
     out: str = field(metadata={"help": "directory to write the transformers checkpoint to", "metavar": "DIR"})
+    checkpoint_dir: str = field(
+        default="swarm-train",
+        metadata={"help": "the trainer's --checkpoint-dir (embeddings and head)", "metavar": "DIR"},
+    )
     timeout: float = field(default=60.0, metadata={"help": "seconds for one stage's weights to arrive"})
 
     def __post_init__(self) -> None:
