@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         add_config_arguments(commands.add_parser(name, help=help_text), cls)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("hivemind").setLevel(logging.WARNING)  # the trainer's averaging chatter
     _, cls, run = table[args.command]
     try:
         return int(run(config_from_args(cls, args)))
