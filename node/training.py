@@ -28,9 +28,11 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hivemind.dht import DHT
+from hivemind.utils import get_dht_time
 
 import swarm
 from swarm import checkpoint
+from swarm.dht import dht_call
 from swarm.errors import ConfigError
 from swarm.models.llama import LlamaBlock, LlamaConfig, init_weights
 from swarm.node import device as devices
@@ -163,6 +165,9 @@ class StageOptimizer:
             target_batch_size=cfg.target_batch_size,
             matchmaking_time=cfg.matchmaking_time,
             averaging_timeout=cfg.averaging_timeout,
+            # Wait for every part of an all-reduce (hivemind's default: 1 s, then it keeps its own
+            # values for the missing parts, and the peers of a stage silently drift apart).
+            next_chunk_timeout=cfg.averaging_timeout,
             load_state_timeout=cfg.averaging_timeout * 3,
             reuse_grad_buffers=True,
             offload_optimizer=False,  # step the weights themselves, on this (the compute) thread's watch
@@ -181,6 +186,7 @@ class StageOptimizer:
         self.expected_peers = 1  # online peers of this stage, this one included (set by the node)
         self._gated: tuple[int, int, float] | None = (0, 0, 0.0)  # (requests, samples, since)
         self.fingerprints: OrderedDict[int, list[float]] = OrderedDict()
+        self.repaired: set[int] = set()  # epochs whose weights reconcile() replaced
         self._note_epoch()
 
     @property
@@ -219,6 +225,29 @@ class StageOptimizer:
     def load_state_from_peers(self) -> None:
         self.opt.load_state_from_peers()
         self._note_epoch()
+
+    def reconcile(self, me: str, mates: dict[str, tuple[int, list[float]]]) -> bool:
+        """Compare this epoch's weights with mates' at the same epoch (`mates`: peer id -> (epoch,
+        fingerprint), as published); if they differ and a mate with a smaller peer id disagrees,
+        take the stage's state from the mates. hivemind's all-reduce sometimes returns part of a
+        round's results (it logs "received 88.9% results") and keeps local values for the rest;
+        this is how the peers of a stage find out and agree again (the smallest id wins)."""
+        epoch = self.epoch
+        mine = self.fingerprints.get(epoch)
+        if mine is None:
+            return False
+        differ = [
+            peer
+            for peer, (their_epoch, theirs) in mates.items()
+            if peer != me and their_epoch == epoch and not _same_weights(mine, theirs)
+        ]
+        if not differ or min(differ) > me:
+            return False
+        log.warning("weights differ from %s's at epoch %d: loading the stage's state", min(differ), epoch)
+        self.opt.load_state_from_peers()
+        self.repaired.add(self.epoch)
+        self.fingerprints[self.epoch] = weights_fingerprint(self.params)
+        return True
 
     def save_checkpoint(self) -> None:
         """<run id>.pt: the stage's weights, optimizer state and epoch (atomically replaced)."""
@@ -292,6 +321,12 @@ def weights_fingerprint(params: Iterable[torch.Tensor]) -> list[float]:
     return [float(p.detach().double().square().sum()) for p in params]
 
 
+def _same_weights(a: list[float], b: list[float], rel: float = 1e-6) -> bool:
+    return len(a) == len(b) and all(
+        abs(x - y) <= rel * max(abs(x), abs(y), 1e-12) for x, y in zip(a, b, strict=True)
+    )
+
+
 def _warmup(steps: int, epoch: int) -> float:
     return min(1.0, (epoch + 1) / steps)
 
@@ -311,9 +346,18 @@ async def _keep_up(backend: BlockBackend, optimizer: StageOptimizer, stop: async
 
 
 async def _count_mates(
-    dht: DHT, model: str, stage: int, span: tuple[int, int], optimizer: StageOptimizer, stop: asyncio.Event
+    dht: DHT,
+    backend: BlockBackend,
+    model: str,
+    stage: int,
+    span: tuple[int, int],
+    optimizer: StageOptimizer,
+    stop: asyncio.Event,
 ) -> None:
-    """Keep `optimizer.expected_peers` at the number of online peers of the stage, from the DHT."""
+    """Every second: count the stage's online peers (for the start gate), publish this peer's
+    latest weight fingerprint and reconcile with the mates' (see StageOptimizer.reconcile)."""
+    me = str(dht.peer_id)
+    key = f"{run_id(model, stage)}_fingerprints"
     while not stop.is_set():
         try:
             records = await fetch_records(dht, model, [span[0]])
@@ -322,13 +366,27 @@ async def _count_mates(
                 for r in latest_per_peer(x for rs in records.values() for x in rs)
                 if r.trainable_stage == stage and r.state == ServerState.ONLINE
             }
-            optimizer.expected_peers = max(1, len(mates | {str(dht.peer_id)}))
+            optimizer.expected_peers = max(1, len(mates | {me}))
+            epoch, fingerprint = next(reversed(optimizer.fingerprints.items()))
+            expires = get_dht_time() + FINGERPRINT_TTL
+            await dht_call(
+                dht.store(key, [epoch, fingerprint], expires, subkey=me, return_future=True), timeout=10
+            )
+            found = await dht_call(dht.get(key, latest=True, return_future=True), timeout=10)
+            published = {
+                str(peer): (int(item.value[0]), [float(x) for x in item.value[1]])
+                for peer, item in (
+                    found.value.items() if found is not None and isinstance(found.value, dict) else ()
+                )
+            }
+            await backend.worker.call(partial(optimizer.reconcile, me, published))
         except Exception:  # the DHT may hiccup; the gate also opens on its own timer
             log.debug("could not read the stage's peers", exc_info=True)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 1.0)
 
 
+FINGERPRINT_TTL = 60.0  # seconds a published fingerprint lives in the DHT
 KEEP_UP_PERIOD = 0.2
 
 # ---- the node's life -------------------------------------------------------------------------
@@ -522,7 +580,7 @@ async def _serve_stage(
         background = [
             asyncio.create_task(announcer.run(leave)),
             asyncio.create_task(_keep_up(backend, optimizer, leave)),
-            asyncio.create_task(_count_mates(dht, model, stage, span, optimizer, leave)),
+            asyncio.create_task(_count_mates(dht, backend, model, stage, span, optimizer, leave)),
             asyncio.create_task(_forward(stop, leave)),
         ]
         if cfg.stage == "auto":

@@ -106,6 +106,13 @@ class TrainCommand:
         default=None, metadata={"help": "text file or directory (default: the Python standard library)"}
     )
     seed: int = field(default=0, metadata={"help": "seed of initial weights and data order (as the nodes')"})
+    shard: tuple[int, ...] = field(
+        default=(0, 1),
+        metadata={
+            "help": "K N: with N trainers, this one (K = 0..N-1) reads every N-th sequence",
+            "metavar": "K",
+        },
+    )
     codec: str = field(default="int8", metadata={"help": "activations and gradients on the wire"})
     wiring: str = field(default="random", metadata={"help": "random (SWARM) or fixed pipeline"})
     checkpoint_dir: str = field(
@@ -117,6 +124,9 @@ class TrainCommand:
 
 
 def train(cmd: TrainCommand) -> int:
+    if len(cmd.shard) != 2:
+        raise ConfigError(f"--shard takes two numbers, K and N, got {list(cmd.shard)}")
+    shard = (cmd.shard[0], cmd.shard[1])
     from swarm.dht import start_dht
     from swarm.records import NodeIdentity
     from swarm.training.data import DataConfig
@@ -136,7 +146,7 @@ def train(cmd: TrainCommand) -> int:
         checkpoint_dir=Path(cmd.checkpoint_dir),
         checkpoint_every=cmd.checkpoint_every,
         max_seconds=cmd.max_seconds,
-        data=DataConfig(data=Path(cmd.data) if cmd.data else None, seq_len=cmd.seq_len + 1),
+        data=DataConfig(data=Path(cmd.data) if cmd.data else None, seq_len=cmd.seq_len + 1, shard=shard),
     )
     identity = NodeIdentity.generate()
     dht = start_dht(initial_peers=cmd.initial_peers, host=cmd.host, identity=identity)

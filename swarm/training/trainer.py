@@ -191,6 +191,9 @@ class HeadOptimizer:
             target_batch_size=cfg.target_batch_size,
             matchmaking_time=cfg.matchmaking_time,
             averaging_timeout=cfg.averaging_timeout,
+            # Wait for every part of an all-reduce (hivemind's default: 1 s, then it keeps its own
+            # values for the missing parts, and the peers of a stage silently drift apart).
+            next_chunk_timeout=cfg.averaging_timeout,
             offload_optimizer=False,  # the weights themselves, so a checkpoint holds what was trained
             average_state_every=5,
             average_opt_statistics=("exp_avg", "exp_avg_sq"),
