@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import signal
 import subprocess
@@ -245,15 +246,17 @@ def test_two_trainers_train_at_once(training_swarm: LocalSwarm, config_dir: Path
             [*command, "--shard", str(k), "2", "--checkpoint-dir", str(tmp_path / f"trainer-{k}")],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: its DHT and averager processes too
         )
         for k in (0, 1)
     ]
     try:
         outputs = [t.communicate(timeout=300)[0].decode(errors="replace") for t in trainers]
     finally:
-        for t in trainers:
-            if t.poll() is None:
-                t.kill()
+        for t in trainers:  # whatever is left of a trainer that failed or hung, children included
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(t.pid, signal.SIGKILL)
+            t.wait()
     for t, out in zip(trainers, outputs, strict=True):
         assert t.returncode == 0, out
         line = re.search(
