@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +152,19 @@ def train(cmd: TrainCommand) -> int:
     identity = NodeIdentity.generate()
     dht = start_dht(initial_peers=cmd.initial_peers, host=cmd.host, identity=identity)
     trainer = Trainer(cfg, dht, identity)
+    stops = 0
+
+    def stop(signum: int, _frame: object) -> None:
+        """First SIGINT/SIGTERM: finish the micro-batches in flight, save, report. Second: now."""
+        nonlocal stops
+        stops += 1
+        if stops > 1:
+            raise KeyboardInterrupt
+        print("\nswarm: stopping: finishing the micro-batches in flight (again to stop at once)", flush=True)
+        trainer.stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
     try:
         progress = trainer.train(ProgressLine(cfg.steps))
     finally:
@@ -241,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, (help_text, cls, _) in table.items():
         add_config_arguments(commands.add_parser(name, help=help_text), cls)
     args = parser.parse_args(argv)
+    # SIGTERM ends the command through SystemExit, so `finally` blocks stop what it started (a
+    # trainer's DHT and averager processes would otherwise outlive it).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("hivemind").setLevel(logging.WARNING)  # the trainer's averaging chatter
     _, cls, run = table[args.command]
@@ -251,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except SystemExit as e:  # SIGTERM
+        return e.code if isinstance(e.code, int) else 1
 
 
 if __name__ == "__main__":
