@@ -32,7 +32,7 @@ from hivemind.utils import get_dht_time
 
 import swarm
 from swarm import checkpoint
-from swarm.dht import dht_call
+from swarm.dht import dht_call, keep_sigint
 from swarm.errors import ConfigError
 from swarm.models.llama import LlamaBlock, LlamaConfig, init_weights
 from swarm.node import device as devices
@@ -156,33 +156,34 @@ class StageOptimizer:
         self.params = params = [p for b in blocks for p in b.parameters()]
         self.checkpoint, self.checkpoint_every = checkpoint, cfg.checkpoint_every
         self.target_batch_size = cfg.target_batch_size
-        self.opt = Optimizer(
-            dht=dht,
-            run_id=run_id,
-            params=params,
-            optimizer=partial(torch.optim.AdamW, lr=cfg.lr, weight_decay=cfg.weight_decay),
-            scheduler=partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=partial(_warmup, warmup)),
-            target_batch_size=cfg.target_batch_size,
-            matchmaking_time=cfg.matchmaking_time,
-            averaging_timeout=cfg.averaging_timeout,
-            # Wait for every part of an all-reduce (hivemind's default: 1 s, then it keeps its own
-            # values for the missing parts, and the peers of a stage silently drift apart).
-            next_chunk_timeout=cfg.averaging_timeout,
-            load_state_timeout=cfg.averaging_timeout * 3,
-            reuse_grad_buffers=True,
-            offload_optimizer=False,  # step the weights themselves, on this (the compute) thread's watch
-            # Averaged gradients keep the peers identical; averaging the whole state (a second
-            # round, with its own matchmaking) now and then is the safety net.
-            average_state_every=cfg.average_state_every,
-            delay_state_averaging=False,
-            average_opt_statistics=("exp_avg", "exp_avg_sq"),
-            averager_opts={"request_timeout": 0.5},
-            # Progress records are signed, and our DHT checks signatures against the node's key:
-            # hivemind's default (a process-wide key) would be refused, and peers never meet.
-            # A short refresh period: peers learn of each other's progress within 2 s.
-            tracker_opts={"private_key": identity.private_key, "max_refresh_period": 2.0},
-            verbose=os.environ.get("SWARM_HIVEMIND_VERBOSE") == "1",
-        )
+        with keep_sigint():  # hivemind would leave Ctrl-C ignored
+            self.opt = Optimizer(
+                dht=dht,
+                run_id=run_id,
+                params=params,
+                optimizer=partial(torch.optim.AdamW, lr=cfg.lr, weight_decay=cfg.weight_decay),
+                scheduler=partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=partial(_warmup, warmup)),
+                target_batch_size=cfg.target_batch_size,
+                matchmaking_time=cfg.matchmaking_time,
+                averaging_timeout=cfg.averaging_timeout,
+                # Wait for every part of an all-reduce (hivemind's default: 1 s, then it keeps its own
+                # values for the missing parts, and the peers of a stage silently drift apart).
+                next_chunk_timeout=cfg.averaging_timeout,
+                load_state_timeout=cfg.averaging_timeout * 3,
+                reuse_grad_buffers=True,
+                offload_optimizer=False,  # step the weights themselves, on this (the compute) thread's watch
+                # Averaged gradients keep the peers identical; averaging the whole state (a second
+                # round, with its own matchmaking) now and then is the safety net.
+                average_state_every=cfg.average_state_every,
+                delay_state_averaging=False,
+                average_opt_statistics=("exp_avg", "exp_avg_sq"),
+                averager_opts={"request_timeout": 0.5},
+                # Progress records are signed, and our DHT checks signatures against the node's key:
+                # hivemind's default (a process-wide key) would be refused, and peers never meet.
+                # A short refresh period: peers learn of each other's progress within 2 s.
+                tracker_opts={"private_key": identity.private_key, "max_refresh_period": 2.0},
+                verbose=os.environ.get("SWARM_HIVEMIND_VERBOSE") == "1",
+            )
         self.expected_peers = 1  # online peers of this stage, this one included (set by the node)
         self._gated: tuple[int, int, float] | None = (0, 0, 0.0)  # (requests, samples, since)
         self.fingerprints: OrderedDict[int, list[float]] = OrderedDict()

@@ -42,6 +42,7 @@ from swarm.client.remote import ChannelPool
 from swarm.coordinator.bans import BanList
 from swarm.coordinator.routing import Hop, SwarmMap, throughput_weighted_route
 from swarm.coordinator.swarm_map import SwarmMapCache
+from swarm.dht import keep_sigint
 from swarm.errors import ConfigError, SwarmError
 from swarm.models.llama import ClientParts, LlamaConfig, init_weights
 from swarm.records import NodeIdentity
@@ -270,7 +271,8 @@ class Trainer:
         self.data = ByteDataset(replace(cfg.data, seed=cfg.seed))
         self.parts = initial_parts(cfg.model, self.config, cfg.seed)
         # Built here, on the caller's (main) thread: hivemind installs signal handlers.
-        self.optimizer = HeadOptimizer(dht, self.model, self.parts, cfg, identity)
+        with keep_sigint():  # hivemind would leave Ctrl-C ignored in this process
+            self.optimizer = HeadOptimizer(dht, self.model, self.parts, cfg, identity)
         self.head = Head(self.parts, self.optimizer)
         base = client_config or ClientConfig()
         self.client_config = replace(base, codec=cfg.codec, request_timeout=cfg.request_timeout)
