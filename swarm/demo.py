@@ -66,6 +66,7 @@ TRAIN_CONFIG = {
     "max_position_embeddings": 512,
     "tie_word_embeddings": False,
 }
+# Every node and the trainer agree on these (a high rate: the model is small and time short).
 NODE_FLAGS = (
     "--train",
     "--num-stages",
@@ -73,7 +74,7 @@ NODE_FLAGS = (
     "--target-batch-size",
     "64",
     "--lr",
-    "3e-3",
+    "1e-2",
     "--warmup-steps",
     "5",
 )
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--workdir", default=".demo", help="where logs, checkpoints and the export go")
-    parser.add_argument("--steps", type=int, default=30, help="optimizer steps to train")
+    parser.add_argument("--steps", type=int, default=50, help="optimizer steps to train")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -179,7 +180,7 @@ def run(workdir: Path, steps: int, seed: int) -> int:
             micro_batch_size=8,
             in_flight=4,
             target_batch_size=64,
-            lr=3e-3,
+            lr=1e-2,
             warmup_steps=5,
             seed=seed,
             checkpoint_dir=ckpt_dir,
