@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -230,41 +227,6 @@ def test_two_stages_of_two_peers_train_in_step(training_swarm: LocalSwarm, confi
         shared = assert_in_step(states[a][2], states[b][2], at_least=4)
         assert max(shared) >= 3
         assert states[a][2][0] != pytest.approx(states[a][2][max(shared)], rel=1e-5)  # they did train
-
-
-def test_two_trainers_train_at_once(training_swarm: LocalSwarm, config_dir: Path, tmp_path: Path) -> None:
-    """`swarm train` twice, on disjoint shards of the data: both finish, every micro-batch counted."""
-    data = Path(swarm.__file__).parent  # a small corpus: this package's own sources
-    command = [
-        *(sys.executable, "-m", "swarm.cli", "train", "--model", str(config_dir)),
-        *("--initial-peers", *training_swarm.initial_peers, "--steps", "6", "--micro-batch-size", "8"),
-        *("--target-batch-size", "32", "--lr", "3e-3", "--warmup-steps", "2", "--seq-len", "64"),
-        *("--codec", "none", "--data", str(data)),
-    ]
-    trainers = [
-        subprocess.Popen(
-            [*command, "--shard", str(k), "2", "--checkpoint-dir", str(tmp_path / f"trainer-{k}")],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: its DHT and averager processes too
-        )
-        for k in (0, 1)
-    ]
-    try:
-        outputs = [t.communicate(timeout=300)[0].decode(errors="replace") for t in trainers]
-    finally:
-        for t in trainers:  # whatever is left of a trainer that failed or hung, children included
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(t.pid, signal.SIGKILL)
-            t.wait()
-    for t, out in zip(trainers, outputs, strict=True):
-        assert t.returncode == 0, out
-        line = re.search(
-            r"train: loss ([\d.]+) -> ([\d.]+) in (\d+) steps, (\d+) micro-batches \((\d+) re-sent", out
-        )
-        assert line is not None, out
-        assert int(line[3]) >= 6 and int(line[4]) >= 1
-    assert all((tmp_path / f"trainer-{k}" / "trainer.pt").is_file() for k in (0, 1))
 
 
 def test_a_killed_peer_loses_nothing_and_its_replacement_takes_part(

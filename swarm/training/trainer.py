@@ -409,7 +409,8 @@ class Trainer:
     async def run(self, on_progress: Callable[[Progress], None] = lambda p: None) -> Progress:
         """Train until `steps` optimizer steps (or `max_seconds`, or `stop()`); then let the
         micro-batches in flight finish, so every issued micro-batch is completed (or the run fails
-        loudly), and save the checkpoint."""
+        loudly), and save the checkpoint. A Trainer may run again; stop() ends the run under way."""
+        self._stop.clear()
         self.progress = Progress(step=self.optimizer.epoch)
         self._saved_step = self.optimizer.epoch
         watcher = asyncio.create_task(self._watch_peers())
