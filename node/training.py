@@ -44,7 +44,7 @@ from swarm.node.reachability import announce_host
 from swarm.node.runtime import stop_on_signals
 from swarm.node.server import SERVICE_NAME, BlockServicer, ServerLimits, start_grpc_server
 from swarm.records import NodeIdentity, ServerRecord, ServerState, fetch_records, latest_per_peer
-from swarm.training.stages import has_weights, model_name, read_config, run_id, stage_span
+from swarm.training.stages import has_weights, model_name, read_config, run_id, save_atomically, stage_span
 
 log = logging.getLogger("swarm.node")
 
@@ -259,10 +259,7 @@ class StageOptimizer:
             "optimizer": self.opt.state_dict(),
             "epoch": self.epoch,
         }
-        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(self.checkpoint)
+        save_atomically(state, self.checkpoint)
 
     def load_checkpoint(self) -> None:
         """Resume from save_checkpoint's file: weights, Adam moments and the epoch."""

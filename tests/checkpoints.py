@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import transformers
 
+from swarm.training.data import VOCAB_SIZE
+
 FAMILIES: dict[str, tuple[type[Any], type[Any]]] = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
@@ -30,6 +32,19 @@ LLAMA3 = {
     "high_freq_factor": 4.0,
     # short, so that with head_dim 16 all three llama3 bands (kept, interpolated, slowed) occur
     "original_max_position_embeddings": 32,
+}
+
+
+# A tiny byte-level Llama: what the training tests train from scratch (a config, no weights).
+BYTE_CONFIG = {
+    "model_type": "llama",
+    "vocab_size": VOCAB_SIZE,  # bytes
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
 }
 
 

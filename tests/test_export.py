@@ -26,20 +26,12 @@ from swarm.errors import ConfigError, MissingBlocksError
 from swarm.localswarm import LocalSwarm
 from swarm.models.llama import LlamaBlock, LlamaConfig, init_weights
 from swarm.records import NodeIdentity
-from swarm.training.data import VOCAB_SIZE, DataConfig
+from swarm.training.data import DataConfig
 from swarm.training.export import ExportError, ExportResult, export_model, gather_blocks
 from swarm.training.trainer import TRAINER_CHECKPOINT, Trainer, TrainerConfig, load_trainer_parts
+from tests.checkpoints import BYTE_CONFIG
 
-HF_CONFIG = {
-    "model_type": "llama",
-    "vocab_size": VOCAB_SIZE,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 512,
-}
+HF_CONFIG = BYTE_CONFIG
 TRAIN = ("--train", "--num-stages", "2", "--target-batch-size", "16")
 MODEL = "byte-llama"
 TEXTS = [b"def main():\n    return 0\n", b"import os, sys\nprint(sys)\n"]

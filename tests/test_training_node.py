@@ -32,20 +32,12 @@ from swarm.localswarm import LocalSwarm, NodeProcess
 from swarm.models.llama import LlamaBlock, LlamaConfig
 from swarm.node.training import choose_stage, plan_stage_move, stage_blocks
 from swarm.records import NodeIdentity, ServerRecord, ServerState
-from swarm.training.data import VOCAB_SIZE, DataConfig
+from swarm.training.data import DataConfig
 from swarm.training.stages import read_config, run_id, stage_span
 from swarm.training.trainer import Progress, Trainer, TrainerConfig
+from tests.checkpoints import BYTE_CONFIG
 
-HF_CONFIG = {
-    "model_type": "llama",
-    "vocab_size": VOCAB_SIZE,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 512,
-}
+HF_CONFIG = BYTE_CONFIG
 
 
 def record(

@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from swarm import checkpoint
 from swarm.errors import ConfigError
@@ -57,3 +60,11 @@ def model_name(model: str) -> str:
     directory holding it). Nodes and trainers must agree on it."""
     path = Path(model)
     return checkpoint.model_name(path.parent if path.is_file() else path)
+
+
+def save_atomically(state: dict[str, Any], path: Path) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)

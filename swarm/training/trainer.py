@@ -47,7 +47,7 @@ from swarm.errors import ConfigError, SwarmError
 from swarm.models.llama import ClientParts, LlamaConfig, init_weights
 from swarm.records import NodeIdentity
 from swarm.training.data import ByteDataset, DataConfig
-from swarm.training.stages import HEAD, has_weights, model_name, read_config, run_id
+from swarm.training.stages import HEAD, has_weights, model_name, read_config, run_id, save_atomically
 
 log = logging.getLogger("swarm.training")
 T = TypeVar("T")
@@ -143,16 +143,13 @@ def save_trainer_checkpoint(
 ) -> None:
     """The trainer's own stage: client-part weights (our names), optimizer state, step, and the next
     micro-batch index. Written to a temporary file and renamed, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
     state = {
         "parts": parts.state_dict(),
         "optimizer": optimizer_state,
         "step": step,
         "next_index": next_index,
     }
-    torch.save(state, tmp)
-    tmp.replace(path)
+    save_atomically(state, path)
 
 
 def load_trainer_checkpoint(path: Path) -> dict[str, Any]:
