@@ -63,9 +63,9 @@ class BackwardResult:
 # that always runs alone (key None) may return a BackwardResult, already on the CPU.
 Result = Tensor | BackwardResult | dict[str, Tensor]
 Compute = Callable[[list[Tensor]], Result]
-# on_gradients(samples): called on the worker thread after a training Backward has added the
-# gradients of one request (a mean over its `samples` sequences) to the weights' `.grad`.
-OnGradients = Callable[[int], None]
+# on_gradients(grads, samples): called on the worker thread with the weight gradients of one
+# training Backward (of its mean loss over `samples` sequences), in the blocks' parameter order.
+OnGradients = Callable[[list[Tensor], int], None]
 
 
 def deadline_after(seconds: float | None) -> float | None:
@@ -403,10 +403,10 @@ def _train_backward(blocks: list[LlamaBlock], on_gradients: OnGradients, inputs:
         h_in = hidden.detach().requires_grad_(True)
         out = _run(blocks, h_in, [None] * len(blocks), None)
         grad_in, *grads = torch.autograd.grad(out, [h_in, *params], grad_outputs, allow_unused=True)
-    for p, g in zip(params, grads, strict=True):
-        if g is not None:  # summed: the optimizer decides when to average and clear them
-            p.grad = g if p.grad is None else p.grad.add_(g)
-    on_gradients(hidden.shape[0])
+    on_gradients(
+        [g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads, strict=True)],
+        hidden.shape[0],
+    )
     return grad_in
 
 
@@ -464,7 +464,7 @@ class BlockBackend:
         self.config = config
         self.blocks = blocks
         # Serving: Backward computes input gradients only. Training (on_gradients set): Backward
-        # also leaves the weights' gradients in `.grad` and hands them to on_gradients.
+        # also hands the weights' gradients to on_gradients.
         self.on_gradients = on_gradients
         for block in blocks:
             block.requires_grad_(on_gradients is not None)

@@ -107,6 +107,15 @@ class NodeMetrics:
             "swarm_node_state", "1 for the node's current state, else 0.", ["state"], registry=r
         )
         self.rebalances = Counter("swarm_node_rebalances", "Span moves.", registry=r)
+        self.training_steps = Counter(
+            "swarm_node_training_steps", "Optimizer steps of this node's stage (training nodes).", registry=r
+        )
+        self.averaging_bytes = Counter(
+            "swarm_node_averaging_bytes",
+            "Bytes of gradients and state exchanged with stage-mates (training nodes).",
+            ["direction"],
+            registry=r,
+        )
         self.info = Info("swarm_node", "Static facts about this node.", registry=r)
         self._initialise_series()
 

@@ -38,6 +38,7 @@ from swarm.node.metrics import NodeMetrics, RequestOutcome
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = swarm_pb2.DESCRIPTOR.services_by_name["BlockService"].full_name
+AVERAGING_SERVICE_NAME = swarm_pb2.DESCRIPTOR.services_by_name["AveragingService"].full_name
 MAX_PING_BYTES = 16 << 20  # a bandwidth probe needs a few MiB, not the whole message limit
 REACHABILITY_TIMEOUT = 5.0  # seconds to dial a joining node back
 
@@ -422,14 +423,24 @@ def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 
 async def start_grpc_server(
-    servicer: BlockServicer, host: str, port: int, max_message_bytes: int
+    servicer: BlockServicer,
+    host: str,
+    port: int,
+    max_message_bytes: int,
+    *,
+    averaging: swarm_pb2_grpc.AveragingServiceServicer | None = None,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """Start BlockService + health + reflection; returns (server, bound port, health servicer)."""
+    """Start BlockService (+ AveragingService for a training node) + health + reflection; returns
+    (server, bound port, health servicer)."""
     server = grpc.aio.server(options=grpc_options(max_message_bytes))
     swarm_pb2_grpc.add_BlockServiceServicer_to_server(servicer, server)
+    services = [SERVICE_NAME]
+    if averaging is not None:
+        swarm_pb2_grpc.add_AveragingServiceServicer_to_server(averaging, server)
+        services.append(AVERAGING_SERVICE_NAME)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    reflection.enable_server_reflection([*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise ConfigError(f"could not bind the gRPC server to {host}:{port}: is the port in use? (--port)")

@@ -1,13 +1,11 @@
 """A training node (`swarm-node join --train`): one stage of a model, with trainable weights.
 
-The stage's peers form one hivemind.Optimizer collaboration (run id "<model>-stage<K>"): each
-Backward leaves its request's weight gradients for the optimizer, which steps all peers at
-once when the swarm has accumulated `--target-batch-size` samples, averaging gradients (and
-parameters) so the peers stay identical. A peer that joins a stage others already train loads
-their state (weights, optimizer, epoch) before it serves.
-
-Order matters: hivemind's averagers fork processes, so the optimizer is built before the gRPC
-server starts (forking a process with live gRPC threads is unsafe).
+The stage's peers form one collaboration (run id "<model>-stage<K>", swarm.training.averaging):
+each Backward hands its request's weight gradients to it, and all peers step at once, on the
+same averaged gradient, when the stage has accumulated `--target-batch-size` samples, so the
+peers stay identical. A peer that joins a stage others already train loads their state
+(weights, AdamW moments, epoch) before it serves; the stage's averaging RPCs
+(swarm.v1.AveragingService) share the node's gRPC server.
 """
 
 from __future__ import annotations
@@ -18,9 +16,7 @@ import logging
 import os
 import random
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +24,10 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hivemind.dht import DHT
-from hivemind.utils import get_dht_time
 
 import swarm
 from swarm import checkpoint
-from swarm.dht import dht_call, keep_sigint
-from swarm.errors import ConfigError
+from swarm.errors import ConfigError, SwarmError
 from swarm.models.llama import LlamaBlock, LlamaConfig, init_weights
 from swarm.node import device as devices
 from swarm.node.announcer import Announcer
@@ -44,6 +38,8 @@ from swarm.node.reachability import announce_host
 from swarm.node.runtime import stop_on_signals
 from swarm.node.server import SERVICE_NAME, BlockServicer, ServerLimits, start_grpc_server
 from swarm.records import NodeIdentity, ServerRecord, ServerState, fetch_records, latest_per_peer
+from swarm.training.averaging import AveragingConfig, LocalState
+from swarm.training.collaboration import AveragingServicer, Collaboration, DHTMembership
 from swarm.training.stages import has_weights, model_name, read_config, run_id, save_atomically, stage_span
 
 log = logging.getLogger("swarm.node")
@@ -109,283 +105,37 @@ def stage_blocks(model: str, config: LlamaConfig, span: tuple[int, int], seed: i
     return blocks
 
 
-# ---- the optimizer -----------------------------------------------------------------------------
+# ---- the collaboration ---------------------------------------------------------------------------
 
 
-class StageOptimizer:
-    """hivemind.Optimizer for one stage, driven from the compute thread only.
-
-    hivemind talks to the other peers only inside `step`. A peer that gets no Backward while its
-    mates average would miss their round, and worse, a mate already matched with it in a group
-    would wait for it until the averaging timeout, its compute thread (and every trainer's
-    micro-batch there) stalled. So a ticker calls `tick` every KEEP_UP_PERIOD: once the stage
-    has its target batch, this peer steps too, with whatever it has accumulated (possibly
-    nothing: it then takes part with weight 0 and still receives the averaged gradients). A
-    peer that missed a step anyway loads the stage's state from a mate.
-
-    hivemind sees a peer only once it reports samples, so peers that start together would each
-    take their first steps alone and drift apart for good. Until this peer's tracker sees every
-    online peer of the stage (`expected_peers`, from the DHT's records) or START_GATE seconds
-    pass, it only reports its samples and keeps their gradients.
-
-    Gradients are summed in the weights' own .grad (hivemind's reuse_grad_buffers): a request's
-    gradient is a mean over its samples, and hivemind divides the sum by the number of step
-    calls, so the sum is rescaled whenever the calls and the requests differ.
-
-    `fingerprints` keeps, per epoch, the weights' sums of squares as the epoch began here: the
-    peers of a stage in sync show equal fingerprints (to float rounding) for the epochs they share.
-    """
-
-    HISTORY = 256  # epochs of fingerprints kept
-    START_GATE = 15.0  # seconds the first step waits to see the stage's other peers
-
-    def __init__(
-        self,
-        dht: DHT,
-        run_id: str,
-        blocks: list[LlamaBlock],
-        cfg: NodeConfig,
-        identity: NodeIdentity,
-        *,
-        checkpoint: Path | None = None,
-    ) -> None:
-        from hivemind import Optimizer
-
-        warmup = max(1, cfg.warmup_steps)
-        self.blocks = blocks
-        self.params = params = [p for b in blocks for p in b.parameters()]
-        self.checkpoint, self.checkpoint_every = checkpoint, cfg.checkpoint_every
-        self.target_batch_size = cfg.target_batch_size
-        with keep_sigint():  # hivemind would leave Ctrl-C ignored
-            self.opt = Optimizer(
-                dht=dht,
-                run_id=run_id,
-                params=params,
-                optimizer=partial(torch.optim.AdamW, lr=cfg.lr, weight_decay=cfg.weight_decay),
-                scheduler=partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=partial(_warmup, warmup)),
-                target_batch_size=cfg.target_batch_size,
-                matchmaking_time=cfg.matchmaking_time,
-                averaging_timeout=cfg.averaging_timeout,
-                # Wait for every part of an all-reduce (hivemind's default: 1 s, then it keeps its own
-                # values for the missing parts, and the peers of a stage silently drift apart).
-                next_chunk_timeout=cfg.averaging_timeout,
-                load_state_timeout=cfg.averaging_timeout * 3,
-                reuse_grad_buffers=True,
-                offload_optimizer=False,  # step the weights themselves, on this (the compute) thread's watch
-                # Averaged gradients keep the peers identical; averaging the whole state (a second
-                # round, with its own matchmaking) now and then is the safety net.
-                average_state_every=cfg.average_state_every,
-                delay_state_averaging=False,
-                average_opt_statistics=("exp_avg", "exp_avg_sq"),
-                averager_opts={"request_timeout": 0.5},
-                # Progress records are signed, and our DHT checks signatures against the node's key:
-                # hivemind's default (a process-wide key) would be refused, and peers never meet.
-                # A short refresh period: peers learn of each other's progress within 2 s.
-                tracker_opts={"private_key": identity.private_key, "max_refresh_period": 2.0},
-                verbose=os.environ.get("SWARM_HIVEMIND_VERBOSE") == "1",
-            )
-        self.expected_peers = 1  # online peers of this stage, this one included (set by the node)
-        self._gated: tuple[int, int, float] | None = (0, 0, 0.0)  # (requests, samples, since)
-        self.fingerprints: OrderedDict[int, list[float]] = OrderedDict()
-        self.repaired: set[int] = set()  # epochs whose weights reconcile() replaced
-        self._note_epoch()
-
-    @property
-    def epoch(self) -> int:
-        return int(self.opt.local_epoch)
-
-    def on_gradients(self, samples: int) -> None:
-        """One request's gradients (a mean over its `samples` sequences) were added to .grad."""
-        if self._gated is None:
-            self._step(samples)
-            return
-        requests, total, since = self._gated
-        self._gated = (requests + 1, total + samples, since or time.monotonic())
-        self.opt.tracker.report_local_progress(self.epoch, total + samples)  # be seen
-        self._open_gate()
-
-    def tick(self) -> None:
-        """Take part in the stage's step once it is due, or catch up if it went on without us."""
-        if self._gated is not None:
-            self._open_gate()
-            return
-        tracker = self.opt.tracker
-        if int(tracker.global_epoch) > self.epoch:
-            log.info(
-                "the stage is at epoch %d, this peer at %d: loading state", tracker.global_epoch, self.epoch
-            )
-            self.load_state_from_peers()
-            return
-        progress = tracker.global_progress
-        if progress.samples_accumulated >= self.target_batch_size and progress.num_peers > 1:
-            calls = self.opt.grad_averager.local_times_accumulated  # hivemind's divisor
-            if calls:  # one more call, no more gradients: keep sum / calls the mean
-                self._scale_grads((calls + 1) / calls)
-            self._step(0)
-
-    def load_state_from_peers(self) -> None:
-        self.opt.load_state_from_peers()
-        self._note_epoch()
-
-    def reconcile(self, me: str, mates: dict[str, tuple[int, list[float]]]) -> bool:
-        """Compare this epoch's weights with mates' at the same epoch (`mates`: peer id -> (epoch,
-        fingerprint), as published); if they differ and a mate with a smaller peer id disagrees,
-        take the stage's state from the mates. hivemind's all-reduce sometimes returns part of a
-        round's results (it logs "received 88.9% results") and keeps local values for the rest;
-        this is how the peers of a stage find out and agree again (the smallest id wins)."""
-        epoch = self.epoch
-        mine = self.fingerprints.get(epoch)
-        if mine is None:
-            return False
-        differ = [
-            peer
-            for peer, (their_epoch, theirs) in mates.items()
-            if peer != me and their_epoch == epoch and not _same_weights(mine, theirs)
-        ]
-        if not differ or min(differ) > me:
-            return False
-        log.warning("weights differ from %s's at epoch %d: loading the stage's state", min(differ), epoch)
-        self.opt.load_state_from_peers()
-        self.repaired.add(self.epoch)
-        self.fingerprints[self.epoch] = weights_fingerprint(self.params)
-        return True
-
-    def save_checkpoint(self) -> None:
-        """<run id>.pt: the stage's weights, optimizer state and epoch (atomically replaced)."""
-        if self.checkpoint is None:
-            return
-        state = {
-            "blocks": [b.state_dict() for b in self.blocks],
-            "optimizer": self.opt.state_dict(),
-            "epoch": self.epoch,
-        }
-        save_atomically(state, self.checkpoint)
-
-    def load_checkpoint(self) -> None:
-        """Resume from save_checkpoint's file: weights, Adam moments and the epoch."""
-        assert self.checkpoint is not None
-        state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
-        if len(state["blocks"]) != len(self.blocks):
-            raise ConfigError(
-                f"{self.checkpoint} holds {len(state['blocks'])} blocks, this stage {len(self.blocks)}"
-            )
-        with torch.no_grad():
-            for block, weights in zip(self.blocks, state["blocks"], strict=True):
-                block.load_state_dict(weights)
-        self.opt.load_state_dict(state["optimizer"])
-        self.opt.tracker.report_local_progress(self.epoch, 0)
-        self._note_epoch()
-
-    def shutdown(self) -> None:
-        self.opt.shutdown()
-
-    def _open_gate(self) -> None:
-        assert self._gated is not None
-        requests, samples, since = self._gated
-        if not requests:
-            return
-        seen = self.opt.tracker.global_progress.num_peers
-        alone = self.expected_peers <= 1  # nobody to wait for
-        if not alone and seen < self.expected_peers and time.monotonic() - since < self.START_GATE:
-            return
-        log.info("first step with %d of %d peers of the stage in view", seen, self.expected_peers)
-        self._gated = None
-        self._scale_grads(1 / requests)  # the sum of `requests` means, handed over as one call
-        self._step(samples)
-
-    def _scale_grads(self, factor: float) -> None:
-        with torch.no_grad():
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad.mul_(factor)
-
-    def _step(self, samples: int) -> None:
-        self.opt.step(batch_size=samples)
-        self._note_epoch()
-
-    def _note_epoch(self) -> None:
-        if self.epoch in self.fingerprints:
-            return
-        self.fingerprints[self.epoch] = weights_fingerprint(self.params)
-        while len(self.fingerprints) > self.HISTORY:
-            self.fingerprints.popitem(last=False)
-        if self.epoch and self.epoch % self.checkpoint_every == 0:
-            self.save_checkpoint()
-
-
-def weights_fingerprint(params: Iterable[torch.Tensor]) -> list[float]:
-    """Each tensor's sum of squares, in float64: equal for weights equal to float rounding, and
-    apart by far more for weights that took different steps."""
-    return [float(p.detach().double().square().sum()) for p in params]
-
-
-def _same_weights(a: list[float], b: list[float], rel: float = 1e-6) -> bool:
-    return len(a) == len(b) and all(
-        abs(x - y) <= rel * max(abs(x), abs(y), 1e-12) for x, y in zip(a, b, strict=True)
+def averaging_config(cfg: NodeConfig) -> AveragingConfig:
+    return AveragingConfig(
+        target_batch_size=cfg.target_batch_size,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+        round_timeout=cfg.averaging_timeout,
     )
 
 
-def _warmup(steps: int, epoch: int) -> float:
-    return min(1.0, (epoch + 1) / steps)
+def save_stage_checkpoint(path: Path, blocks: list[LlamaBlock], state: LocalState) -> None:
+    """<run id>.pt: the stage's weights, AdamW state and epoch (atomically replaced); call exclusively."""
+    save_atomically({"blocks": [b.state_dict() for b in blocks], **state.state_dict()}, path)
 
 
-async def _keep_up(backend: BlockBackend, optimizer: StageOptimizer, stop: asyncio.Event) -> None:
-    """Every KEEP_UP_PERIOD, on the compute thread (between requests): step with the stage, or
-    catch up with it; see StageOptimizer."""
-    while not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), KEEP_UP_PERIOD)
-        if stop.is_set():
-            return
-        try:
-            await backend.worker.call(optimizer.tick)
-        except Exception:  # keep serving; the next tick (or hivemind's own step) tries again
-            log.exception("could not keep up with the stage's peers")
+def load_stage_checkpoint(path: Path, blocks: list[LlamaBlock], state: LocalState) -> None:
+    """Resume from save_stage_checkpoint's file: weights, Adam moments and the epoch."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if len(saved["blocks"]) != len(blocks) or "optimizer" not in saved:
+        raise ConfigError(
+            f"{path} holds {len(saved['blocks'])} blocks (this stage has {len(blocks)}) or no optimizer "
+            "state: move it away to start the stage afresh"
+        )
+    with torch.no_grad():
+        for block, weights in zip(blocks, saved["blocks"], strict=True):
+            block.load_state_dict(weights)
+    state.load_state_dict(saved)
 
-
-async def _count_mates(
-    dht: DHT,
-    backend: BlockBackend,
-    model: str,
-    stage: int,
-    span: tuple[int, int],
-    optimizer: StageOptimizer,
-    stop: asyncio.Event,
-) -> None:
-    """Every second: count the stage's online peers (for the start gate), publish this peer's
-    latest weight fingerprint and reconcile with the mates' (see StageOptimizer.reconcile)."""
-    me = str(dht.peer_id)
-    key = f"{run_id(model, stage)}_fingerprints"
-    while not stop.is_set():
-        try:
-            records = await fetch_records(dht, model, [span[0]])
-            mates = {
-                r.peer_id
-                for r in latest_per_peer(x for rs in records.values() for x in rs)
-                if r.trainable_stage == stage and r.state == ServerState.ONLINE
-            }
-            optimizer.expected_peers = max(1, len(mates | {me}))
-            epoch, fingerprint = next(reversed(optimizer.fingerprints.items()))
-            expires = get_dht_time() + FINGERPRINT_TTL
-            await dht_call(
-                dht.store(key, [epoch, fingerprint], expires, subkey=me, return_future=True), timeout=10
-            )
-            found = await dht_call(dht.get(key, latest=True, return_future=True), timeout=10)
-            published = {
-                str(peer): (int(item.value[0]), [float(x) for x in item.value[1]])
-                for peer, item in (
-                    found.value.items() if found is not None and isinstance(found.value, dict) else ()
-                )
-            }
-            await backend.worker.call(partial(optimizer.reconcile, me, published))
-        except Exception:  # the DHT may hiccup; the gate also opens on its own timer
-            log.debug("could not read the stage's peers", exc_info=True)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 1.0)
-
-
-FINGERPRINT_TTL = 60.0  # seconds a published fingerprint lives in the DHT
-KEEP_UP_PERIOD = 0.2
 
 # ---- the node's life -------------------------------------------------------------------------
 
@@ -396,8 +146,8 @@ async def serve_training(
     """Train a stage until SIGTERM/SIGINT (-> None). With --stage auto, leave it when moving to
     another stage raises the pipeline's bottleneck (see plan_stage_move) and return that stage:
     the caller then starts the node afresh, and the fresh node joins the least-served stage,
-    which is that one. (A restart, because hivemind's averagers, forked from this process, do
-    not survive a second optimizer here: the DHT daemon went down with the first.)"""
+    which is that one. (A restart: the plainest way to drop one stage's weights, state and
+    collaboration for another's.)"""
     stop = stop_on_signals()
     config = read_config(cfg.model)
     model = model_name(cfg.model)
@@ -433,25 +183,14 @@ async def _train_stage(
     blocks = [b.to(device) for b in await asyncio.to_thread(stage_blocks, cfg.model, config, span, cfg.seed)]
     rid = run_id(model, stage)
     saved = Path(cfg.checkpoint_dir) / f"{rid}.pt" if cfg.checkpoint_dir else None
-    # On this thread: hivemind installs signal handlers, which only the main thread may do.
-    optimizer = StageOptimizer(dht, rid, blocks, cfg, identity, checkpoint=saved)
-    try:
-        mates = [r for r in peers if r.trainable_stage == stage]
-        optimizer.expected_peers = len(mates) + 1  # kept current by _count_mates
-        if mates:  # others train this stage already: start from where they are
-            names = ", ".join(f"{r.peer_id} at {r.grpc_address}" for r in mates)
-            log.info("loading stage %d's state from its peers (%s)", stage, names)
-            await asyncio.to_thread(optimizer.load_state_from_peers)
-        elif saved is not None and saved.is_file():
-            await asyncio.to_thread(optimizer.load_checkpoint)
-            log.info("resumed stage %d from %s at epoch %d", stage, saved, optimizer.epoch)
-        return await _serve_stage(
-            cfg, dht, identity, on_ready, stop, config, model, stage, span, blocks, optimizer
-        )
-    finally:
-        # The compute thread has stopped (_serve_stage shut the backend down): nothing steps now.
-        await asyncio.to_thread(optimizer.save_checkpoint)
-        await asyncio.to_thread(optimizer.shutdown)
+    state = LocalState([p for b in blocks for p in b.parameters()], averaging_config(cfg))
+    mates = {r.peer_id: r.grpc_address for r in peers if r.trainable_stage == stage}
+    if not mates and saved is not None and saved.is_file():
+        load_stage_checkpoint(saved, blocks, state)
+        log.info("resumed stage %d from %s at epoch %d", stage, saved, state.epoch)
+    return await _serve_stage(
+        cfg, dht, identity, on_ready, stop, config, model, stage, span, blocks, state, mates, saved
+    )
 
 
 async def _answering(records: list[ServerRecord], timeout: float = 3.0) -> list[ServerRecord]:
@@ -505,10 +244,14 @@ async def _serve_stage(
     stage: int,
     span: tuple[int, int],
     blocks: list[LlamaBlock],
-    optimizer: StageOptimizer,
+    state: LocalState,
+    mates: dict[str, str],
+    saved: Path | None,
 ) -> int | None:
     device = next(blocks[0].parameters()).device
     metrics = NodeMetrics()
+    me = str(dht.peer_id)
+    holder: list[Collaboration] = []  # the backend's hook needs the collaboration, which needs the backend
     backend = BlockBackend(
         config,
         blocks,
@@ -518,14 +261,39 @@ async def _serve_stage(
         cache_bytes=cfg.cache_bytes or (64 << 20),
         batching=cfg.batching,
         batch_tokens=cfg.batch_tokens,
-        on_gradients=optimizer.on_gradients,
+        on_gradients=lambda grads, samples: holder[0].accumulate(grads, samples),
         slowdown=cfg.slowdown,
     )
+
+    counted = [0, 0]  # averaging bytes already in the metrics: sent, received
+
+    def on_step(epoch: int) -> None:
+        metrics.training_steps.inc()
+        stats = holder[0].stats
+        metrics.averaging_bytes.labels(direction="sent").inc(stats.sent_bytes - counted[0])
+        metrics.averaging_bytes.labels(direction="received").inc(stats.received_bytes - counted[1])
+        counted[:] = [stats.sent_bytes, stats.received_bytes]
+        if saved is not None and epoch % cfg.checkpoint_every == 0:
+            save_stage_checkpoint(saved, blocks, state)
+
+    collab = Collaboration(
+        run_id(model, stage),
+        me,
+        state,
+        averaging_config(cfg),
+        exclusive=backend.worker.call,
+        membership=None,
+        on_step=on_step,
+    )
+    holder.append(collab)
+    collab.members = dict(mates)
+    averaging = AveragingServicer()
+    averaging.collaborations[collab.run_id] = collab
     limits = ServerLimits(
         cfg.max_batch, cfg.max_tokens, cfg.max_session_length, cfg.max_message_bytes, cfg.session_idle_timeout
     )
-    servicer = BlockServicer(backend, model, str(dht.peer_id), limits, metrics=metrics)
-    servicer.training_status = lambda: (optimizer.epoch, dict(optimizer.fingerprints))
+    servicer = BlockServicer(backend, model, me, limits, metrics=metrics)
+    servicer.training_status = lambda: (state.epoch, dict(state.fingerprints))
     estimate = cfg.throughput
     if estimate is None:
         estimate = await asyncio.to_thread(measure_throughput, blocks, config.hidden_size, cfg.slowdown)
@@ -537,8 +305,18 @@ async def _serve_stage(
             return estimate
         return worker.tokens_done / worker.busy_seconds
 
-    server, port, health = await start_grpc_server(servicer, cfg.host, cfg.port, cfg.max_message_bytes)
+    server, port, health = await start_grpc_server(
+        servicer, cfg.host, cfg.port, cfg.max_message_bytes, averaging=averaging
+    )
     address = f"{announce_host(cfg)}:{cfg.announce_port or port}"
+    collab.membership = DHTMembership(dht, identity, collab.run_id, me, address)
+    if mates:  # others train this stage already: start from where they are
+        source = min(mates)  # the stage's leader, unless it is this node (then any mate will do)
+        log.info("loading stage %d's state from %s (peers: %s)", stage, source, ", ".join(sorted(mates)))
+        try:
+            await collab.catch_up(source)
+        except SwarmError as e:  # train anyway: the stage's leader brings us in line at its next round
+            log.warning("could not load stage %d's state (%s); starting from epoch %d", stage, e, state.epoch)
     announcer = Announcer(
         dht,
         identity,
@@ -547,7 +325,7 @@ async def _serve_stage(
     )
     record = ServerRecord(
         state=ServerState.ONLINE,
-        peer_id=str(dht.peer_id),
+        peer_id=me,
         grpc_address=address,
         model=model,
         start=span[0],
@@ -564,12 +342,12 @@ async def _serve_stage(
         await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         on_ready(
             {
-                "peer_id": str(dht.peer_id),
+                "peer_id": me,
                 "grpc_address": address,
                 "model": model,
                 "span": f"{span[0]}:{span[1]}",
                 "stage": stage,
-                "epoch": optimizer.epoch,
+                "epoch": state.epoch,
                 "throughput": round(estimate, 1),
                 "maddrs": [str(m) for m in dht.get_visible_maddrs()],
                 "pid": os.getpid(),
@@ -577,8 +355,7 @@ async def _serve_stage(
         )
         background = [
             asyncio.create_task(announcer.run(leave)),
-            asyncio.create_task(_keep_up(backend, optimizer, leave)),
-            asyncio.create_task(_count_mates(dht, backend, model, stage, span, optimizer, leave)),
+            asyncio.create_task(collab.run(leave)),
             asyncio.create_task(_forward(stop, leave)),
         ]
         if cfg.stage == "auto":
@@ -588,14 +365,17 @@ async def _serve_stage(
         await leave.wait()
     finally:
         leave.set()
-        for task in background:
-            task.cancel()
         servicer.state = str(ServerState.DRAINING)
         await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await announcer.withdraw()
         await _drain(servicer, cfg.drain_timeout)
+        for task in background:  # the collaboration withdraws its membership as it ends
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         await server.stop(grace=2)
         backend.shutdown()
+        if saved is not None:  # the compute thread has stopped: nothing steps now
+            await asyncio.to_thread(save_stage_checkpoint, saved, blocks, state)
     return move[0] if move and not stop.is_set() else None
 
 

@@ -287,3 +287,87 @@ class EpochFingerprint(_message.Message):
     epoch: int
     sum_of_squares: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, epoch: _Optional[int] = ..., sum_of_squares: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class AveragingHeader(_message.Message):
+    __slots__ = ("protocol_version", "run_id", "sender", "epoch")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    run_id: str
+    sender: str
+    epoch: int
+    def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[str] = ..., sender: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class ReportRequest(_message.Message):
+    __slots__ = ("header", "samples")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    header: AveragingHeader
+    samples: int
+    def __init__(self, header: _Optional[_Union[AveragingHeader, _Mapping]] = ..., samples: _Optional[int] = ...) -> None: ...
+
+class ReportResponse(_message.Message):
+    __slots__ = ("leader", "epoch")
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    leader: str
+    epoch: int
+    def __init__(self, leader: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class CollectRequest(_message.Message):
+    __slots__ = ("header",)
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    header: AveragingHeader
+    def __init__(self, header: _Optional[_Union[AveragingHeader, _Mapping]] = ...) -> None: ...
+
+class CollectResponse(_message.Message):
+    __slots__ = ("accepted", "epoch", "leader", "samples", "grads")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    GRADS_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    epoch: int
+    leader: str
+    samples: int
+    grads: _containers.RepeatedCompositeFieldContainer[Tensor]
+    def __init__(self, accepted: _Optional[bool] = ..., epoch: _Optional[int] = ..., leader: _Optional[str] = ..., samples: _Optional[int] = ..., grads: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+
+class ApplyRequest(_message.Message):
+    __slots__ = ("header", "samples", "grads", "fingerprint")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    GRADS_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    header: AveragingHeader
+    samples: int
+    grads: _containers.RepeatedCompositeFieldContainer[Tensor]
+    fingerprint: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, header: _Optional[_Union[AveragingHeader, _Mapping]] = ..., samples: _Optional[int] = ..., grads: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., fingerprint: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ApplyResponse(_message.Message):
+    __slots__ = ("accepted", "epoch", "leader")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    epoch: int
+    leader: str
+    def __init__(self, accepted: _Optional[bool] = ..., epoch: _Optional[int] = ..., leader: _Optional[str] = ...) -> None: ...
+
+class DownloadStateRequest(_message.Message):
+    __slots__ = ("header",)
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    header: AveragingHeader
+    def __init__(self, header: _Optional[_Union[AveragingHeader, _Mapping]] = ...) -> None: ...
+
+class DownloadStateChunk(_message.Message):
+    __slots__ = ("epoch", "tensors")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    tensors: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    def __init__(self, epoch: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...

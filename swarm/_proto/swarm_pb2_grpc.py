@@ -397,3 +397,204 @@ class BlockService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AveragingServiceStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Report = channel.unary_unary(
+                '/swarm.v1.AveragingService/Report',
+                request_serializer=swarm_dot_v1_dot_swarm__pb2.ReportRequest.SerializeToString,
+                response_deserializer=swarm_dot_v1_dot_swarm__pb2.ReportResponse.FromString,
+                _registered_method=True)
+        self.Collect = channel.unary_unary(
+                '/swarm.v1.AveragingService/Collect',
+                request_serializer=swarm_dot_v1_dot_swarm__pb2.CollectRequest.SerializeToString,
+                response_deserializer=swarm_dot_v1_dot_swarm__pb2.CollectResponse.FromString,
+                _registered_method=True)
+        self.Apply = channel.unary_unary(
+                '/swarm.v1.AveragingService/Apply',
+                request_serializer=swarm_dot_v1_dot_swarm__pb2.ApplyRequest.SerializeToString,
+                response_deserializer=swarm_dot_v1_dot_swarm__pb2.ApplyResponse.FromString,
+                _registered_method=True)
+        self.DownloadState = channel.unary_stream(
+                '/swarm.v1.AveragingService/DownloadState',
+                request_serializer=swarm_dot_v1_dot_swarm__pb2.DownloadStateRequest.SerializeToString,
+                response_deserializer=swarm_dot_v1_dot_swarm__pb2.DownloadStateChunk.FromString,
+                _registered_method=True)
+
+
+class AveragingServiceServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Report(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Collect(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Apply(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadState(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AveragingServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Report': grpc.unary_unary_rpc_method_handler(
+                    servicer.Report,
+                    request_deserializer=swarm_dot_v1_dot_swarm__pb2.ReportRequest.FromString,
+                    response_serializer=swarm_dot_v1_dot_swarm__pb2.ReportResponse.SerializeToString,
+            ),
+            'Collect': grpc.unary_unary_rpc_method_handler(
+                    servicer.Collect,
+                    request_deserializer=swarm_dot_v1_dot_swarm__pb2.CollectRequest.FromString,
+                    response_serializer=swarm_dot_v1_dot_swarm__pb2.CollectResponse.SerializeToString,
+            ),
+            'Apply': grpc.unary_unary_rpc_method_handler(
+                    servicer.Apply,
+                    request_deserializer=swarm_dot_v1_dot_swarm__pb2.ApplyRequest.FromString,
+                    response_serializer=swarm_dot_v1_dot_swarm__pb2.ApplyResponse.SerializeToString,
+            ),
+            'DownloadState': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadState,
+                    request_deserializer=swarm_dot_v1_dot_swarm__pb2.DownloadStateRequest.FromString,
+                    response_serializer=swarm_dot_v1_dot_swarm__pb2.DownloadStateChunk.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'swarm.v1.AveragingService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('swarm.v1.AveragingService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class AveragingService:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Report(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm.v1.AveragingService/Report',
+            swarm_dot_v1_dot_swarm__pb2.ReportRequest.SerializeToString,
+            swarm_dot_v1_dot_swarm__pb2.ReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Collect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm.v1.AveragingService/Collect',
+            swarm_dot_v1_dot_swarm__pb2.CollectRequest.SerializeToString,
+            swarm_dot_v1_dot_swarm__pb2.CollectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Apply(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm.v1.AveragingService/Apply',
+            swarm_dot_v1_dot_swarm__pb2.ApplyRequest.SerializeToString,
+            swarm_dot_v1_dot_swarm__pb2.ApplyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/swarm.v1.AveragingService/DownloadState',
+            swarm_dot_v1_dot_swarm__pb2.DownloadStateRequest.SerializeToString,
+            swarm_dot_v1_dot_swarm__pb2.DownloadStateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -62,6 +62,11 @@ def model_name(model: str) -> str:
     return checkpoint.model_name(path.parent if path.is_file() else path)
 
 
+def warmup_factor(steps: int, epoch: int) -> float:
+    """The learning rate's factor at optimizer step `epoch`: linear warm-up over `steps`, then 1."""
+    return min(1.0, (epoch + 1) / max(1, steps))
+
+
 def save_atomically(state: dict[str, Any], path: Path) -> None:
     """torch.save to a temporary file, then rename: a crash never leaves half a checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -26,15 +26,16 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import grpc
 import torch
 import torch.nn.functional as F
 from hivemind.dht import DHT
 
 from swarm import checkpoint
+from swarm._proto import swarm_pb2_grpc
 from swarm.client.autograd import RemotePipeline
 from swarm.client.config import ClientConfig
 from swarm.client.loop import run_sync
@@ -42,10 +43,11 @@ from swarm.client.remote import ChannelPool
 from swarm.coordinator.bans import BanList
 from swarm.coordinator.routing import Hop, SwarmMap, throughput_weighted_route
 from swarm.coordinator.swarm_map import SwarmMapCache
-from swarm.dht import keep_sigint
 from swarm.errors import ConfigError, SwarmError
 from swarm.models.llama import ClientParts, LlamaConfig, init_weights
 from swarm.records import NodeIdentity
+from swarm.training.averaging import AveragingConfig, LocalState
+from swarm.training.collaboration import CHANNEL_OPTIONS, AveragingServicer, Collaboration, DHTMembership
 from swarm.training.data import ByteDataset, DataConfig
 from swarm.training.stages import HEAD, has_weights, model_name, read_config, run_id, save_atomically
 
@@ -79,6 +81,7 @@ class TrainerConfig:
     wiring: Literal["random", "fixed"] = "random"
     checkpoint_dir: Path | None = None  # trainer.pt here: saved every checkpoint_every steps, resumed
     checkpoint_every: int = 10
+    host: str = "127.0.0.1"  # where the head's AveragingService listens (other trainers call it)
     data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
@@ -171,48 +174,30 @@ def load_trainer_parts(path: Path, config: LlamaConfig) -> ClientParts:
     return parts
 
 
-class HeadOptimizer:
-    """hivemind.Optimizer over the client parts, shared by all trainers of the model."""
+class Head:
+    """The client parts and their collaboration (shared by all trainers of the model). Their compute
+    always runs on one thread (`run`), so that an optimizer step never overlaps a micro-batch's use
+    of the weights."""
 
-    def __init__(self, dht: DHT, model: str, parts: ClientParts, cfg: TrainerConfig, identity: NodeIdentity):
-        from hivemind import Optimizer
-
-        warmup = cfg.warmup_steps
-        self.opt = Optimizer(
-            dht=dht,
-            run_id=run_id(model, HEAD),
-            params=list(parts.parameters()),
-            optimizer=partial(torch.optim.AdamW, lr=cfg.lr, weight_decay=cfg.weight_decay),
-            scheduler=partial(
-                torch.optim.lr_scheduler.LambdaLR, lr_lambda=lambda e: min(1.0, (e + 1) / warmup)
-            ),
+    def __init__(self, parts: ClientParts, cfg: TrainerConfig, me: str, model: str) -> None:
+        self.parts = parts
+        self._params = list(parts.parameters())
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="swarm-head")
+        averaging = AveragingConfig(
             target_batch_size=cfg.target_batch_size,
-            matchmaking_time=cfg.matchmaking_time,
-            averaging_timeout=cfg.averaging_timeout,
-            # Wait for every part of an all-reduce (hivemind's default: 1 s, then it keeps its own
-            # values for the missing parts, and the peers of a stage silently drift apart).
-            next_chunk_timeout=cfg.averaging_timeout,
-            offload_optimizer=False,  # the weights themselves, so a checkpoint holds what was trained
-            average_state_every=5,
-            average_opt_statistics=("exp_avg", "exp_avg_sq"),
-            averager_opts={"request_timeout": 0.5},
-            tracker_opts={"private_key": identity.private_key},  # see StageOptimizer
-            verbose=False,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            warmup_steps=cfg.warmup_steps,
+            round_timeout=cfg.averaging_timeout,
+        )
+        self.state = LocalState(self._params, averaging)
+        self.collaboration = Collaboration(
+            run_id(model, HEAD), me, self.state, averaging, exclusive=self.run, membership=None
         )
 
     @property
     def epoch(self) -> int:
-        return int(self.opt.local_epoch)
-
-
-class Head:
-    """The client parts' compute, always on one thread (`run`), so that an optimizer step never
-    overlaps a micro-batch's use of the weights."""
-
-    def __init__(self, parts: ClientParts, optimizer: HeadOptimizer) -> None:
-        self.parts, self.optimizer = parts, optimizer
-        self._params = list(parts.parameters())
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="swarm-head")
+        return self.state.epoch
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
@@ -239,14 +224,16 @@ class Head:
         self, tokens: torch.Tensor, grad_embedded: torch.Tensor, head_grads: list[torch.Tensor]
     ) -> None:
         """Hand one micro-batch's gradients (head, plus embeddings from the blocks' input gradient)
-        to the optimizer, which steps when the collaboration has its target batch."""
+        to the collaboration, which steps when it has its target batch."""
         for p, g in zip(self._params, head_grads, strict=True):
             p.grad = g.clone()
         with torch.enable_grad():
             embedded = self.parts.embed(tokens[:, :-1])
             embedded.backward(grad_embedded.to(embedded.dtype))
-        self.optimizer.opt.step(batch_size=tokens.shape[0])
-        self.optimizer.opt.zero_grad()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
+        for p in self._params:
+            p.grad = None
+        self.collaboration.accumulate(grads, tokens.shape[0])
 
     def shutdown(self) -> None:
         self._thread.shutdown(wait=True)
@@ -267,10 +254,9 @@ class Trainer:
         self.dht = dht
         self.data = ByteDataset(replace(cfg.data, seed=cfg.seed))
         self.parts = initial_parts(cfg.model, self.config, cfg.seed)
-        # Built here, on the caller's (main) thread: hivemind installs signal handlers.
-        with keep_sigint():  # hivemind would leave Ctrl-C ignored in this process
-            self.optimizer = HeadOptimizer(dht, self.model, self.parts, cfg, identity)
-        self.head = Head(self.parts, self.optimizer)
+        self.identity = identity
+        self.head = Head(self.parts, cfg, str(dht.peer_id), self.model)
+        self._server: grpc.aio.Server | None = None
         base = client_config or ClientConfig()
         self.client_config = replace(base, codec=cfg.codec, request_timeout=cfg.request_timeout)
         self.swarm_map = SwarmMapCache(dht, self.model, self.config.num_hidden_layers, ttl=2.0)
@@ -288,7 +274,12 @@ class Trainer:
         if self.checkpoint is not None and self.checkpoint.is_file():
             state = load_trainer_checkpoint(self.checkpoint)
             self.parts.load_state_dict(state["parts"])
-            self.optimizer.opt.load_state_dict(state["optimizer"])
+            if "epoch" not in state["optimizer"]:
+                raise ConfigError(
+                    f"{self.checkpoint} was written by an older Swarm (hivemind's optimizer state): "
+                    "move it away to train afresh"
+                )
+            self.head.state.load_state_dict(state["optimizer"])
             self._next_index = int(state["next_index"])
             log.info(
                 "resumed from %s: step %d, micro-batch %d", self.checkpoint, state["step"], self._next_index
@@ -357,7 +348,7 @@ class Trainer:
     # ---- the run ----------------------------------------------------------------------------
 
     def _finished(self) -> bool:
-        if self.optimizer.epoch >= self.cfg.steps:
+        if self.head.epoch >= self.cfg.steps:
             return True
         elapsed = time.monotonic() - self.progress.started
         return self.cfg.max_seconds is not None and elapsed >= self.cfg.max_seconds
@@ -377,7 +368,7 @@ class Trainer:
             p.completed += 1
             p.resent += resent
             p.samples += self.cfg.micro_batch_size
-            p.step = self.optimizer.epoch
+            p.step = self.head.epoch
             p.losses.append((time.monotonic() - p.started, p.samples, loss))
             if self.checkpoint is not None and p.step >= self._saved_step + self.cfg.checkpoint_every:
                 self._saved_step = p.step
@@ -389,8 +380,8 @@ class Trainer:
         if self.checkpoint is None:
             return
         resume_at = min(self._in_flight, default=self._next_index)  # unfinished ones run again
-        state = self.optimizer.opt.state_dict()
-        save_trainer_checkpoint(self.checkpoint, self.parts, state, self.optimizer.epoch, resume_at)
+        state = self.head.state.state_dict()
+        save_trainer_checkpoint(self.checkpoint, self.parts, state, self.head.epoch, resume_at)
 
     async def _watch_peers(self) -> None:
         """Keep `progress.peers` (online training peers per stage) current for the progress bar."""
@@ -408,9 +399,11 @@ class Trainer:
         micro-batches in flight finish, so every issued micro-batch is completed (or the run fails
         loudly), and save the checkpoint. A Trainer may run again; stop() ends the run under way."""
         self._stop.clear()
-        self.progress = Progress(step=self.optimizer.epoch)
-        self._saved_step = self.optimizer.epoch
+        await self._join_head()
+        self.progress = Progress(step=self.head.epoch)
+        self._saved_step = self.head.epoch
         watcher = asyncio.create_task(self._watch_peers())
+        averaging = asyncio.create_task(self.head.collaboration.run(self._stop))
         workers = [asyncio.create_task(self._worker(on_progress)) for _ in range(self.cfg.in_flight)]
         try:
             await asyncio.gather(*workers)
@@ -423,8 +416,9 @@ class Trainer:
         finally:
             self._stop.set()
             watcher.cancel()
+            await asyncio.gather(averaging, return_exceptions=True)
         p = self.progress
-        p.step = self.optimizer.epoch
+        p.step = self.head.epoch
         await self.head.run(self.save_checkpoint)
         if p.completed != p.issued or len(self._done) != p.completed:
             raise TrainingError(
@@ -441,10 +435,36 @@ class Trainer:
     def train(self, on_progress: Callable[[Progress], None] = lambda p: None) -> Progress:
         return run_sync(self.run(on_progress))
 
+    async def _join_head(self) -> None:
+        """Serve the head's AveragingService and join the trainers' collaboration: take the state of
+        trainers already at work (bounded; on failure the leader brings us in line later)."""
+        collab = self.head.collaboration
+        if self._server is None:
+            servicer = AveragingServicer()
+            servicer.collaborations[collab.run_id] = collab
+            self._server = grpc.aio.server(options=CHANNEL_OPTIONS)
+            swarm_pb2_grpc.add_AveragingServiceServicer_to_server(servicer, self._server)
+            port = self._server.add_insecure_port(f"{self.cfg.host}:0")
+            await self._server.start()
+            me = str(self.dht.peer_id)
+            collab.membership = DHTMembership(
+                self.dht, self.identity, collab.run_id, me, f"{self.cfg.host}:{port}"
+            )
+        assert collab.membership is not None
+        try:
+            collab.members = await collab.membership.members()
+            if collab.members:
+                await collab.catch_up(min(collab.members))
+        except SwarmError as e:
+            log.warning(
+                "could not take the other trainers' state (%s); starting at step %d", e, self.head.epoch
+            )
+
     def shutdown(self) -> None:
         try:
             run_sync(self.swarm_map.close(), timeout=10)
             run_sync(self.pool.close(), timeout=10)
+            if self._server is not None:
+                run_sync(self._server.stop(grace=1), timeout=10)
         finally:
             self.head.shutdown()
-            self.optimizer.opt.shutdown()

@@ -1,0 +1,527 @@
+"""One peer of a training collaboration: its side of the leader-led averaging (see averaging.py).
+
+`Collaboration.run` is the peer's loop (on the process's event loop): publish membership,
+follow or lead, report, run rounds, catch up. `AveragingServicer` answers the mates' calls
+(gRPC `swarm.v1.AveragingService`); nodes add it to their server, trainers start one of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import torch
+from hivemind.dht import DHT
+from hivemind.utils import get_dht_time
+
+import swarm
+from swarm import wire
+from swarm._proto import swarm_pb2, swarm_pb2_grpc
+from swarm.dht import dht_call
+from swarm.errors import PeerUnavailable, SwarmError
+from swarm.records import NodeIdentity
+from swarm.retry import RetryPolicy
+from swarm.training.averaging import (
+    Accumulator,
+    AveragingConfig,
+    Exclusive,
+    LocalState,
+    choose_leader,
+    same_weights,
+    weighted_mean,
+)
+
+log = logging.getLogger("swarm.training")
+
+TICK = 0.05  # seconds between looks at the round when nothing wakes the loop
+MEMBERSHIP_TTL = 8.0  # a member's DHT entry lives this long unless refreshed
+MEMBERSHIP_PERIOD = 2.0
+CHUNK_TENSORS = 16  # tensors per DownloadState message
+STATE_RETRY = RetryPolicy(max_attempts=3, base_delay=0.5, max_delay=4.0)
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.max_send_message_length", -1),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+]
+
+
+class DHTMembership:
+    """Who belongs to a collaboration: `{run_id}.peers` in the DHT, one signed entry per peer."""
+
+    def __init__(self, dht: DHT, identity: NodeIdentity, run_id: str, me: str, address: str) -> None:
+        self.dht, self.identity, self.me, self.address = dht, identity, me, address
+        self.key = f"{run_id}.peers"
+
+    async def publish(self, ttl: float = MEMBERSHIP_TTL) -> None:
+        value = {"peer_id": self.me, "address": self.address}
+        future = self.dht.store(
+            self.key, value, get_dht_time() + ttl, subkey=self.identity.subkey, return_future=True
+        )
+        await dht_call(future, timeout=10)
+
+    async def withdraw(self) -> None:
+        with contextlib.suppress(SwarmError):  # best effort: the entry expires on its own anyway
+            await self.publish(ttl=0.5)
+
+    async def members(self) -> dict[str, str]:
+        """peer id -> gRPC address of every other member with a live entry."""
+        found = await dht_call(self.dht.get(self.key, latest=True, return_future=True), timeout=10)
+        out: dict[str, str] = {}
+        if found is None or not isinstance(found.value, dict):
+            return out
+        now = get_dht_time()
+        for item in found.value.values():
+            value = getattr(item, "value", None)
+            if getattr(item, "expiration_time", 0) < now or not isinstance(value, dict):
+                continue
+            peer, address = value.get("peer_id"), value.get("address")
+            if isinstance(peer, str) and isinstance(address, str) and peer != self.me:
+                out[peer] = address
+        return out
+
+
+@dataclass
+class Frozen:
+    """Gradients handed to a leader's Collect, kept until its Apply (or put back if it never comes)."""
+
+    epoch: int
+    sums: list[torch.Tensor] | None
+    samples: int
+    since: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class RoundStats:
+    steps: int = 0
+    rounds_led: int = 0
+    state_downloads: int = 0
+    last_step_samples: int = 0
+    sent_bytes: int = 0
+    received_bytes: int = 0
+
+
+class Collaboration:
+    def __init__(
+        self,
+        run_id: str,
+        me: str,
+        state: LocalState,
+        cfg: AveragingConfig,
+        *,
+        exclusive: Exclusive,
+        membership: DHTMembership | None,
+        on_step: Callable[[int], None] = lambda epoch: None,
+    ) -> None:
+        self.run_id, self.me, self.state, self.cfg = run_id, me, state, cfg
+        self.exclusive, self.membership, self.on_step = exclusive, membership, on_step
+        self.accumulator = Accumulator()
+        self.members: dict[str, str] = {}
+        self.suspected: dict[str, float] = {}
+        self.follow: tuple[str, float] | None = None
+        self.reports: dict[str, tuple[int, int, float]] = {}  # mate -> (epoch, samples, when)
+        self.frozen: Frozen | None = None
+        self.stats = RoundStats()
+        self._catch_up_from: str | None = None
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._reported: tuple[int, int, float] = (-1, -1, 0.0)
+        self._leader_ok = time.monotonic()
+        self._followed: str | None = None
+
+    @property
+    def epoch(self) -> int:
+        return self.state.epoch
+
+    def leader(self, now: float | None = None) -> str:
+        return choose_leader(self.me, self.members, self.suspected, self.follow, now or time.monotonic())
+
+    # ---- called on the compute thread -----------------------------------------------------------
+
+    def accumulate(self, grads: list[torch.Tensor], samples: int) -> None:
+        """One request's gradients (of its mean loss over `samples` sequences). A peer with no mates
+        steps right here once it holds the target batch, exactly as one process would."""
+        total = self.accumulator.add(grads, samples)
+        if not self.members and self.frozen is None and total >= self.cfg.target_batch_size:
+            sums, n = self.accumulator.take()
+            if sums is not None:
+                self._step([s.div_(n) for s in sums], n)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    def _step(self, grads: list[torch.Tensor], samples: int) -> list[float]:
+        fingerprint = self.state.step(grads)
+        self.stats.steps += 1
+        self.stats.last_step_samples = samples
+        self.on_step(self.state.epoch)
+        return fingerprint
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._loop = asyncio.get_running_loop()
+        refresher = asyncio.create_task(self._refresh_members(stop))
+        try:
+            while not stop.is_set():
+                try:
+                    await self._tick()
+                except SwarmError as e:  # a mate or the DHT failed: the next tick looks again
+                    log.info("%s: %s; trying again", self.run_id, e)
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), TICK)
+        finally:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
+            if self.membership is not None:
+                await self.membership.withdraw()
+            for channel in self._channels.values():
+                await channel.close()
+
+    async def _refresh_members(self, stop: asyncio.Event) -> None:
+        if self.membership is None:
+            return
+        published = 0.0
+        while not stop.is_set():
+            try:
+                if time.monotonic() - published > MEMBERSHIP_PERIOD:
+                    await self.membership.publish()
+                    published = time.monotonic()
+                self.members = await self.membership.members()
+            except SwarmError as e:  # the DHT hiccuped: keep the last view
+                log.debug("%s: could not refresh the members: %s", self.run_id, e)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+
+    async def _tick(self) -> None:
+        if self._catch_up_from is not None:
+            await self.catch_up(self._catch_up_from)
+            return
+        now = time.monotonic()
+        leader = self.leader(now)
+        if leader != self._followed:
+            if self._followed is not None:
+                log.info("%s: %s now leads the collaboration", self.run_id, leader)
+            self._followed, self._leader_ok = leader, now
+        if leader == self.me:
+            if self._due(now):
+                await self._round()
+        else:
+            await self._report(leader, now)
+
+    def _due(self, now: float) -> bool:
+        fresh = [
+            samples
+            for peer, (epoch, samples, when) in self.reports.items()
+            if epoch == self.epoch and now - when < self.cfg.fresh_seconds and peer in self.members
+        ]
+        total = self.accumulator.samples + sum(fresh)
+        return total >= self.cfg.target_batch_size and self.frozen is None
+
+    # ---- leading a round --------------------------------------------------------------------------
+
+    async def _round(self) -> None:
+        epoch, now = self.epoch, time.monotonic()
+        mates = [
+            peer
+            for peer, (e, _, when) in self.reports.items()
+            if e == epoch and now - when < self.cfg.fresh_seconds and peer in self.members
+        ]
+        own, own_samples = self.accumulator.take()
+        replies = await asyncio.gather(*(self._collect(peer, epoch) for peer in mates))
+        contributions = [(own, own_samples)] if own is not None else []
+        contributors = []
+        for peer, reply in zip(mates, replies, strict=True):
+            if reply is not None and reply[0] is not None:
+                contributions.append((reply[0], reply[1]))
+                contributors.append(peer)
+            elif reply is not None:  # accepted with nothing: it still steps with us
+                contributors.append(peer)
+        total = sum(n for _, n in contributions)
+        if not total or self.epoch != epoch:  # nothing to average, or we caught up meanwhile
+            self.accumulator.put_back(own, own_samples)
+            return
+        mean = weighted_mean(contributions)
+        fingerprint = await self.exclusive(lambda: self._step(mean, total))
+        self.stats.rounds_led += 1
+        for peer in mates:
+            self.reports[peer] = (epoch + 1, 0, now)
+        encoded = [wire.encode_tensor(t) for t in mean]
+        await asyncio.gather(
+            *(self._apply(peer, epoch, total, encoded, fingerprint) for peer in contributors)
+        )
+        log.debug(
+            "%s: epoch %d closed with %d samples from %d peers", self.run_id, epoch, total, len(contributions)
+        )
+
+    async def _collect(self, peer: str, epoch: int) -> tuple[list[torch.Tensor] | None, int] | None:
+        """A mate's sums for `epoch` (None for either part when it has none / did not take part)."""
+        try:
+            stub = self._stub(peer)
+            reply = await stub.Collect(
+                swarm_pb2.CollectRequest(header=self._header(epoch)), timeout=self.cfg.round_timeout
+            )
+        except grpc.aio.AioRpcError as e:
+            log.info(
+                "%s: %s did not hand over its gradients (%s): closing the round without them",
+                self.run_id,
+                peer,
+                e.code().name,
+            )
+            self.reports.pop(peer, None)
+            return None
+        self.stats.received_bytes += reply.ByteSize()
+        if not reply.accepted:
+            self._refused(peer, reply.epoch, reply.leader)
+            return None
+        if not reply.grads:
+            return (None, 0)
+        return [wire.decode_tensor(t) for t in reply.grads], int(reply.samples)
+
+    async def _apply(
+        self, peer: str, epoch: int, samples: int, grads: list[swarm_pb2.Tensor], fingerprint: list[float]
+    ) -> None:
+        request = swarm_pb2.ApplyRequest(
+            header=self._header(epoch), samples=samples, grads=grads, fingerprint=fingerprint
+        )
+        self.stats.sent_bytes += request.ByteSize()
+        try:
+            reply = await self._stub(peer).Apply(request, timeout=self.cfg.round_timeout)
+        except grpc.aio.AioRpcError as e:  # it reports again later, sees it is behind, catches up
+            log.info(
+                "%s: %s did not apply epoch %d (%s); it will catch up",
+                self.run_id,
+                peer,
+                epoch,
+                e.code().name,
+            )
+            self.reports.pop(peer, None)
+            return
+        if not reply.accepted:
+            self._refused(peer, reply.epoch, reply.leader)
+
+    def _refused(self, peer: str, their_epoch: int, their_leader: str) -> None:
+        """A mate would not take part: it is ahead of us (catch up from it), or follows another leader
+        (follow that one too, and take its state)."""
+        if their_leader and their_leader not in (self.me, peer) and their_leader in self.members:
+            log.info("%s: %s follows %s: following it too", self.run_id, peer, their_leader)
+            self.follow = (their_leader, time.monotonic() + self.cfg.suspect_seconds)
+            self._catch_up_from = their_leader
+        elif their_epoch > self.epoch:
+            self._catch_up_from = peer
+
+    # ---- following --------------------------------------------------------------------------------
+
+    async def _report(self, leader: str, now: float) -> None:
+        samples = self.accumulator.samples
+        last_epoch, last_samples, when = self._reported
+        if (last_epoch, last_samples) == (self.epoch, samples) and now - when < self.cfg.report_period:
+            return
+        request = swarm_pb2.ReportRequest(header=self._header(self.epoch), samples=samples)
+        try:
+            reply = await self._stub(leader).Report(request, timeout=min(1.0, self.cfg.leader_timeout))
+        except (grpc.aio.AioRpcError, PeerUnavailable) as e:
+            if time.monotonic() - self._leader_ok > self.cfg.leader_timeout:
+                self.suspected[leader] = time.monotonic() + self.cfg.suspect_seconds
+                log.warning(
+                    "%s: leader %s has not answered for %.0f s (%s): passing it over for %.0f s",
+                    self.run_id,
+                    leader,
+                    self.cfg.leader_timeout,
+                    _why(e),
+                    self.cfg.suspect_seconds,
+                )
+            return
+        self._leader_ok = time.monotonic()
+        self._reported = (self.epoch, samples, now)
+        if reply.leader and reply.leader != leader and reply.leader != self.me:
+            self.follow = (reply.leader, now + self.cfg.suspect_seconds)
+        applying = self.frozen is not None and now - self.frozen.since < 2 * self.cfg.round_timeout
+        if reply.epoch > self.epoch + applying:  # not just the step whose Apply is on its way
+            self._catch_up_from = leader
+        elif self.frozen is not None and reply.epoch == self.frozen.epoch:
+            if now - self.frozen.since > 2 * self.cfg.round_timeout:  # that round never finished
+                frozen, self.frozen = self.frozen, None
+                self.accumulator.put_back(frozen.sums, frozen.samples)
+        elif reply.epoch < self.epoch and reply.leader == leader:
+            pass  # the leader is behind: it catches up from us when it sees our report
+
+    async def catch_up(self, peer: str) -> None:
+        """Download `peer`'s state (weights, AdamW moments, epoch), bounded and retried."""
+        self._catch_up_from = None
+
+        async def attempt(n: int) -> tuple[int, dict[str, torch.Tensor]]:
+            try:
+                return await asyncio.wait_for(self._download(peer), self.cfg.state_timeout)
+            except (TimeoutError, grpc.aio.AioRpcError) as e:
+                raise PeerUnavailable(f"state download from {peer} failed: {e}") from e
+
+        began = time.monotonic()
+        epoch, tensors = await STATE_RETRY.run(attempt)
+        if epoch <= self.epoch and peer != self.leader():
+            return
+        await self.exclusive(lambda: self.state.load_tensors(epoch, tensors))
+        self.frozen = None  # what a leader collected is in the state we took
+        self.stats.state_downloads += 1
+        self.on_step(self.state.epoch)
+        log.info(
+            "%s: took %s's state at epoch %d in %.1f s", self.run_id, peer, epoch, time.monotonic() - began
+        )
+
+    async def _download(self, peer: str) -> tuple[int, dict[str, torch.Tensor]]:
+        request = swarm_pb2.DownloadStateRequest(header=self._header(self.epoch))
+        tensors: dict[str, torch.Tensor] = {}
+        epoch = -1
+        async for chunk in self._stub(peer).DownloadState(request, timeout=self.cfg.state_timeout):
+            epoch = int(chunk.epoch)
+            self.stats.received_bytes += chunk.ByteSize()
+            for named in chunk.tensors:
+                tensors[named.name] = wire.decode_tensor(named.tensor)
+        if epoch < 0:
+            raise PeerUnavailable(f"{peer} sent no state")
+        return epoch, tensors
+
+    # ---- answering mates (AveragingServicer) ------------------------------------------------------
+
+    def on_report(self, sender: str, epoch: int, samples: int) -> tuple[str, int]:
+        now = time.monotonic()
+        leader = self.leader(now)
+        if leader == self.me:
+            self.reports[sender] = (epoch, samples, now)
+            if epoch > self.epoch and self._catch_up_from is None:
+                self._catch_up_from = sender  # a mate is ahead of its leader: we missed a step
+            self._wake.set()
+        return leader, self.epoch
+
+    def on_collect(self, sender: str, epoch: int) -> swarm_pb2.CollectResponse:
+        leader = self.leader()
+        if sender != leader or epoch != self.epoch:
+            if epoch > self.epoch and sender == leader:
+                self._catch_up_from = sender
+            return swarm_pb2.CollectResponse(accepted=False, epoch=self.epoch, leader=leader)
+        sums, samples = self.accumulator.take()
+        if self.frozen is not None and self.frozen.epoch == epoch:  # an earlier attempt at this round
+            self.accumulator.put_back(self.frozen.sums, self.frozen.samples)
+            sums, samples = self.accumulator.take()
+        self.frozen = Frozen(epoch, sums, samples)
+        self._leader_ok = time.monotonic()
+        grads = [wire.encode_tensor(t) for t in sums] if sums is not None else []
+        reply = swarm_pb2.CollectResponse(
+            accepted=True, epoch=epoch, leader=leader, samples=samples, grads=grads
+        )
+        self.stats.sent_bytes += reply.ByteSize()
+        return reply
+
+    async def on_apply(self, request: swarm_pb2.ApplyRequest) -> swarm_pb2.ApplyResponse:
+        sender, epoch = request.header.sender, int(request.header.epoch)
+        leader = self.leader()
+        self.stats.received_bytes += request.ByteSize()
+        if sender != leader or epoch != self.epoch:
+            if epoch > self.epoch and sender == leader:
+                self._catch_up_from = sender
+            return swarm_pb2.ApplyResponse(accepted=False, epoch=self.epoch, leader=leader)
+        grads = [wire.decode_tensor(t) for t in request.grads]
+        fingerprint = await self.exclusive(lambda: self._step(grads, int(request.samples)))
+        if self.frozen is not None and self.frozen.epoch == epoch:
+            self.frozen = None
+        self._leader_ok = time.monotonic()
+        if not same_weights(fingerprint, list(request.fingerprint)):
+            log.warning(
+                "%s: weights differ from %s's after epoch %d: taking its state", self.run_id, sender, epoch
+            )
+            self._catch_up_from = sender
+        self._wake.set()
+        return swarm_pb2.ApplyResponse(accepted=True, epoch=self.epoch, leader=leader)
+
+    async def state_chunks(self) -> list[swarm_pb2.DownloadStateChunk]:
+        epoch, tensors = await self.exclusive(lambda: (self.state.epoch, self.state.tensors()))
+        names = sorted(tensors)
+        chunks = []
+        for i in range(0, max(1, len(names)), CHUNK_TENSORS):
+            named = [
+                swarm_pb2.NamedTensor(name=n, tensor=wire.encode_tensor(tensors[n]))
+                for n in names[i : i + CHUNK_TENSORS]
+            ]
+            chunks.append(swarm_pb2.DownloadStateChunk(epoch=epoch, tensors=named))
+        self.stats.sent_bytes += sum(c.ByteSize() for c in chunks)
+        return chunks
+
+    # ---- plumbing ---------------------------------------------------------------------------------
+
+    def _header(self, epoch: int) -> swarm_pb2.AveragingHeader:
+        return swarm_pb2.AveragingHeader(
+            protocol_version=swarm.PROTOCOL_VERSION, run_id=self.run_id, sender=self.me, epoch=epoch
+        )
+
+    def _stub(self, peer: str) -> swarm_pb2_grpc.AveragingServiceStub:
+        address = self.members.get(peer)
+        if address is None:
+            raise PeerUnavailable(f"{peer} is not a member of {self.run_id} (any more)")
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return swarm_pb2_grpc.AveragingServiceStub(channel)
+
+
+class AveragingServicer(swarm_pb2_grpc.AveragingServiceServicer):
+    """gRPC front of the collaborations this process takes part in (by run id)."""
+
+    def __init__(self) -> None:
+        self.collaborations: dict[str, Collaboration] = {}
+
+    def _find(self, header: swarm_pb2.AveragingHeader) -> Collaboration | None:
+        if header.protocol_version != swarm.PROTOCOL_VERSION:
+            return None
+        return self.collaborations.get(header.run_id)
+
+    async def _missing(self, context: grpc.aio.ServicerContext, header: swarm_pb2.AveragingHeader) -> None:
+        if header.protocol_version != swarm.PROTOCOL_VERSION:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"protocol version {header.protocol_version}, this peer speaks {swarm.PROTOCOL_VERSION}",
+            )
+        await context.abort(grpc.StatusCode.NOT_FOUND, f"this peer takes no part in {header.run_id!r}")
+
+    async def Report(self, request: Any, context: grpc.aio.ServicerContext) -> swarm_pb2.ReportResponse:
+        collab = self._find(request.header)
+        if collab is None:
+            await self._missing(context, request.header)
+            raise AssertionError("unreachable")
+        leader, epoch = collab.on_report(
+            request.header.sender, int(request.header.epoch), int(request.samples)
+        )
+        return swarm_pb2.ReportResponse(leader=leader, epoch=epoch)
+
+    async def Collect(self, request: Any, context: grpc.aio.ServicerContext) -> swarm_pb2.CollectResponse:
+        collab = self._find(request.header)
+        if collab is None:
+            await self._missing(context, request.header)
+            raise AssertionError("unreachable")
+        return collab.on_collect(request.header.sender, int(request.header.epoch))
+
+    async def Apply(self, request: Any, context: grpc.aio.ServicerContext) -> swarm_pb2.ApplyResponse:
+        collab = self._find(request.header)
+        if collab is None:
+            await self._missing(context, request.header)
+            raise AssertionError("unreachable")
+        return await collab.on_apply(request)
+
+    async def DownloadState(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        collab = self._find(request.header)
+        if collab is None:
+            await self._missing(context, request.header)
+            return
+        for chunk in await collab.state_chunks():
+            yield chunk
+
+
+def _why(error: BaseException) -> str:
+    return error.code().name if isinstance(error, grpc.aio.AioRpcError) else str(error)

@@ -1,0 +1,98 @@
+"""The one-process reference: the swarm's training, done in one process.
+
+Same model and initial weights (the client parts and block i drawn as the nodes and the trainer
+draw them), same data order, same optimizer settings and schedule, same micro-batches and the
+same number of samples per optimizer step. What a SWARM run must match (bench/convergence.py,
+the demo's summary and the parity test compare against it).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+
+from swarm.models.llama import ClientParts, LlamaBlock
+from swarm.training.data import ByteDataset
+from swarm.training.stages import read_config, warmup_factor
+
+
+@dataclass
+class LocalRun:
+    """Per micro-batch (seconds, samples, loss), and held-out losses (samples, loss)."""
+
+    losses: list[tuple[float, int, float]] = field(default_factory=list)
+    held_out: list[tuple[int, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def recent_loss(self, n: int = 20) -> float:
+        tail = [loss for _, _, loss in self.losses[-n:]]
+        return sum(tail) / len(tail) if tail else math.nan
+
+
+def next_byte_loss(parts: ClientParts, blocks: list[LlamaBlock], tokens: torch.Tensor) -> torch.Tensor:
+    """Mean next-byte cross-entropy of `tokens` [batch, seq_len] through the whole model."""
+    hidden = parts.embed(tokens[:, :-1])
+    for block in blocks:
+        hidden = block(hidden, 0, None)
+    logits = parts.logits(hidden)
+    return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+
+def held_out_loss(
+    parts: ClientParts, blocks: list[LlamaBlock], data: ByteDataset, sequences: int = 64
+) -> float:
+    """Mean loss over the first `sequences` held-out sequences (in batches of 16)."""
+    batch = data.validation_batch(sequences)
+    if len(batch) == 0:
+        return math.nan
+    with torch.no_grad():
+        losses = [float(next_byte_loss(parts, blocks, chunk)) * len(chunk) for chunk in batch.split(16)]
+    return sum(losses) / len(batch)
+
+
+def train_locally(
+    trainer_cfg: object,
+    *,
+    evaluate_every: int = 0,
+    on_step: Callable[[int, LocalRun], None] = lambda step, run: None,
+) -> LocalRun:
+    """Train `trainer_cfg` (a TrainerConfig) in this process: steps x target_batch_size samples, in
+    micro-batches of micro_batch_size taken in the trainer's data order (batch index i = the i-th
+    micro-batch), one AdamW step per target batch on the mean of its micro-batches' gradients."""
+    from swarm.node.training import stage_blocks  # the nodes' initial weights, block by block
+    from swarm.training.trainer import TrainerConfig, initial_parts
+
+    cfg = trainer_cfg
+    assert isinstance(cfg, TrainerConfig)
+    config = read_config(cfg.model)
+    parts = initial_parts(cfg.model, config, cfg.seed)
+    blocks = stage_blocks(cfg.model, config, (0, config.num_hidden_layers), cfg.seed)
+    data = ByteDataset(replace(cfg.data, seed=cfg.seed))
+    params = list(parts.parameters()) + [p for b in blocks for p in b.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: warmup_factor(cfg.warmup_steps, e))
+    per_step = cfg.target_batch_size // cfg.micro_batch_size
+    run = LocalRun()
+    began = time.monotonic()
+    index = 0
+    for step in range(cfg.steps):
+        for _ in range(per_step):
+            tokens = data.batch(index, cfg.micro_batch_size)
+            index += 1
+            loss = next_byte_loss(parts, blocks, tokens)
+            (loss / per_step).backward()
+            samples = index * cfg.micro_batch_size
+            run.losses.append((time.monotonic() - began, samples, float(loss.detach())))
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        if evaluate_every and (step + 1) % evaluate_every == 0:
+            run.held_out.append((index * cfg.micro_batch_size, held_out_loss(parts, blocks, data)))
+        on_step(step + 1, run)
+    run.seconds = time.monotonic() - began
+    return run
