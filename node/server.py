@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -75,6 +75,8 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
         # A training node's optimizer epoch (steps of its stage's collaboration) and recent epochs'
         # weight fingerprints, for GetState; read on the compute thread along with the weights.
         self.training_status: Callable[[], tuple[int, dict[int, list[float]]]] = lambda: (0, {})
+        # Training nodes: wait (bounded) until the stage has reached an epoch (RequestHeader.min_epoch).
+        self.await_epoch: Callable[[int], Awaitable[None]] | None = None
         # Requests and sessions in progress; draining waits for `idle`.
         self.active = 0
         self.idle = asyncio.Event()
@@ -208,6 +210,8 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
                 adapter = self._adapter(request.header)
                 hidden = self._decode_hidden(request.hidden_states)
                 prompts = self._decode_prompts(request, (start, end))
+                if request.header.min_epoch and self.await_epoch is not None:
+                    await self.await_epoch(request.header.min_epoch)
                 deadline = deadline_after(context.time_remaining())
                 out = await self._backend().forward(
                     hidden, start, end, adapter=adapter, prompts=prompts, deadline=deadline
@@ -228,6 +232,8 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
                 hidden = self._decode_hidden(request.hidden_states)
                 grad_out = self._decode_hidden(request.grad_outputs, "grad_outputs")
                 prompts = self._decode_prompts(request, (start, end))
+                if request.header.min_epoch and self.await_epoch is not None:
+                    await self.await_epoch(request.header.min_epoch)
                 deadline = deadline_after(context.time_remaining())
                 result = await self._backend().backward(
                     hidden, grad_out, start, end, adapter=adapter, prompts=prompts, deadline=deadline

@@ -294,6 +294,11 @@ async def _serve_stage(
     )
     servicer = BlockServicer(backend, model, me, limits, metrics=metrics)
     servicer.training_status = lambda: (state.epoch, dict(state.fingerprints))
+
+    async def await_epoch(epoch: int) -> None:
+        await collab.wait_for_epoch(epoch)
+
+    servicer.await_epoch = await_epoch
     estimate = cfg.throughput
     if estimate is None:
         estimate = await asyncio.to_thread(measure_throughput, blocks, config.hidden_size, cfg.slowdown)

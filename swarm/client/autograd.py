@@ -45,6 +45,8 @@ class RemotePipeline:
     adapter: RemoteLora | None = None  # the client's LoRA, applied on every hop
     # Which servers may replace a failed hop (the trainer takes training peers only); None: any.
     eligible: Callable[[ServerRecord], bool] | None = None
+    # Training: every hop computes with its stage's weights of at least this epoch (see RequestHeader).
+    min_epoch: int = 0
 
     def tunings(self, prompts: torch.Tensor | None = None) -> list[Tuning]:
         """Each hop's share of the adapter and of deep prompts [num_blocks, batch or 1, prefix, hidden].
@@ -75,6 +77,7 @@ class RemotePipeline:
                 hidden=hidden,
                 config=self.config,
                 tuning=tunings[i],
+                min_epoch=self.min_epoch,
             )
             hidden = await self._with_retry(i, call)
         return hidden, inputs
@@ -96,6 +99,7 @@ class RemotePipeline:
                 grad_outputs=grad,
                 config=self.config,
                 tuning=tunings[i],
+                min_epoch=self.min_epoch,
             )
             reply = await self._with_retry(i, call)
             grad = reply.grad_inputs

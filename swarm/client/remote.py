@@ -103,7 +103,7 @@ class ChannelPool:
 
 
 def request_header(
-    model: str, hop: Hop, codec: str, adapter: AdapterPayload | None = None
+    model: str, hop: Hop, codec: str, adapter: AdapterPayload | None = None, min_epoch: int = 0
 ) -> swarm_pb2.RequestHeader:
     return swarm_pb2.RequestHeader(
         protocol_version=swarm.PROTOCOL_VERSION,
@@ -111,6 +111,7 @@ def request_header(
         span=swarm_pb2.Span(start=hop.start, end=hop.end),
         response_codec=wire.parse_codec(codec),  # type: ignore[arg-type]
         adapter=adapter.hash if adapter is not None else "",
+        min_epoch=min_epoch,
     )
 
 
@@ -139,10 +140,12 @@ async def remote_forward(
     hidden: torch.Tensor,
     config: ClientConfig,
     tuning: Tuning = NO_TUNING,
+    min_epoch: int = 0,
 ) -> torch.Tensor:
-    """Outputs of blocks [hop.start, hop.end) on hop's server for `hidden` [batch, tokens, hidden]."""
+    """Outputs of blocks [hop.start, hop.end) on hop's server for `hidden` [batch, tokens, hidden]
+    (training: with the stage's weights of at least `min_epoch`)."""
     request = swarm_pb2.ForwardRequest(
-        header=request_header(model, hop, config.codec, tuning.adapter),
+        header=request_header(model, hop, config.codec, tuning.adapter, min_epoch),
         hidden_states=wire.encode_tensor(hidden, config.codec),
     )
     if tuning.prompts is not None:
@@ -164,6 +167,7 @@ async def remote_backward(
     grad_outputs: torch.Tensor,
     config: ClientConfig,
     tuning: Tuning = NO_TUNING,
+    min_epoch: int = 0,
 ) -> BackwardReply:
     """d(loss)/d(hidden) for the span's inputs `hidden`, given d(loss)/d(its outputs), and the
     gradients of the hop's prompts and adapter tensors when it has them.
@@ -172,7 +176,7 @@ async def remote_backward(
     of the span can answer, not only the one that ran the forward pass.
     """
     request = swarm_pb2.BackwardRequest(
-        header=request_header(model, hop, config.codec, tuning.adapter),
+        header=request_header(model, hop, config.codec, tuning.adapter, min_epoch),
         hidden_states=wire.encode_tensor(hidden, config.codec),
         grad_outputs=wire.encode_tensor(grad_outputs, config.codec),
     )

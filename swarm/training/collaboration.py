@@ -135,6 +135,7 @@ class Collaboration:
         self._reported: tuple[int, int, float] = (-1, -1, 0.0)
         self._leader_ok = time.monotonic()
         self._followed: str | None = None
+        self._stepped = asyncio.Event()  # replaced at every step; see wait_for_epoch
 
     @property
     def epoch(self) -> int:
@@ -161,7 +162,38 @@ class Collaboration:
         self.stats.steps += 1
         self.stats.last_step_samples = samples
         self.on_step(self.state.epoch)
+        self._announce_epoch()
         return fingerprint
+
+    def _announce_epoch(self) -> None:
+        """Wake wait_for_epoch's waiters (from any thread)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._epoch_changed)
+
+    def _epoch_changed(self) -> None:
+        event, self._stepped = self._stepped, asyncio.Event()
+        event.set()
+
+    async def wait_for_epoch(self, epoch: int) -> bool:
+        """Until this peer has reached `epoch`, for at most round_timeout + leader_timeout (a round
+        that cannot close, say because a peer died holding some of its gradients, must not stop
+        training); False if it had not."""
+        self._loop = self._loop or asyncio.get_running_loop()
+        deadline = time.monotonic() + self.cfg.round_timeout + self.cfg.leader_timeout
+        while self.epoch < epoch:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.info(
+                    "%s: epoch %d did not come within %.0f s; computing at epoch %d",
+                    self.run_id,
+                    epoch,
+                    self.cfg.round_timeout + self.cfg.leader_timeout,
+                    self.epoch,
+                )
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stepped.wait(), left)
+        return True
 
     # ---- the loop -------------------------------------------------------------------------------
 
@@ -372,6 +404,7 @@ class Collaboration:
         self.frozen = None  # what a leader collected is in the state we took
         self.stats.state_downloads += 1
         self.on_step(self.state.epoch)
+        self._announce_epoch()
         log.info(
             "%s: took %s's state at epoch %d in %.1f s", self.run_id, peer, epoch, time.monotonic() - began
         )

@@ -82,6 +82,9 @@ class TrainerConfig:
     checkpoint_dir: Path | None = None  # trainer.pt here: saved every checkpoint_every steps, resumed
     checkpoint_every: int = 10
     host: str = "127.0.0.1"  # where the head's AveragingService listens (other trainers call it)
+    # Each step's micro-batches computed with that step's weights everywhere (one process's
+    # semantics; the pipeline drains at every step). Off: micro-batches run on, a step stale at most.
+    synchronous: bool = True
     data: DataConfig = field(default_factory=DataConfig)
 
     def __post_init__(self) -> None:
@@ -270,6 +273,7 @@ class Trainer:
         self.checkpoint = cfg.checkpoint_dir / TRAINER_CHECKPOINT if cfg.checkpoint_dir else None
         self._next_index = 0  # in the data order; a resumed run goes on from its checkpoint's
         self._in_flight: set[int] = set()
+        self._sync_base = (0, 0)  # (head epoch, micro-batch index) where this run's steps began
         self._saved_step = 0
         if self.checkpoint is not None and self.checkpoint.is_file():
             state = load_trainer_checkpoint(self.checkpoint)
@@ -308,13 +312,26 @@ class Trainer:
             eligible=lambda s: s.trainable_stage is not None,
         )
 
+    def _epoch_of(self, index: int) -> int:
+        """The optimizer step micro-batch `index` belongs to. Alone, a trainer knows: its micro-batches
+        fill the steps in order (`synchronous`), so it waits at every step boundary, and every stage
+        computes a step's micro-batches with that step's weights, exactly as one process does. With
+        other trainers the steps fill with everyone's micro-batches: each joins the step under way."""
+        if not self.cfg.synchronous or self.head.collaboration.members:
+            return self.head.epoch
+        epoch, first = self._sync_base
+        return epoch + (index - first) * self.cfg.micro_batch_size // self.cfg.target_batch_size
+
     async def _micro_batch(self, index: int) -> tuple[float, bool]:
         """Forward and backward of micro-batch `index` through the swarm; (loss, re-sent?)."""
         tokens = self.data.batch(index, self.cfg.micro_batch_size)
+        epoch = self._epoch_of(index)
+        await self.head.collaboration.wait_for_epoch(epoch)
         error: BaseException | None = None
         for attempt in range(1, self.cfg.max_attempts + 1):
             try:
                 pipeline = await self._pipeline()
+                pipeline.min_epoch = epoch
             except SwarmError as e:  # e.g. a stage with no peer right now
                 error = e
                 await self._wait_before(attempt, e)
@@ -400,6 +417,7 @@ class Trainer:
         loudly), and save the checkpoint. A Trainer may run again; stop() ends the run under way."""
         self._stop.clear()
         await self._join_head()
+        self._sync_base = (self.head.epoch, self._next_index)
         self.progress = Progress(step=self.head.epoch)
         self._saved_step = self.head.epoch
         watcher = asyncio.create_task(self._watch_peers())
