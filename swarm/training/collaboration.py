@@ -52,15 +52,20 @@ CHANNEL_OPTIONS = [
 ]
 
 
+def membership_key(run_id: str) -> str:
+    return f"{run_id}.peers"
+
+
 class DHTMembership:
     """Who belongs to a collaboration: `{run_id}.peers` in the DHT, one signed entry per peer."""
 
     def __init__(self, dht: DHT, identity: NodeIdentity, run_id: str, me: str, address: str) -> None:
         self.dht, self.identity, self.me, self.address = dht, identity, me, address
-        self.key = f"{run_id}.peers"
+        self.key = membership_key(run_id)
+        self.epoch = 0  # published along (swarm export orders a stage's peers by it)
 
     async def publish(self, ttl: float = MEMBERSHIP_TTL) -> None:
-        value = {"peer_id": self.me, "address": self.address}
+        value = {"peer_id": self.me, "address": self.address, "epoch": self.epoch}
         future = self.dht.store(
             self.key, value, get_dht_time() + ttl, subkey=self.identity.subkey, return_future=True
         )
@@ -225,6 +230,7 @@ class Collaboration:
         while not stop.is_set():
             try:
                 if time.monotonic() - published > MEMBERSHIP_PERIOD:
+                    self.membership.epoch = self.epoch
                     await self.membership.publish()
                     published = time.monotonic()
                 self.members = await self.membership.members()

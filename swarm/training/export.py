@@ -24,7 +24,6 @@ from typing import Any
 import grpc
 import torch
 from hivemind.dht import DHT
-from hivemind.p2p import PeerID
 from torch import Tensor
 
 import swarm
@@ -37,6 +36,7 @@ from swarm.dht import dht_call
 from swarm.errors import ConfigError, MissingBlocksError, ProtocolError, SwarmError
 from swarm.models.llama import ClientParts, LlamaBlock, LlamaConfig, LlamaForCausalLM, hf_block_prefix
 from swarm.records import ServerRecord, ServerState, fetch_records, latest_per_peer
+from swarm.training.collaboration import membership_key
 from swarm.training.stages import model_name, read_config, run_id
 from swarm.training.trainer import TRAINER_CHECKPOINT, load_trainer_checkpoint
 
@@ -197,18 +197,18 @@ async def _fetch_peer(
 
 
 async def _reported_epochs(dht: DHT, model: str, stage: int, timeout: float) -> dict[str, int]:
-    """Peer id -> epoch, as each peer of the stage last reported it to its hivemind collaboration
-    (hivemind's ProgressTracker keeps them under "<run id>_progress"). Only orders the peers to
-    try, so anything unreadable leaves it empty: the epoch taken is the one GetState reports."""
+    """Peer id -> epoch, as each peer of the stage last published it with its membership of the
+    stage's collaboration. Only orders the peers to try, so anything unreadable leaves it empty:
+    the epoch taken is the one GetState reports."""
     try:
-        future = dht.get(f"{run_id(model, stage)}_progress", latest=True, return_future=True)
+        future = dht.get(membership_key(run_id(model, stage)), latest=True, return_future=True)
         found: Any = await dht_call(future, timeout=timeout)
         epochs = {}
         for item in found.value.values() if found is not None else ():
-            epochs[PeerID(item.value["peer_id"]).to_base58()] = int(item.value["epoch"])
+            epochs[str(item.value["peer_id"])] = int(item.value["epoch"])
         return epochs
-    except Exception as e:  # a hiccup of the DHT, or another hivemind's format
-        log.debug("stage %d: no epochs from hivemind's progress records (%s)", stage, e)
+    except Exception as e:  # a hiccup of the DHT, or a peer of another version
+        log.debug("stage %d: no epochs from the membership records (%s)", stage, e)
         return {}
 
 

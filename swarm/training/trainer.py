@@ -372,6 +372,8 @@ class Trainer:
 
     async def _worker(self, on_progress: Callable[[Progress], None]) -> None:
         while not self._stop.is_set() and not self._finished():
+            if self._epoch_of(self._next_index) >= self.cfg.steps:
+                return  # a synchronous run's last step is issued: the micro-batches in flight close it
             index = self._next_index
             self._next_index += 1
             self._in_flight.add(index)
