@@ -30,6 +30,7 @@ from swarm.errors import (
     DeadlineExceeded,
     LimitExceeded,
     ProtocolError,
+    PeerUnavailable,
     SwarmError,
 )
 from swarm.node.adapters import Adapter
@@ -371,7 +372,7 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
 
 async def _abort(context: grpc.aio.ServicerContext, error: BaseException) -> None:
     """Turn an exception into a gRPC status; unexpected ones are logged with their traceback."""
-    if isinstance(error, NotServing):
+    if isinstance(error, NotServing | PeerUnavailable):  # PeerUnavailable: a training peer behind its stage
         code = grpc.StatusCode.UNAVAILABLE
     elif isinstance(error, SessionIdle | DeadlineExceeded):
         code = grpc.StatusCode.DEADLINE_EXCEEDED

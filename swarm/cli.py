@@ -121,6 +121,13 @@ class TrainCommand:
     )
     checkpoint_every: int = field(default=10, metadata={"help": "steps between checkpoints"})
     max_seconds: float | None = field(default=None, metadata={"help": "stop after this many seconds"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (as the nodes')"})
+    request_timeout: float = field(
+        default=60.0, metadata={"help": "seconds one Forward/Backward may take before another peer is tried"}
+    )
+    averaging_timeout: float = field(
+        default=10.0, metadata={"help": "seconds one averaging call between trainers may take"}
+    )
     host: str = field(default="127.0.0.1", metadata={"help": "address this trainer's DHT peer listens on"})
 
 
@@ -147,6 +154,9 @@ def train(cmd: TrainCommand) -> int:
         checkpoint_dir=Path(cmd.checkpoint_dir),
         checkpoint_every=cmd.checkpoint_every,
         max_seconds=cmd.max_seconds,
+        weight_decay=cmd.weight_decay,
+        request_timeout=cmd.request_timeout,
+        averaging_timeout=cmd.averaging_timeout,
         data=DataConfig(data=Path(cmd.data) if cmd.data else None, seq_len=cmd.seq_len + 1, shard=shard),
     )
     identity = NodeIdentity.generate()
@@ -174,7 +184,7 @@ def train(cmd: TrainCommand) -> int:
     print(
         f"train: loss {first:.3f} -> {progress.recent_loss():.3f} in {progress.step} steps, "
         f"{progress.completed} micro-batches ({progress.resent} re-sent), "
-        f"{progress.samples_per_second:.1f} samples/s",
+        f"{progress.samples_per_second:.1f} samples/s, issued {progress.issued}",
         flush=True,
     )
     return 0

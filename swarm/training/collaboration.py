@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -141,6 +142,9 @@ class Collaboration:
         self._leader_ok = time.monotonic()
         self._followed: str | None = None
         self._stepped = asyncio.Event()  # replaced at every step; see wait_for_epoch
+        self._probed: dict[str, float] = {}
+        self.leader_epoch = 0  # the leader's epoch, as its last answer to our report said
+        self._late_logged = -1
 
     @property
     def epoch(self) -> int:
@@ -188,13 +192,18 @@ class Collaboration:
         while self.epoch < epoch:
             left = deadline - time.monotonic()
             if left <= 0:
-                log.info(
-                    "%s: epoch %d did not come within %.0f s; computing at epoch %d",
-                    self.run_id,
-                    epoch,
-                    self.cfg.round_timeout + self.cfg.leader_timeout,
-                    self.epoch,
-                )
+                if self.leader() != self.me and self.leader_epoch >= epoch:
+                    # The stage is there and we are not (a catch-up is due): let another peer serve.
+                    raise PeerUnavailable(f"{self.run_id}: this peer is behind its collaboration")
+                if self._late_logged != epoch:
+                    self._late_logged = epoch
+                    log.info(
+                        "%s: epoch %d did not come within %.0f s; computing at epoch %d",
+                        self.run_id,
+                        epoch,
+                        self.cfg.round_timeout + self.cfg.leader_timeout,
+                        self.epoch,
+                    )
                 return False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stepped.wait(), left)
@@ -250,10 +259,34 @@ class Collaboration:
                 log.info("%s: %s now leads the collaboration", self.run_id, leader)
             self._followed, self._leader_ok = leader, now
         if leader == self.me:
+            if self.frozen is not None and now - self.frozen.since > 2 * self.cfg.round_timeout:
+                # We took over from a leader that collected our gradients and never applied them.
+                frozen, self.frozen = self.frozen, None
+                self.accumulator.put_back(frozen.sums, frozen.samples)
+            await self._probe_silent(now)
             if self._due(now):
                 await self._round()
         else:
             await self._report(leader, now)
+
+    async def _probe_silent(self, now: float) -> None:
+        """Report to members that have not reported to us lately: one that passed us over (while we
+        hung, say) answers with its own leader and epoch, and we follow it and take its state."""
+        silent = [
+            peer
+            for peer in self.members
+            if now - self.reports.get(peer, (0, 0, -math.inf))[2] > self.cfg.leader_timeout
+            and now - self._probed.get(peer, -math.inf) > self.cfg.report_period
+        ]
+        for peer in silent:
+            self._probed[peer] = now
+        request = swarm_pb2.ReportRequest(header=self._header(self.epoch), samples=self.accumulator.samples)
+        replies = await asyncio.gather(
+            *(self._stub(peer).Report(request, timeout=1.0) for peer in silent), return_exceptions=True
+        )
+        for peer, reply in zip(silent, replies, strict=True):
+            if isinstance(reply, swarm_pb2.ReportResponse) and reply.leader not in ("", self.me):
+                self._refused(peer, int(reply.epoch), reply.leader)
 
     def _due(self, now: float) -> bool:
         fresh = [
@@ -349,7 +382,9 @@ class Collaboration:
     def _refused(self, peer: str, their_epoch: int, their_leader: str) -> None:
         """A mate would not take part: it is ahead of us (catch up from it), or follows another leader
         (follow that one too, and take its state)."""
-        if their_leader and their_leader not in (self.me, peer) and their_leader in self.members:
+        if their_leader and their_leader != self.me and their_leader in self.members:
+            # It passed us over (we were silent a while, hung say): the collaboration went on
+            # without us, so follow its leader and take its state.
             log.info("%s: %s follows %s: following it too", self.run_id, peer, their_leader)
             self.follow = (their_leader, time.monotonic() + self.cfg.suspect_seconds)
             self._catch_up_from = their_leader
@@ -380,6 +415,7 @@ class Collaboration:
             return
         self._leader_ok = time.monotonic()
         self._reported = (self.epoch, samples, now)
+        self.leader_epoch = int(reply.epoch)
         if reply.leader and reply.leader != leader and reply.leader != self.me:
             self.follow = (reply.leader, now + self.cfg.suspect_seconds)
         applying = self.frozen is not None and now - self.frozen.since < 2 * self.cfg.round_timeout
@@ -432,6 +468,8 @@ class Collaboration:
 
     def on_report(self, sender: str, epoch: int, samples: int) -> tuple[str, int]:
         now = time.monotonic()
+        if self.follow is not None and self.follow[0] == sender:
+            self.follow = None  # the peer we deferred to takes us for its leader again: lead
         leader = self.leader(now)
         if leader == self.me:
             self.reports[sender] = (epoch, samples, now)

@@ -1,0 +1,543 @@
+"""Does SWARM training learn what one process learns? The same model, data and schedule, four ways.
+
+    python bench/convergence.py [--config demo|large|both] [--steps N] [--out FILE.json]
+
+Every case trains the same byte-level Llama from the same initial weights (the client parts and
+block i drawn from the seed, as the nodes and the trainer draw them) on the Python standard
+library's sources with the same optimizer settings (AdamW, lr 1e-2, 5 warm-up steps, weight decay
+0.01), micro-batches of 8 sequences of 128 bytes and 64 samples per optimizer step, for the same
+number of steps, so the same number of samples:
+
+  local         one process (swarm.training.local.train_locally): the reference;
+  swarm         a local swarm of 2 stages x 2 peers (real `swarm-node join --train` processes, one
+                torch thread each) and one trainer, 4 micro-batches in flight, int8 activations and
+                gradients on the wire;
+  two trainers  the same swarm (fresh) with two trainers at once, each in its own process, on
+                disjoint shards of the data (--shard 0 2 and 1 2); the optimizer steps on their
+                combined micro-batches, so together they take the steps' samples (each about half);
+  lossless      the same swarm as `swarm` (fresh) with the lossless codec ("none").
+
+Every swarm case starts fresh nodes (fresh weights), and every trainer runs in a process of its
+own (this script run with --trainer-worker), so no state is carried from one case to the next.
+Compared: the mean loss of the last 20 micro-batches at equal samples (only micro-batches with
+samples <= steps x 64; the two trainers' micro-batches are merged in the order they completed),
+and the held-out loss of the final model (the first 64 held-out sequences): the swarm's is
+exported from the swarm (swarm.training.export.export_model) and evaluated in this process.
+
+Configs: `demo` is the demo's model (swarm.demo.TRAIN_CONFIG: hidden 128, 4 blocks, 0.79 M
+parameters), 50 steps; `large` has over 4x its parameters (hidden 256, intermediate 768, 4 blocks,
+8 heads, 4 KV heads: 3.28 M), fewer steps so that its four cases take about 12 minutes on 2 CPUs.
+
+Writes bench/results/convergence.json (every curve and the summary per config; configs not run
+keep their earlier entry) and convergence.png (running mean of 20 micro-batches against samples).
+For each config the last two lines printed are one naming it (with the held-out losses and wall
+times) and
+
+    convergence: local L, swarm S (gap G), two trainers T (gap H), lossless swarm U at N samples
+
+(gap = the case minus local), the larger config's last.
+
+Every process started here is stopped again (by PID), also on errors and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from swarm.demo import TRAIN_CONFIG
+from swarm.training.data import VOCAB_SIZE, DataConfig
+
+LARGE_CONFIG: dict[str, Any] = {
+    "model_type": "llama",
+    "vocab_size": VOCAB_SIZE,
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": False,
+}
+CONFIGS: dict[str, tuple[dict[str, Any], int]] = {  # name -> (model config, default steps)
+    "demo": (dict(TRAIN_CONFIG), 50),
+    "large": (LARGE_CONFIG, 20),
+}
+# What the demo trains with (swarm/demo.py), trainers and nodes alike.
+MICRO_BATCH, IN_FLIGHT, TARGET_BATCH = 8, 4, 64
+LR, WARMUP_STEPS, SEED = 1e-2, 5, 0
+DATA = DataConfig(seq_len=129, max_bytes=16 << 20, seed=SEED)
+NUM_STAGES, PEERS_PER_STAGE = 2, 2
+WINDOW = 20  # micro-batches in the compared mean and in the plot's running mean
+GAP_NOTE = 0.05  # a gap above this is called out in the output (nothing is tuned to close it)
+CASES = ("local", "swarm", "two_trainers", "lossless")
+LABELS = {
+    "local": "one process",
+    "swarm": "swarm (int8)",
+    "two_trainers": "swarm, two trainers (int8)",
+    "lossless": "swarm (lossless)",
+}
+
+
+@dataclass
+class Case:
+    name: str
+    curve: list[tuple[float, int, float]]  # (seconds, samples, loss) per micro-batch, in order
+    train_seconds: float  # training alone
+    case_seconds: float  # with the swarm's start, the export and the evaluation
+    held_out: float
+    steps: int
+    issued: int = 0
+    completed: int = 0
+    resent: int = 0
+    export_epochs: dict[str, int] = field(default_factory=dict)
+    per_trainer: list[dict[str, Any]] = field(default_factory=list)
+
+    def last(self, samples: int, n: int = WINDOW) -> float:
+        """Mean loss of the last `n` micro-batches with at most `samples` samples."""
+        tail = [loss for _, s, loss in self.curve if s <= samples][-n:]
+        return sum(tail) / len(tail) if tail else float("nan")
+
+
+def parameters(model: dict[str, Any]) -> int:
+    from swarm.models.llama import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        net = LlamaForCausalLM(LlamaConfig.from_hf_dict(model))
+    return sum(p.numel() for p in net.parameters())
+
+
+def trainer_settings(config_dir: Path, steps: int) -> dict[str, Any]:
+    """TrainerConfig fields (JSON-able) shared by every case."""
+    return {
+        "model": str(config_dir),
+        "steps": steps,
+        "micro_batch_size": MICRO_BATCH,
+        "in_flight": IN_FLIGHT,
+        "target_batch_size": TARGET_BATCH,
+        "lr": LR,
+        "warmup_steps": WARMUP_STEPS,
+        "seed": SEED,
+    }
+
+
+def trainer_config(settings: dict[str, Any]) -> Any:
+    from swarm.training.trainer import TrainerConfig
+
+    s = dict(settings)
+    shard = tuple(s.pop("shard", (0, 1)))
+    checkpoint_dir = s.pop("checkpoint_dir", None)
+    return TrainerConfig(
+        **s,
+        checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
+        data=replace(DATA, shard=(int(shard[0]), int(shard[1]))),
+    )
+
+
+# ---- a trainer in a process of its own --------------------------------------------------------------
+
+
+def trainer_worker(spec_path: Path) -> int:
+    """--trainer-worker SPEC.json: run one Trainer; write its micro-batches to spec["out"]."""
+    from swarm.dht import start_dht
+    from swarm.records import NodeIdentity
+    from swarm.training.trainer import Trainer
+
+    spec = json.loads(spec_path.read_text())
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)  # the nodes need the cores
+    cfg = trainer_config(spec["trainer"])
+    identity = NodeIdentity.generate()
+    dht = start_dht(initial_peers=spec["initial_peers"], identity=identity)
+    trainer = Trainer(cfg, dht, identity)
+    try:
+        progress = trainer.train()
+    finally:
+        trainer.shutdown()
+        dht.shutdown()
+    wall = time.time() - time.monotonic()  # monotonic -> wall clock, to merge the trainers' curves
+    result = {
+        "started": progress.started + wall,
+        "seconds": time.monotonic() - progress.started,
+        "losses": progress.losses,
+        "step": progress.step,
+        "issued": progress.issued,
+        "completed": progress.completed,
+        "resent": progress.resent,
+        "samples": progress.samples,
+    }
+    Path(spec["out"]).write_text(json.dumps(result))
+    return 0
+
+
+class Workers:
+    """Trainer processes (this script with --trainer-worker), each in a session of its own, stopped
+    by PID (with whatever of their process group is left) however the case ends."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+    def start(self, name: str, spec: dict[str, Any]) -> Path:
+        spec_path, out, log_path = (self.workdir / f"{name}{ext}" for ext in (".spec.json", ".out.json", ".log"))
+        spec_path.write_text(json.dumps({**spec, "out": str(out)}))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "--trainer-worker", str(spec_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+        self.procs.append((proc, log_path))
+        return out
+
+    def wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for proc, log_path in self.procs:
+            try:
+                code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"trainer {log_path.stem} did not finish in {timeout:.0f} s") from None
+            if code != 0:
+                tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+                raise RuntimeError(f"trainer {log_path.stem} exited with code {code}:\n{tail}")
+
+    def close(self) -> None:
+        for proc, _ in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # its DHT daemon, if it outlived it
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+# ---- the cases -------------------------------------------------------------------------------------
+
+
+def local_case(settings: dict[str, Any]) -> Case:
+    from swarm.training.local import train_locally
+
+    began = time.monotonic()
+    run = train_locally(trainer_config(settings), evaluate_every=settings["steps"])
+    return Case(
+        name="local",
+        curve=list(run.losses),
+        train_seconds=run.seconds,
+        case_seconds=time.monotonic() - began,
+        held_out=run.held_out[-1][1],
+        steps=settings["steps"],
+        issued=len(run.losses),
+        completed=len(run.losses),
+    )
+
+
+def swarm_case(
+    name: str, workdir: Path, config_dir: Path, settings: dict[str, Any], trainers: int, codec: str
+) -> Case:
+    """A fresh local swarm of NUM_STAGES x PEERS_PER_STAGE training nodes, `trainers` trainers (each
+    in its own process, on shard k of `trainers`), then the model exported and evaluated here."""
+    from swarm.checkpoint import load_blocks, load_client_parts, open_checkpoint
+    from swarm.dht import start_dht
+    from swarm.localswarm import LocalSwarm
+    from swarm.training.export import export_model
+
+    began = time.monotonic()
+    workdir.mkdir(parents=True, exist_ok=True)
+    node_flags = [
+        *("--train", "--num-stages", str(NUM_STAGES), "--target-batch-size", str(TARGET_BATCH)),
+        *("--lr", str(LR), "--warmup-steps", str(WARMUP_STEPS), "--seed", str(SEED)),
+        *("--device", "cpu", "--dtype", "float32"),
+    ]
+    export_dir = workdir / "export"
+    with LocalSwarm(workdir / "swarm", env={"OMP_NUM_THREADS": "1"}) as local:
+        local.start_dht()
+        for i in range(NUM_STAGES * PEERS_PER_STAGE):
+            stage = i % NUM_STAGES
+            local.start_node(config_dir, None, *node_flags, "--stage", str(stage), name=f"train-{i}")
+        workers = Workers(workdir)
+        try:
+            outs = [
+                workers.start(
+                    f"trainer-{k}",
+                    {
+                        "initial_peers": local.initial_peers,
+                        "trainer": {
+                            **settings,
+                            "codec": codec,
+                            "shard": (k, trainers),
+                            "checkpoint_dir": str(workdir / f"trainer-{k}"),
+                        },
+                    },
+                )
+                for k in range(trainers)
+            ]
+            workers.wait(timeout=max(600.0, 30.0 * settings["steps"]))
+        finally:
+            workers.close()
+        results = [json.loads(out.read_text()) for out in outs]
+        dht = start_dht(initial_peers=local.initial_peers, client_mode=True)
+        try:
+            # The client parts of trainer 0 (the trainers average theirs at every step).
+            exported = export_model(dht, str(config_dir), workdir / "trainer-0", export_dir)
+        finally:
+            dht.shutdown()
+    ckpt = open_checkpoint(export_dir)
+    parts = load_client_parts(ckpt)
+    blocks = load_blocks(ckpt, 0, ckpt.config.num_hidden_layers)
+    held_out = evaluate(parts, blocks)
+
+    # Every micro-batch of every trainer, in the order they completed, samples counted together.
+    done = sorted((r["started"] + t, loss) for r in results for t, _, loss in r["losses"])
+    first = min(r["started"] for r in results)
+    curve = [(t - first, (i + 1) * MICRO_BATCH, loss) for i, (t, loss) in enumerate(done)]
+    return Case(
+        name=name,
+        curve=curve,
+        train_seconds=max(r["started"] + r["seconds"] for r in results) - first,
+        case_seconds=time.monotonic() - began,
+        held_out=held_out,
+        steps=min(r["step"] for r in results),
+        issued=sum(r["issued"] for r in results),
+        completed=sum(r["completed"] for r in results),
+        resent=sum(r["resent"] for r in results),
+        export_epochs={str(k): v for k, v in exported.epochs.items()},
+        per_trainer=[
+            {k: r[k] for k in ("step", "issued", "completed", "resent", "samples", "seconds")} for r in results
+        ],
+    )
+
+
+_VALIDATION: dict[str, Any] = {}
+
+
+def evaluate(parts: Any, blocks: Any) -> float:
+    """held_out_loss on the validation sequences every trainer holds out (the same in every case)."""
+    from swarm.training.data import ByteDataset
+    from swarm.training.local import held_out_loss
+
+    if "data" not in _VALIDATION:
+        _VALIDATION["data"] = ByteDataset(DATA)
+    return held_out_loss(parts, blocks, _VALIDATION["data"])
+
+
+def run_config(name: str, steps: int, workdir: Path) -> dict[str, Any]:
+    model, _ = CONFIGS[name]
+    params = parameters(model)
+    config_dir = workdir / name / f"byte-llama-{name}"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    (config_dir / "config.json").write_text(json.dumps(model, indent=2))
+    settings = trainer_settings(config_dir, steps)
+    samples = steps * TARGET_BATCH
+    print(
+        f"{name}: byte-level Llama, hidden {model['hidden_size']}, intermediate {model['intermediate_size']}, "
+        f"{model['num_hidden_layers']} blocks, {params / 1e6:.2f} M parameters; {steps} steps of "
+        f"{TARGET_BATCH} samples ({samples}), micro-batches of {MICRO_BATCH} x {DATA.seq_len - 1} bytes",
+        flush=True,
+    )
+    cases: dict[str, Case] = {}
+    for case in CASES:
+        if case == "local":
+            result = local_case(settings)
+        else:
+            trainers, codec = {"swarm": (1, "int8"), "two_trainers": (2, "int8"), "lossless": (1, "none")}[case]
+            result = swarm_case(case, workdir / name / case, config_dir, settings, trainers, codec)
+        cases[case] = result
+        extra = ""
+        if result.per_trainer:
+            extra = f", stage epochs {result.export_epochs}, {result.resent} re-sent"
+            if len(result.per_trainer) > 1:
+                extra += ", samples per trainer " + "/".join(str(t["samples"]) for t in result.per_trainer)
+        print(
+            f"  {LABELS[case]:27} last-{WINDOW} {result.last(samples):.3f}  held-out {result.held_out:.3f}  "
+            f"{len(result.curve)} micro-batches, {result.steps} steps, train {result.train_seconds:.0f} s "
+            f"(case {result.case_seconds:.0f} s){extra}",
+            flush=True,
+        )
+    last = {case: cases[case].last(samples) for case in CASES}
+    summary = {
+        "samples": samples,
+        "params": params,
+        **{f"last{WINDOW}_{case}": last[case] for case in CASES},
+        **{f"gap_{case}": last[case] - last["local"] for case in CASES if case != "local"},
+        **{f"held_out_{case}": cases[case].held_out for case in CASES},
+        **{f"held_out_gap_{case}": cases[case].held_out - cases["local"].held_out for case in CASES[1:]},
+        **{f"train_seconds_{case}": cases[case].train_seconds for case in CASES},
+    }
+    return {
+        "model": {k: v for k, v in model.items() if k != "model_type"},
+        "params": params,
+        "steps": steps,
+        "settings": {
+            "micro_batch_size": MICRO_BATCH,
+            "in_flight": IN_FLIGHT,
+            "target_batch_size": TARGET_BATCH,
+            "lr": LR,
+            "warmup_steps": WARMUP_STEPS,
+            "weight_decay": 0.01,
+            "seed": SEED,
+            "seq_len": DATA.seq_len - 1,
+            "max_bytes": DATA.max_bytes,
+            "stages": NUM_STAGES,
+            "peers_per_stage": PEERS_PER_STAGE,
+        },
+        "cases": {
+            case: {**asdict(c), "curve": [(round(t, 2), n, round(v, 4)) for t, n, v in c.curve]}
+            for case, c in cases.items()
+        },
+        "summary": summary,
+    }
+
+
+# ---- output -------------------------------------------------------------------------------------------
+
+
+def running_mean(values: list[float], n: int = WINDOW) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - n] if i >= n else 0.0)
+        out.append(total / min(i + 1, n))
+    return out
+
+
+def plot(results: dict[str, Any], path: Path) -> bool:
+    """Loss against samples (running mean of WINDOW), all cases, one subplot per config."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    names = [n for n in CONFIGS if n in results]
+    fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.5), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        r = results[name]
+        for case in CASES:
+            curve = r["cases"][case]["curve"]
+            samples = [s for _, s, _ in curve]
+            smooth = running_mean([loss for _, _, loss in curve])
+            gap = "" if case == "local" else f", gap {r['summary'][f'gap_{case}']:+.3f}"
+            label = f"{LABELS[case]}: {r['summary'][f'last{WINDOW}_{case}']:.3f}{gap}"
+            ax.plot(samples, smooth, label=label, linewidth=1.2)
+        ax.axvline(r["summary"]["samples"], color="grey", linestyle=":", linewidth=1)
+        ax.set_title(f"{name}: {r['params'] / 1e6:.2f} M parameters, {r['steps']} steps")
+        ax.set_xlabel("samples")
+        ax.set_ylabel(f"loss, running mean of {WINDOW} micro-batches (nats/byte)")
+        ax.legend(fontsize=8)
+        tail = [v for case in CASES for _, s, v in r["cases"][case]["curve"] if s > r["summary"]["samples"] / 3]
+        if tail:
+            ax.set_ylim(min(tail) - 0.1, max(tail) + 0.1)
+    fig.suptitle("SWARM training vs one process: same model, data order, optimizer and samples")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def compact_json(value: Any) -> str:
+    """Indented JSON with every innermost list (a curve's point, a list of numbers) on one line."""
+    text = json.dumps(value, indent=1)
+    return re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + re.sub(r"\s*\n\s*", " ", m[1]) + "]", text)
+
+
+def summary_lines(name: str, r: dict[str, Any]) -> list[str]:
+    s = r["summary"]
+    held = ", ".join(f"{LABELS[c]} {s[f'held_out_{c}']:.3f}" for c in CASES)
+    wall = ", ".join(f"{c} {s[f'train_seconds_{c}']:.0f} s" for c in CASES)
+    over = [LABELS[c] for c in CASES[1:] if abs(s[f"gap_{c}"]) > GAP_NOTE]
+    note = f"; gap above {GAP_NOTE} for: {', '.join(over)}" if over else ""
+    return [
+        f"{name} ({r['params'] / 1e6:.2f} M parameters, {r['steps']} steps): held-out {held}; "
+        f"training wall time {wall}{note}",
+        f"convergence: local {s[f'last{WINDOW}_local']:.3f}, swarm {s[f'last{WINDOW}_swarm']:.3f} "
+        f"(gap {s['gap_swarm']:.3f}), two trainers {s[f'last{WINDOW}_two_trainers']:.3f} "
+        f"(gap {s['gap_two_trainers']:.3f}), lossless swarm {s[f'last{WINDOW}_lossless']:.3f} "
+        f"at {s['samples']} samples",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", choices=("demo", "large", "both"), default="both")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: per config)")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="configs, node logs, exports (default: a temp dir)"
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench/results/convergence.json"), help="JSON results")
+    parser.add_argument("--trainer-worker", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.trainer_worker is not None:
+        return trainer_worker(args.trainer_worker)
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    logging.basicConfig(level=logging.WARNING)
+    names = list(CONFIGS) if args.config == "both" else [args.config]
+
+    tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="swarm-bench-convergence-")
+    workdir = Path(args.workdir or tmp.name)  # type: ignore[union-attr]
+    began = time.monotonic()
+    try:
+        results: dict[str, Any] = {}
+        for name in names:
+            started = time.monotonic()
+            results[name] = run_config(name, args.steps or CONFIGS[name][1], workdir)
+            results[name]["seconds"] = time.monotonic() - started
+    except KeyboardInterrupt:
+        print("\nconvergence: interrupted; every process started here was stopped", flush=True)
+        return 130
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+    stored: dict[str, Any] = {}
+    if args.out.is_file():  # configs not run this time keep their earlier results
+        try:
+            stored = json.loads(args.out.read_text()).get("configs", {})
+        except (OSError, ValueError):
+            stored = {}
+    stored.update(results)
+    out = {
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "configs": {n: stored[n] for n in CONFIGS if n in stored},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(compact_json(out) + "\n")
+    plotted = plot(out["configs"], args.out.with_suffix(".png"))
+    print(
+        f"results: {args.out}" + (f", plot: {args.out.with_suffix('.png')}" if plotted else "")
+        + f"; took {time.monotonic() - began:.0f} s",
+        flush=True,
+    )
+    for name in names:
+        for line in summary_lines(name, results[name]):
+            print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
