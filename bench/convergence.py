@@ -96,6 +96,7 @@ LABELS = {
 class Case:
     name: str
     curve: list[tuple[float, int, float]]  # (seconds, samples, loss) per micro-batch, in order
+    steps_at: list[int]  # optimizer steps taken when each micro-batch completed
     train_seconds: float  # training alone
     case_seconds: float  # with the swarm's start, the export and the evaluation
     held_out: float
@@ -105,6 +106,10 @@ class Case:
     resent: int = 0
     export_epochs: dict[str, int] = field(default_factory=dict)
     per_trainer: list[dict[str, Any]] = field(default_factory=list)
+
+    def steps_by(self, samples: int) -> int:
+        """Optimizer steps taken by the last micro-batch with at most `samples` samples."""
+        return max((k for (_, s, _), k in zip(self.curve, self.steps_at, strict=True) if s <= samples), default=0)
 
     def last(self, samples: int, n: int = WINDOW) -> float:
         """Mean loss of the last `n` micro-batches with at most `samples` samples."""
@@ -163,8 +168,9 @@ def trainer_worker(spec_path: Path) -> int:
     identity = NodeIdentity.generate()
     dht = start_dht(initial_peers=spec["initial_peers"], identity=identity)
     trainer = Trainer(cfg, dht, identity)
+    steps: list[int] = []  # the collaboration's step when each micro-batch completed
     try:
-        progress = trainer.train()
+        progress = trainer.train(lambda p: steps.append(p.step))
     finally:
         trainer.shutdown()
         dht.shutdown()
@@ -173,6 +179,7 @@ def trainer_worker(spec_path: Path) -> int:
         "started": progress.started + wall,
         "seconds": time.monotonic() - progress.started,
         "losses": progress.losses,
+        "steps": steps,
         "step": progress.step,
         "issued": progress.issued,
         "completed": progress.completed,
@@ -244,6 +251,7 @@ def local_case(settings: dict[str, Any]) -> Case:
     return Case(
         name="local",
         curve=list(run.losses),
+        steps_at=[(i + 1) // (TARGET_BATCH // MICRO_BATCH) for i in range(len(run.losses))],
         train_seconds=run.seconds,
         case_seconds=time.monotonic() - began,
         held_out=run.held_out[-1][1],
@@ -309,12 +317,17 @@ def swarm_case(
     held_out = evaluate(parts, blocks)
 
     # Every micro-batch of every trainer, in the order they completed, samples counted together.
-    done = sorted((r["started"] + t, loss) for r in results for t, _, loss in r["losses"])
+    done = sorted(
+        (r["started"] + t, loss, step)
+        for r in results
+        for (t, _, loss), step in zip(r["losses"], r["steps"], strict=True)
+    )
     first = min(r["started"] for r in results)
-    curve = [(t - first, (i + 1) * MICRO_BATCH, loss) for i, (t, loss) in enumerate(done)]
+    curve = [(t - first, (i + 1) * MICRO_BATCH, loss) for i, (t, loss, _) in enumerate(done)]
     return Case(
         name=name,
         curve=curve,
+        steps_at=[step for _, _, step in done],
         train_seconds=max(r["started"] + r["seconds"] for r in results) - first,
         case_seconds=time.monotonic() - began,
         held_out=held_out,
@@ -371,7 +384,8 @@ def run_config(name: str, steps: int, workdir: Path) -> dict[str, Any]:
                 extra += ", samples per trainer " + "/".join(str(t["samples"]) for t in result.per_trainer)
         print(
             f"  {LABELS[case]:27} last-{WINDOW} {result.last(samples):.3f}  held-out {result.held_out:.3f}  "
-            f"{len(result.curve)} micro-batches, {result.steps} steps, train {result.train_seconds:.0f} s "
+            f"{len(result.curve)} micro-batches, {result.steps} steps ({result.steps_by(samples)} by "
+            f"{samples} samples), train {result.train_seconds:.0f} s "
             f"(case {result.case_seconds:.0f} s){extra}",
             flush=True,
         )
@@ -384,6 +398,7 @@ def run_config(name: str, steps: int, workdir: Path) -> dict[str, Any]:
         **{f"held_out_{case}": cases[case].held_out for case in CASES},
         **{f"held_out_gap_{case}": cases[case].held_out - cases["local"].held_out for case in CASES[1:]},
         **{f"train_seconds_{case}": cases[case].train_seconds for case in CASES},
+        **{f"steps_by_samples_{case}": cases[case].steps_by(samples) for case in CASES},
     }
     return {
         "model": {k: v for k, v in model.items() if k != "model_type"},
@@ -495,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)  # the reference as the trainers compute; the nodes need the cores
     names = list(CONFIGS) if args.config == "both" else [args.config]
 
     tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="swarm-bench-convergence-")

@@ -29,8 +29,8 @@ from swarm.errors import (
     ConfigError,
     DeadlineExceeded,
     LimitExceeded,
-    ProtocolError,
     PeerUnavailable,
+    ProtocolError,
     SwarmError,
 )
 from swarm.node.adapters import Adapter

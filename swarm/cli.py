@@ -269,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     # trainer's DHT and averager processes would otherwise outlive it).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("hivemind").setLevel(logging.WARNING)  # the trainer's averaging chatter
+    logging.getLogger("hivemind").setLevel(logging.WARNING)
+    logging.getLogger("swarm.training").setLevel(logging.INFO)  # one line per event: resumed, took state
     _, cls, run = table[args.command]
     try:
         return int(run(config_from_args(cls, args)))

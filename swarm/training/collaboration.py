@@ -150,6 +150,11 @@ class Collaboration:
     def epoch(self) -> int:
         return self.state.epoch
 
+    def live_mates(self, now: float | None = None) -> list[str]:
+        """Members this peer does not suspect (of having died or hung)."""
+        now = now or time.monotonic()
+        return [m for m in self.members if self.suspected.get(m, -math.inf) <= now]
+
     def leader(self, now: float | None = None) -> str:
         return choose_leader(self.me, self.members, self.suspected, self.follow, now or time.monotonic())
 
@@ -159,7 +164,7 @@ class Collaboration:
         """One request's gradients (of its mean loss over `samples` sequences). A peer with no mates
         steps right here once it holds the target batch, exactly as one process would."""
         total = self.accumulator.add(grads, samples)
-        if not self.members and self.frozen is None and total >= self.cfg.target_batch_size:
+        if not self.live_mates() and self.frozen is None and total >= self.cfg.target_batch_size:
             sums, n = self.accumulator.take()
             if sums is not None:
                 self._step([s.div_(n) for s in sums], n)
@@ -439,7 +444,11 @@ class Collaboration:
                 raise PeerUnavailable(f"state download from {peer} failed: {e}") from e
 
         began = time.monotonic()
-        epoch, tensors = await STATE_RETRY.run(attempt)
+        try:
+            epoch, tensors = await STATE_RETRY.run(attempt)
+        except PeerUnavailable:
+            self.suspected[peer] = time.monotonic() + self.cfg.suspect_seconds
+            raise
         if epoch <= self.epoch and peer != self.leader():
             return
         await self.exclusive(lambda: self.state.load_tensors(epoch, tensors))

@@ -274,6 +274,7 @@ class Trainer:
         self._next_index = 0  # in the data order; a resumed run goes on from its checkpoint's
         self._in_flight: set[int] = set()
         self._sync_base = (0, 0)  # (head epoch, micro-batch index) where this run's steps began
+        self._had_mates = False  # other trainers took part in this run
         self._saved_step = 0
         if self.checkpoint is not None and self.checkpoint.is_file():
             state = load_trainer_checkpoint(self.checkpoint)
@@ -317,7 +318,8 @@ class Trainer:
         fill the steps in order (`synchronous`), so it waits at every step boundary, and every stage
         computes a step's micro-batches with that step's weights, exactly as one process does. With
         other trainers the steps fill with everyone's micro-batches: each joins the step under way."""
-        if not self.cfg.synchronous or self.head.collaboration.members:
+        self._had_mates = self._had_mates or bool(self.head.collaboration.live_mates())
+        if not self.cfg.synchronous or self._had_mates:  # once shared, steps stay shared this run
             return self.head.epoch
         epoch, first = self._sync_base
         return epoch + (index - first) * self.cfg.micro_batch_size // self.cfg.target_batch_size
@@ -420,6 +422,7 @@ class Trainer:
         self._stop.clear()
         await self._join_head()
         self._sync_base = (self.head.epoch, self._next_index)
+        self._had_mates = False
         self.progress = Progress(step=self.head.epoch)
         self._saved_step = self.head.epoch
         watcher = asyncio.create_task(self._watch_peers())
@@ -473,8 +476,8 @@ class Trainer:
         assert collab.membership is not None
         try:
             collab.members = await collab.membership.members()
-            if collab.members:
-                await collab.catch_up(min(collab.members))
+            if collab.live_mates():
+                await collab.catch_up(min(collab.live_mates()))
         except SwarmError as e:
             log.warning(
                 "could not take the other trainers' state (%s); starting at step %d", e, self.head.epoch
