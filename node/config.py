@@ -136,11 +136,13 @@ class NodeConfig:
     weight_decay: float = field(default=0.01, metadata=_help("AdamW weight decay"))
     warmup_steps: int = field(default=10, metadata=_help("optimizer steps of linear learning-rate warm-up"))
     matchmaking_time: float = field(
-        default=1.0, metadata=_help("seconds peers of a stage take to gather before averaging")
+        default=1.0, metadata=_help("ignored: averaging is leader-led (kept for old command lines)")
     )
-    averaging_timeout: float = field(default=10.0, metadata=_help("seconds one averaging round may take"))
+    averaging_timeout: float = field(
+        default=10.0, metadata=_help("seconds one averaging call with a stage-mate may take")
+    )
     average_state_every: int = field(
-        default=5, metadata=_help("also average weights and Adam statistics every this many steps")
+        default=5, metadata=_help("ignored: peers step on the same numbers (kept for old command lines)")
     )
     seed: int = field(default=0, metadata=_help("seed of the initial weights when training from a config"))
     checkpoint_dir: str | None = field(

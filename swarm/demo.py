@@ -77,6 +77,8 @@ NODE_FLAGS = (
     "1e-2",
     "--warmup-steps",
     "5",
+    "--averaging-timeout",
+    "3",  # a LAN: a mate that does not hand over its gradients in 3 s sits the round out
 )
 
 
@@ -128,12 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--workdir", default=".demo", help="where logs, checkpoints and the export go")
-    parser.add_argument("--steps", type=int, default=50, help="optimizer steps to train")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps to train")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("hivemind").setLevel(logging.WARNING)  # the trainer's averaging chatter
-    torch.set_num_threads(1)  # the nodes need the cores
     try:
         return run(Path(args.workdir), args.steps, args.seed)
     except KeyboardInterrupt:
@@ -147,6 +148,7 @@ def run(workdir: Path, steps: int, seed: int) -> int:
     from swarm.records import NodeIdentity
     from swarm.training.data import DataConfig
     from swarm.training.export import export_model
+    from swarm.training.local import train_locally
     from swarm.training.trainer import TRAINER_CHECKPOINT, Trainer, TrainerConfig
 
     config_dir = workdir / "byte-llama"
@@ -157,6 +159,28 @@ def run(workdir: Path, steps: int, seed: int) -> int:
     for old in ckpt_dir.glob("*"):  # a fresh run each time: no resume from an earlier demo
         old.unlink()
 
+    cfg = TrainerConfig(
+        model=str(config_dir),
+        steps=steps,
+        micro_batch_size=8,
+        in_flight=4,
+        target_batch_size=64,
+        lr=1e-2,
+        warmup_steps=5,
+        averaging_timeout=3.0,
+        seed=seed,
+        checkpoint_dir=ckpt_dir,
+        data=DataConfig(seq_len=129, max_bytes=16 << 20, seed=seed),
+    )
+    print(f"demo: the same training in one process first ({steps} steps), the yardstick ...", flush=True)
+    reference = train_locally(cfg)
+    print(
+        f"demo:   one process: loss {reference.recent_loss(20):.2f} (mean of the last 20 micro-batches) "
+        f"in {reference.seconds:.0f} s",
+        flush=True,
+    )
+
+    torch.set_num_threads(1)  # from here on the nodes need the cores
     with LocalSwarm(workdir / "swarm") as local:
         print("demo: starting a DHT peer and 4 training nodes (2 stages x 2 peers) ...", flush=True)
         local.start_dht()
@@ -174,18 +198,6 @@ def run(workdir: Path, steps: int, seed: int) -> int:
 
         identity = NodeIdentity.generate()
         dht = start_dht(initial_peers=local.initial_peers, identity=identity)
-        cfg = TrainerConfig(
-            model=str(config_dir),
-            steps=steps,
-            micro_batch_size=8,
-            in_flight=4,
-            target_batch_size=64,
-            lr=1e-2,
-            warmup_steps=5,
-            seed=seed,
-            checkpoint_dir=ckpt_dir,
-            data=DataConfig(seq_len=129, max_bytes=16 << 20, seed=seed),
-        )
         trainer = Trainer(cfg, dht, identity)
         victim = nodes[3]
         kill = threading.Event()
@@ -250,7 +262,9 @@ def run(workdir: Path, steps: int, seed: int) -> int:
         f"{cfg.target_batch_size} sequences of {cfg.data.seq_len - 1} bytes, {progress.completed} "
         f"micro-batches in {seconds:.0f} s ({progress.samples_per_second:.1f} samples/s). "
         f"The loss went from {first:.2f} "
-        f"(mean of the first 10 micro-batches) to {last:.2f} (mean of the last 20) nats per byte. "
+        f"(mean of the first 10 micro-batches) to {last:.2f} (mean of the last 20) nats per byte; "
+        f"the same training in one process, measured in this run, ended at {reference.recent_loss(20):.2f} "
+        f"(gap {last - reference.recent_loss(20):+.2f}). "
         f"{victim.name} was SIGKILLed at step {steps // 2}; {resent} micro-batches were re-sent to another "
         f"peer of its stage, and all {progress.issued} micro-batches issued were completed. The model was "
         f"exported to {export_dir} and served by two inference nodes."
@@ -261,7 +275,7 @@ def run(workdir: Path, steps: int, seed: int) -> int:
         print(f"demo: loss curve in {workdir / 'loss.png'}, summary in {workdir / 'summary.txt'}")
     print(
         f"demo: loss {first:.2f} -> {last:.2f} in {progress.step} steps, {resent} micro-batches re-sent "
-        f"after a node failure, exported to {export_dir}",
+        f"after a node failure, exported to {export_dir} (one process: {reference.recent_loss(20):.2f})",
         flush=True,
     )
     return 0

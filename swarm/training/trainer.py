@@ -9,9 +9,13 @@ a micro-batch whose pipeline fails altogether is run again on a new one. Every m
 counted once when it is issued and once when it completes; `run` asserts the two agree.
 
 The client parts (embeddings, final norm, LM head) are this trainer's own stage: several
-trainers average them with hivemind.Optimizer under the run id "<model>-head", as the nodes of
-a stage do. Local compute runs on one thread of its own, so the event loop keeps the network
-busy while the head computes, and every micro-batch's gradients reach the optimizer whole.
+trainers average them in the collaboration "<model>-head" (swarm.training.averaging), as the
+nodes of a stage do. Local compute runs on one thread of its own, so the event loop keeps the
+network busy while the head computes, and every micro-batch's gradients reach it whole.
+
+A trainer alone runs synchronous steps: it tags each micro-batch with its optimizer step
+(RequestHeader.min_epoch) and waits at step boundaries, so each step's gradient comes from
+that step's weights everywhere, as in one process (see `_epoch_of`).
 """
 
 from __future__ import annotations
@@ -69,7 +73,6 @@ class TrainerConfig:
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_steps: int = 10
-    matchmaking_time: float = 1.0
     averaging_timeout: float = 10.0
     seed: int = 0  # initial weights (as the nodes') and the data order
     codec: str = "int8"  # activations and gradients on the wire
@@ -90,7 +93,7 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         positive = [
             *("steps", "micro_batch_size", "in_flight", "target_batch_size", "lr", "warmup_steps"),
-            *("matchmaking_time", "averaging_timeout", "max_attempts", "request_timeout", "checkpoint_every"),
+            *("averaging_timeout", "max_attempts", "request_timeout", "checkpoint_every"),
         ]
         for name in positive:
             if getattr(self, name) <= 0:
