@@ -65,16 +65,17 @@ class DHTMembership:
         self.key = membership_key(run_id)
         self.epoch = 0  # published along (swarm export orders a stage's peers by it)
 
-    async def publish(self, ttl: float = MEMBERSHIP_TTL) -> None:
-        value = {"peer_id": self.me, "address": self.address, "epoch": self.epoch}
+    async def publish(self, ttl: float = MEMBERSHIP_TTL, *, left: bool = False) -> None:
+        value = {"peer_id": self.me, "address": self.address, "epoch": self.epoch, "left": left}
         future = self.dht.store(
             self.key, value, get_dht_time() + ttl, subkey=self.identity.subkey, return_future=True
         )
         await dht_call(future, timeout=10)
 
     async def withdraw(self) -> None:
+        # The DHT keeps, per subkey, the value that expires last: "left" must outlive the entry.
         with contextlib.suppress(SwarmError):  # best effort: the entry expires on its own anyway
-            await self.publish(ttl=0.5)
+            await self.publish(ttl=MEMBERSHIP_TTL + 1, left=True)
 
     async def members(self) -> dict[str, str]:
         """peer id -> gRPC address of every other member with a live entry."""
@@ -88,6 +89,8 @@ class DHTMembership:
             if getattr(item, "expiration_time", 0) < now or not isinstance(value, dict):
                 continue
             peer, address = value.get("peer_id"), value.get("address")
+            if value.get("left"):
+                continue
             if isinstance(peer, str) and isinstance(address, str) and peer != self.me:
                 out[peer] = address
         return out
