@@ -43,6 +43,7 @@ Every process started here is stopped again (by PID), also on errors and Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -74,7 +75,7 @@ LARGE_CONFIG: dict[str, Any] = {
 }
 CONFIGS: dict[str, tuple[dict[str, Any], int]] = {  # name -> (model config, default steps)
     "demo": (dict(TRAIN_CONFIG), 50),
-    "large": (LARGE_CONFIG, 20),
+    "large": (LARGE_CONFIG, 25),
 }
 # What the demo trains with (swarm/demo.py), trainers and nodes alike.
 MICRO_BATCH, IN_FLIGHT, TARGET_BATCH = 8, 4, 64
@@ -109,7 +110,9 @@ class Case:
 
     def steps_by(self, samples: int) -> int:
         """Optimizer steps taken by the last micro-batch with at most `samples` samples."""
-        return max((k for (_, s, _), k in zip(self.curve, self.steps_at, strict=True) if s <= samples), default=0)
+        return max(
+            (k for (_, s, _), k in zip(self.curve, self.steps_at, strict=True) if s <= samples), default=0
+        )
 
     def last(self, samples: int, n: int = WINDOW) -> float:
         """Mean loss of the last `n` micro-batches with at most `samples` samples."""
@@ -199,7 +202,9 @@ class Workers:
         self.procs: list[tuple[subprocess.Popen[bytes], Path]] = []
 
     def start(self, name: str, spec: dict[str, Any]) -> Path:
-        spec_path, out, log_path = (self.workdir / f"{name}{ext}" for ext in (".spec.json", ".out.json", ".log"))
+        spec_path, out, log_path = (
+            self.workdir / f"{name}{ext}" for ext in (".spec.json", ".out.json", ".log")
+        )
         spec_path.write_text(json.dumps({**spec, "out": str(out)}))
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         with open(log_path, "wb") as log:
@@ -234,10 +239,8 @@ class Workers:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)  # its DHT daemon, if it outlived it
-            except (ProcessLookupError, PermissionError):
-                pass
 
 
 # ---- the cases -------------------------------------------------------------------------------------
@@ -337,7 +340,8 @@ def swarm_case(
         resent=sum(r["resent"] for r in results),
         export_epochs={str(k): v for k, v in exported.epochs.items()},
         per_trainer=[
-            {k: r[k] for k in ("step", "issued", "completed", "resent", "samples", "seconds")} for r in results
+            {k: r[k] for k in ("step", "issued", "completed", "resent", "samples", "seconds")}
+            for r in results
         ],
     )
 
@@ -364,7 +368,8 @@ def run_config(name: str, steps: int, workdir: Path) -> dict[str, Any]:
     settings = trainer_settings(config_dir, steps)
     samples = steps * TARGET_BATCH
     print(
-        f"{name}: byte-level Llama, hidden {model['hidden_size']}, intermediate {model['intermediate_size']}, "
+        f"{name}: byte-level Llama, hidden {model['hidden_size']}, "
+        f"intermediate {model['intermediate_size']}, "
         f"{model['num_hidden_layers']} blocks, {params / 1e6:.2f} M parameters; {steps} steps of "
         f"{TARGET_BATCH} samples ({samples}), micro-batches of {MICRO_BATCH} x {DATA.seq_len - 1} bytes",
         flush=True,
@@ -374,7 +379,9 @@ def run_config(name: str, steps: int, workdir: Path) -> dict[str, Any]:
         if case == "local":
             result = local_case(settings)
         else:
-            trainers, codec = {"swarm": (1, "int8"), "two_trainers": (2, "int8"), "lossless": (1, "none")}[case]
+            trainers, codec = {"swarm": (1, "int8"), "two_trainers": (2, "int8"), "lossless": (1, "none")}[
+                case
+            ]
             result = swarm_case(case, workdir / name / case, config_dir, settings, trainers, codec)
         cases[case] = result
         extra = ""
@@ -461,7 +468,9 @@ def plot(results: dict[str, Any], path: Path) -> bool:
         ax.set_xlabel("samples")
         ax.set_ylabel(f"loss, running mean of {WINDOW} micro-batches (nats/byte)")
         ax.legend(fontsize=8)
-        tail = [v for case in CASES for _, s, v in r["cases"][case]["curve"] if s > r["summary"]["samples"] / 3]
+        tail = [
+            v for case in CASES for _, s, v in r["cases"][case]["curve"] if s > r["summary"]["samples"] / 3
+        ]
         if tail:
             ax.set_ylim(min(tail) - 0.1, max(tail) + 0.1)
     fig.suptitle("SWARM training vs one process: same model, data order, optimizer and samples")
@@ -502,7 +511,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workdir", type=Path, default=None, help="configs, node logs, exports (default: a temp dir)"
     )
-    parser.add_argument("--out", type=Path, default=Path("bench/results/convergence.json"), help="JSON results")
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench/results/convergence.json"), help="JSON results"
+    )
     parser.add_argument("--trainer-worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.trainer_worker is not None:
@@ -536,16 +547,18 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError):
             stored = {}
     stored.update(results)
-    out = {
+    out: dict[str, Any] = {
         "torch": torch.__version__,
         "cpus": os.cpu_count(),
         "configs": {n: stored[n] for n in CONFIGS if n in stored},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(compact_json(out) + "\n")
-    plotted = plot(out["configs"], args.out.with_suffix(".png"))
+    configs: dict[str, Any] = out["configs"]
+    plotted = plot(configs, args.out.with_suffix(".png"))
     print(
-        f"results: {args.out}" + (f", plot: {args.out.with_suffix('.png')}" if plotted else "")
+        f"results: {args.out}"
+        + (f", plot: {args.out.with_suffix('.png')}" if plotted else "")
         + f"; took {time.monotonic() - began:.0f} s",
         flush=True,
     )

@@ -1,17 +1,21 @@
-"""Benchmark SWARM training: random wiring vs a fixed pipeline with a slow peer, and under failures.
+"""Benchmark SWARM training: random wiring vs a fixed pipeline with a slow peer, under failures, and
+whether slow or idle stage-mates stall the averaging rounds.
 
-    python bench/training.py [--phase-seconds 30] [--reps 2] [--kill-every 10] [--out FILE.json]
+    python bench/training.py [--only pipelines|stalls] [--phase-seconds 30] [--reps 2]
+                             [--kill-every 10] [--stall-steps N] [--out FILE.json]
 
 One local swarm, in one run: real `swarm-node join --train` processes on 127.0.0.1 serving a
 byte-level Llama (4 blocks, hidden 256, intermediate 688, 8 heads, 4 KV heads, vocab 256, float32
 on the CPU, random weights from the config) cut into 2 stages of 2 blocks, 2 peers per stage, each
 node on one torch thread. One trainer in this process (swarm.training.trainer.Trainer: embeddings
 and LM head here, blocks on the swarm) streams micro-batches of 8 sequences x 128 bytes, 8 in
-flight, int8 activations and gradients on the wire. Every phase is one Trainer run of
-`--phase-seconds`: it stops issuing then and the micro-batches in flight finish, so samples/s =
-samples completed / wall time of the whole run, the drain included. Each run must complete every
-micro-batch it issued (the Trainer checks; so does this script). A first `--warmup-seconds` run
-(random wiring) is not counted: it lets the nodes open their start gate and measure throughput.
+flight, int8 activations and gradients on the wire. Every phase is one Trainer run: it stops
+issuing after `--phase-seconds` (in (c): after a fixed number of optimizer steps) and the
+micro-batches in flight finish, so samples/s = samples completed / wall time of the whole run, the
+drain included. Each run must complete every micro-batch it issued (the Trainer checks; so does this
+script). A first run of each part is not counted: it warms the nodes and the trainer up. The
+default runs everything; `--only pipelines` runs (a) and (b), `--only stalls` runs (c); the
+results file is read, the parts that ran are replaced in it, and it is written back.
 
 (a) heterogeneity: one of the two stage-1 peers runs with `--slowdown 4` (every batch it computes
     takes 4x as long: a 1/4-speed device, which its measured throughput in the DHT shows).
@@ -45,12 +49,48 @@ micro-batch it issued (the Trainer checks; so does this script). A first `--warm
     daemon, measuring throughput, loading the stage's state from its mate), the re-sent
     micro-batches (hops whose peer died, re-run on the other peer of the stage).
 
-Optimizer steps: by default `--target-batch-size` is never reached in the benchmark, so the runs
-measure the pipelines (forward, backward, gradients accumulated on every peer) and no hivemind
-averaging round falls into them. Give a smaller one (e.g. 256) to include the stages' averaging;
-with wiring="fixed" the stage peer off the route then gets no gradients, and rounds were seen to
-wait out --averaging-timeout (10 s) for it, stalling the stage (see max_gap_s per run).
+    Optimizer steps in (a) and (b): by default `--target-batch-size` is never reached, so these
+    runs measure the pipelines (forward, backward, gradients accumulated on every peer) and no
+    averaging round falls into them. (c) measures the rounds.
 
+(c) averaging stalls: fresh nodes of a model of its own (same architecture, another name, so no
+    record of (a) or (b) is in the way) with `--target-batch-size` = `--stall-target-batch-size`
+    (64: a step every 8 micro-batches), the trainer likewise and synchronous (TrainerConfig's
+    default when it is the only trainer): it tags each micro-batch with its step
+    (RequestHeader.min_epoch), so every step drains the pipeline and a node computes the next
+    step's micro-batches only once its stage has stepped. A stage's round (its leader, the smallest
+    peer id, Collects every live mate's gradients, steps, sends each the average to Apply) then
+    lies on the critical path of every step: a mate that made rounds wait would show at once.
+    Stage 0 keeps two normal peers; stage 1 has a normal peer, which stays, and
+      pair        a second normal peer (random wiring);
+      slow mate   a second peer with `--slowdown 4` (random wiring: it gets a small share);
+      alone       no second peer (it was stopped with SIGTERM);
+      idle mate   a second normal peer that gets no traffic: wiring="fixed" through the normal
+                  peer (chosen as in (a); one stage-0 peer is then idle as well).
+    Each rep runs the four in that order and the next rep in the reverse order (ABBA), so slow
+    mate and idle mate always run next to alone. In even reps the second peer leads stage 1 (its
+    peer id is the smaller), in odd reps the normal peer does: a node is restarted until its
+    random peer id falls on the wanted side. Before each run this script waits until both peers
+    of stage 1 follow the expected leader at the same epoch (settled).
+    Every run is a whole number of optimizer steps, `--stall-steps` (default: as many as the
+    warm-up's pace fits in `--phase-seconds`), the same for every run, capped at 4x
+    `--phase-seconds`: a run stopped by time would end mid-step, and the next trainer (which
+    resumes from trainer.pt: step, data position, head weights) would start with its head's
+    partial step lost while the stages keep theirs, so the stages would step ahead of the
+    trainer's min_epoch tags and the rounds would fall off the critical path. The run's record
+    says whether the stages and the trainer began at the same step (aligned).
+    Stage 1's epoch is sampled every 0.2 s from the normal peer by an AveragingService Report of
+    no samples from a sender that is no member of the stage: the node answers on its event loop
+    with its leader and epoch, and files the report where no round counts it (rounds count members
+    only). (GetState would copy the stage's weights on the compute thread, queued behind the
+    micro-batches.) Per run: stage-1 steps/s = steps / (the run's wall time, or until stage 1's
+    last step if that came later), samples/s, and the largest gap between consecutive steps of
+    stage 1 (to 0.2 s). The claim under test: a slow or idle peer never stalls its stage-mates by
+    more than one round per step, so slow mate / alone and idle mate / alone should be close to 1
+    (or above); the last line printed gives the four steps/s and these two ratios.
+
+After the swarm is stopped the node logs (under --workdir, a temporary directory by default) are
+scanned for ERROR, CRITICAL and Traceback lines: a normal run has none.
 Every process started here is stopped again (by PID, LocalSwarm), also on errors and Ctrl-C.
 """
 
@@ -62,6 +102,8 @@ import json
 import os
 import platform
 import random
+import re
+import shutil
 import signal
 import statistics
 import sys
@@ -73,8 +115,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import grpc
 import torch
 
+import swarm
+from swarm._proto import swarm_pb2, swarm_pb2_grpc
 from swarm.client.loop import run_sync
 from swarm.coordinator.routing import SwarmMap, throughput_weighted_route
 from swarm.coordinator.swarm_map import fetch_swarm_map
@@ -82,9 +127,11 @@ from swarm.dht import DHT, start_dht
 from swarm.localswarm import LocalSwarm, NodeProcess
 from swarm.records import NodeIdentity
 from swarm.training.data import VOCAB_SIZE, DataConfig
+from swarm.training.stages import run_id
 from swarm.training.trainer import Progress, Trainer, TrainerConfig
 
 MODEL = "bench-byte-llama"
+STALL_MODEL = "bench-byte-llama-stalls"  # (c): a model of its own, fresh records and collaborations
 HF_CONFIG = {
     "model_type": "llama",
     "vocab_size": VOCAB_SIZE,
@@ -102,12 +149,13 @@ RATIO_TARGET = 1.5  # random / fixed-slow
 LR, WARMUP_STEPS = 1e-3, 5
 NO_STEP = 1_000_000  # a target batch size no run reaches
 Wiring = Literal["random", "fixed"]
+During = Callable[[Future[tuple[Progress, float]], float], list[dict[str, Any]]]
 
 
 @dataclass
 class Phase:
-    scenario: str  # warmup | heterogeneity | failures
-    label: str  # random | fixed-slow | fixed-fast | steady | kills
+    scenario: str  # warmup | heterogeneity | failures | stalls-warmup | stalls
+    label: str  # random | fixed-slow | fixed-fast | steady | kills | pair | slow mate | alone | idle mate
     rep: int
     wiring: str
     seed: int
@@ -133,19 +181,25 @@ class Phase:
 class Bench:
     args: argparse.Namespace
     local: LocalSwarm
-    config_dir: Path
+    config_dir: Path  # <dir>/<model name>/config.json: the nodes' and the trainer's --model
     dht: DHT
     identity: NodeIdentity
+    target_batch_size: int  # samples per optimizer step, nodes and trainer
+    trainer_dir: Path | None = None  # the trainer's checkpoint_dir: each run resumes the previous one
+    head_epoch: int = 0  # the trainer head's optimizer steps so far (where the next run resumes)
     nodes: list[NodeProcess] = field(default_factory=list)  # training nodes started here, in order
     began: float = field(default_factory=time.monotonic)
+
+    @property
+    def model(self) -> str:
+        return self.config_dir.name
 
     # ---- nodes ----------------------------------------------------------------------------------
 
     def start_node(self, stage: int | Literal["auto"], name: str, *extra: str) -> NodeProcess:
-        args = self.args
         train = [
             *("--train", "--num-stages", str(NUM_STAGES), "--stage", str(stage)),
-            *("--target-batch-size", str(args.target_batch_size), "--lr", str(LR)),
+            *("--target-batch-size", str(self.target_batch_size), "--lr", str(LR)),
             *("--warmup-steps", str(WARMUP_STEPS), "--device", "cpu"),
         ]
         node = self.local.start_node(self.config_dir, None, *train, *extra, name=name)
@@ -168,31 +222,37 @@ class Bench:
     def name_of(self, peer_id: str) -> str:
         return next((n.name for n in self.nodes if self.info(n)["peer_id"] == peer_id), peer_id[-8:])
 
+    def stop_all(self) -> None:
+        for node in self.nodes:
+            if node.proc.poll() is None:
+                self.local.stop(node, signal.SIGTERM)
+
     def training_map(self) -> SwarmMap:
-        snapshot = run_sync(fetch_swarm_map(self.dht, MODEL, NUM_BLOCKS))
+        snapshot = run_sync(fetch_swarm_map(self.dht, self.model, NUM_BLOCKS))
         return replace(snapshot, servers=tuple(s for s in snapshot.servers if s.trainable_stage is not None))
 
     # ---- one trainer run ------------------------------------------------------------------------
 
-    def trainer(self, wiring: Wiring, seconds: float, seed: int) -> Trainer:
+    def trainer(self, wiring: Wiring, seconds: float, seed: int, steps: int | None) -> Trainer:
         args = self.args
         cfg = TrainerConfig(
             model=str(self.config_dir),
-            steps=1_000_000,  # max_seconds ends the run
+            steps=NO_STEP if steps is None else self.head_epoch + steps,  # else max_seconds ends the run
             micro_batch_size=args.micro_batch_size,
             in_flight=args.in_flight,
-            target_batch_size=args.target_batch_size,
+            target_batch_size=self.target_batch_size,
             lr=LR,
             warmup_steps=WARMUP_STEPS,
             seed=seed,
             codec=args.codec,
             wiring=wiring,
             max_seconds=seconds,
+            checkpoint_dir=self.trainer_dir,
             data=DataConfig(seq_len=args.seq_len + 1, max_bytes=8 << 20),
         )
-        # Built here, on the main thread (hivemind installs signal handlers). One DHT peer and
-        # identity for every run: the head optimizer's progress record is then replaced, not joined
-        # by a stale one from an earlier run that a new trainer would try to catch up with.
+        # Built here, on the main thread. One DHT peer and identity for every run: the head
+        # collaboration's membership entry of an earlier run is then this trainer's own, not a
+        # stale mate that a new trainer would try to catch up with.
         return Trainer(cfg, self.dht, self.identity)
 
     def run(
@@ -203,10 +263,12 @@ class Bench:
         wiring: Wiring,
         seconds: float,
         seed: int = 0,
-        during: Callable[[Future[tuple[Progress, float]], float], list[dict[str, Any]]] | None = None,
+        during: During | None = None,
+        steps: int | None = None,
     ) -> Phase:
-        """One Trainer run; `during(future, started)` runs beside it on this thread (the kills)."""
-        trainer = self.trainer(wiring, seconds, seed)
+        """One Trainer run of `seconds`, or of `steps` optimizer steps (then `seconds` is a cap);
+        `during(future, started)` runs beside it on this thread (the kills, the step sampling)."""
+        trainer = self.trainer(wiring, seconds, seed, steps)
         kills: list[dict[str, Any]] = []
 
         def train() -> tuple[Progress, float]:
@@ -214,7 +276,7 @@ class Bench:
             return progress, time.monotonic()
 
         try:
-            epoch = trainer.optimizer.epoch
+            epoch = trainer.head.epoch
             started = time.monotonic()
             with ThreadPoolExecutor(1, thread_name_prefix="bench-train") as pool:
                 future = pool.submit(train)
@@ -225,7 +287,8 @@ class Bench:
                     trainer.stop()
                     raise
                 progress, finished = future.result()
-            head_steps = trainer.optimizer.epoch - epoch
+            self.head_epoch = trainer.head.epoch
+            head_steps = trainer.head.epoch - epoch
         finally:
             trainer.shutdown()
         if progress.issued != progress.completed:
@@ -267,18 +330,18 @@ def fixed_draw(swarm_map: SwarmMap, seed: int) -> list[str]:
 def fixed_seed(swarm_map: SwarmMap, through: str) -> int:
     """The first seed whose fixed route goes through peer `through`, also with any announced
     throughput halved or doubled."""
-    if len(swarm_map.online()) != 2 * NUM_STAGES:
-        raise RuntimeError(f"expected {2 * NUM_STAGES} training peers, the map has {swarm_map.online()}")
-    servers = swarm_map.servers
+    online = replace(swarm_map, servers=tuple(swarm_map.online()))  # the only ones a route draws from
+    if len(online.servers) != 2 * NUM_STAGES:
+        raise RuntimeError(f"expected {2 * NUM_STAGES} training peers, the map has {online.servers}")
     variants = [
         replace(
-            swarm_map,
+            online,
             servers=tuple(
                 s.model_copy(update={"throughput": s.throughput * f})
-                for s, f in zip(servers, factors, strict=True)
+                for s, f in zip(online.servers, factors, strict=True)
             ),
         )
-        for factors in itertools.product((0.5, 1.0, 2.0), repeat=len(servers))
+        for factors in itertools.product((0.5, 1.0, 2.0), repeat=len(online.servers))
     ]
     for seed in range(1, 10_000):
         if all(through in fixed_draw(v, seed) for v in variants):
@@ -286,11 +349,12 @@ def fixed_seed(swarm_map: SwarmMap, through: str) -> int:
     raise RuntimeError(f"no seed below 10000 routes through {through} robustly")
 
 
-def fixed_run(bench: Bench, label: str, rep: int, through: NodeProcess) -> Phase:
+def fixed_run(bench: Bench, scenario: str, label: str, rep: int, through: NodeProcess, **run: Any) -> Phase:
+    """A wiring="fixed" run whose route goes through `through` (see the module docstring)."""
     peer = bench.info(through)["peer_id"]
     seed = fixed_seed(bench.training_map(), peer)
     route = fixed_draw(bench.training_map(), seed)
-    phase = bench.run("heterogeneity", label, rep, "fixed", bench.args.phase_seconds, seed)
+    phase = bench.run(scenario, label, rep, "fixed", seed=seed, **run)
     phase.route = [bench.name_of(p) for p in route]
     phase.route_checked = peer in route and fixed_draw(bench.training_map(), seed) == route
     return phase
@@ -305,8 +369,12 @@ def heterogeneity(bench: Bench) -> list[Phase]:
     phases = [report(bench.run("warmup", "random", 0, "random", args.warmup_seconds))]
     for rep in range(args.reps):
         phases.append(report(bench.run("heterogeneity", "random", rep, "random", args.phase_seconds)))
-        phases.append(report(fixed_run(bench, "fixed-slow", rep, slow)))
-    phases.append(report(fixed_run(bench, "fixed-fast", 0, fast)))
+        phases.append(
+            report(fixed_run(bench, "heterogeneity", "fixed-slow", rep, slow, seconds=args.phase_seconds))
+        )
+    phases.append(
+        report(fixed_run(bench, "heterogeneity", "fixed-fast", 0, fast, seconds=args.phase_seconds))
+    )
     return phases
 
 
@@ -397,11 +465,295 @@ class Killer:
         return node, time.monotonic() - killed_at
 
 
+# ---- (c) averaging stalls -------------------------------------------------------------------------
+
+STALL_ORDER = ("pair", "idle mate", "alone", "slow mate")  # even reps; odd reps run it backwards
+MATE_KIND: dict[str, str | None] = {
+    "pair": "normal",
+    "idle mate": "normal",
+    "alone": None,
+    "slow mate": "slow",
+}
+STALL_WARMUP_STEPS = 4  # the uncounted first run of (c), a pair
+SAMPLE_EVERY = 0.2  # seconds between looks at stage 1's epoch
+PROBE_SENDER = "bench-probe"  # no member of any collaboration
+SETTLE_SECONDS = 20.0  # for the stage's peers to agree on leader and epoch, before and after a run
+
+
+class EpochProbe:
+    """(leader, epoch) of a training node's stage collaboration, by an AveragingService Report of
+    no samples at epoch 0 from PROBE_SENDER: the node answers on its event loop; a leader files
+    the report, which no round counts (rounds count members only), a follower just answers."""
+
+    def __init__(self, address: str, collaboration: str) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.stub = swarm_pb2_grpc.AveragingServiceStub(self.channel)
+        header = swarm_pb2.AveragingHeader(
+            protocol_version=swarm.PROTOCOL_VERSION, run_id=collaboration, sender=PROBE_SENDER, epoch=0
+        )
+        self.request = swarm_pb2.ReportRequest(header=header, samples=0)
+
+    def __call__(self) -> tuple[str, int] | None:
+        try:
+            reply = self.stub.Report(self.request, timeout=2.0)
+        except grpc.RpcError:
+            return None
+        return reply.leader, int(reply.epoch)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class StepWatch:
+    """Beside a run: stage 1's epoch every SAMPLE_EVERY s; after the run until it reaches `until`
+    (its last round may close after the trainer's last micro-batch), for at most `settle` s."""
+
+    def __init__(self, probe: EpochProbe, epoch: int, until: int, settle: float = SETTLE_SECONDS) -> None:
+        self.probe, self.epoch, self.until, self.settle = probe, epoch, until, settle
+        self.changes: list[tuple[float, int]] = []  # (seconds into the run, epoch) when it moved
+        self.leaders: list[str] = []  # peer ids of the leaders it followed, in order
+
+    def __call__(self, future: Future[tuple[Progress, float]], started: float) -> list[dict[str, Any]]:
+        finished: float | None = None
+        while finished is None or (self.epoch < self.until and time.monotonic() - finished < self.settle):
+            if finished is not None:
+                time.sleep(SAMPLE_EVERY)
+            elif wait([future], timeout=SAMPLE_EVERY).done:
+                finished = time.monotonic()
+            answer = self.probe()
+            if answer is not None and answer[0] not in self.leaders[-1:]:
+                self.leaders.append(answer[0])
+            if answer is not None and answer[1] != self.epoch:
+                self.epoch = answer[1]
+                self.changes.append((round(time.monotonic() - started, 2), self.epoch))
+        return []
+
+
+@dataclass
+class StageSteps:
+    """Stage 1's optimizer steps during one run of (c), as its normal peer reported them."""
+
+    mate: str | None  # the second stage-1 peer
+    leader: str  # the peer meant to lead stage 1 (the one with the smaller peer id)
+    leaders: list[str]  # whom the normal peer followed during the run, in order: [leader]
+    settled: bool  # before the run both stage-1 peers followed that leader, at one epoch
+    aligned: bool  # the run began with stage 1 at the trainer's step
+    epoch_before: int
+    head_epoch_before: int  # the trainer's step as the run began (aligned: equal to epoch_before)
+    epoch_after: int
+    mate_epoch_after: int | None  # equal to epoch_after: the mate kept in step
+    stage_steps: int
+    stage_seconds: float  # the run's wall time, or until stage 1's last step if that came later
+    steps_per_s: float
+    first_step_s: float  # from the start of the run to stage 1's first step
+    max_step_gap_s: float  # the longest time between two consecutive steps of stage 1 (to 0.2 s)
+    capped: bool  # the run hit its time cap before its steps
+    steps: list[tuple[float, int]]  # (seconds into the run, epoch) whenever stage 1's epoch moved
+
+
+class StageOne:
+    """Stage 1 of (c): the normal peer (the one measured) and the second peer, arranged per run.
+
+    A peer id is random and the smaller one leads, so roles are chosen, not forced: normal peers
+    are interchangeable, and which of two is "the normal peer" is picked to give the wanted role;
+    a slow second peer is started while two normal peers run, and the one that stays is one on
+    the wanted side of its peer id (the slow peer is started again if neither is, 1 in 3)."""
+
+    def __init__(self, bench: Bench) -> None:
+        self.bench = bench
+        self.collaboration = run_id(bench.model, 1)
+        self.normals: list[NodeProcess] = []  # running normal stage-1 peers
+        self.slow: NodeProcess | None = None
+        self.normal: NodeProcess | None = None  # the measured one, among self.normals
+        self.mate: NodeProcess | None = None  # the second peer: a normal one or self.slow
+        self.probes: dict[str, EpochProbe] = {}
+        self.starts = 0
+
+    def peer(self, node: NodeProcess) -> str:
+        return str(self.bench.info(node)["peer_id"])
+
+    def probe(self, node: NodeProcess) -> EpochProbe:
+        return self.probes[node.name]
+
+    def leader(self) -> NodeProcess:
+        assert self.normal is not None
+        if self.mate is None:
+            return self.normal
+        return min(self.normal, self.mate, key=self.peer)
+
+    def _start(self, kind: str) -> NodeProcess:
+        self.starts += 1
+        extra = ("--slowdown", f"{SLOWDOWN:g}") if kind == "slow" else ()
+        node = self.bench.start_node(1, f"stalls-s1-{kind}-{self.starts}", *extra)
+        self.probes[node.name] = EpochProbe(self.bench.info(node)["grpc_address"], self.collaboration)
+        if kind == "slow":
+            self.slow = node
+        else:
+            self.normals.append(node)
+        return node
+
+    def _stop(self, node: NodeProcess) -> None:
+        self.bench.local.stop(node, signal.SIGTERM)
+        self.probes.pop(node.name).close()
+        if node is self.slow:
+            self.slow = None
+        else:
+            self.normals.remove(node)
+
+    def arrange(self, kind: str | None, leads: bool) -> None:
+        """Stage 1 as a run needs it: the normal peer and a second peer of `kind` (None: none)
+        that leads stage 1 (`leads`) or follows the normal peer."""
+        normal: NodeProcess
+        mate: NodeProcess | None
+        if kind == "slow":
+            normal, mate = self._with_slow(leads)
+        else:
+            normal, mate = self._with_normals(kind is not None, leads)
+        self.normal, self.mate = normal, mate
+        role = "" if mate is None else f", {mate.name} {'leads' if leads else 'follows'}"
+        print(f"  stage 1: {normal.name}{role}", flush=True)
+
+    def _with_slow(self, leads: bool) -> tuple[NodeProcess, NodeProcess]:
+        def fits(slow: NodeProcess, normal: NodeProcess) -> bool:
+            return (self.peer(slow) < self.peer(normal)) == leads
+
+        slow, normal = self.slow, self.normal
+        if slow is not None and self.mate is slow and normal is not None and fits(slow, normal):
+            return normal, slow  # as it is
+        if self.slow is not None:
+            self._stop(self.slow)
+        for _ in range(8):
+            while len(self.normals) < 2:
+                self._start("normal")
+            slow = self._start("slow")
+            normal = next((n for n in self.normals if fits(slow, n)), None)
+            if normal is not None:
+                for other in [n for n in self.normals if n is not normal]:
+                    self._stop(other)
+                return normal, slow
+            self._stop(slow)
+        raise RuntimeError("8 slow stage-1 peers in a row had the smallest or the largest peer id")
+
+    def _with_normals(self, two: bool, leads: bool) -> tuple[NodeProcess, NodeProcess | None]:
+        if self.slow is not None:
+            self._stop(self.slow)
+        while len(self.normals) < (2 if two else 1):
+            self._start("normal")
+        by_id = sorted(self.normals, key=self.peer)
+        if two:  # the second peer leads: it has the smaller peer id
+            return (by_id[1], by_id[0]) if leads else (by_id[0], by_id[1])
+        keep = self.normal if self.normal in by_id else by_id[0]
+        assert keep is not None
+        for other in [n for n in by_id if n is not keep]:
+            self._stop(other)
+        return keep, None
+
+    def settle(self) -> bool:
+        """Wait until the stage-1 peers follow the expected leader at one epoch; False if they did
+        not within SETTLE_SECONDS."""
+        expected = self.peer(self.leader())
+        peers = [n for n in (self.normal, self.mate) if n is not None]
+        deadline = time.monotonic() + SETTLE_SECONDS
+        while time.monotonic() < deadline:
+            answers = [self.probe(n)() for n in peers]
+            if all(a is not None and a[0] == expected for a in answers) and len(set(answers)) == 1:
+                return True
+            time.sleep(SAMPLE_EVERY)
+        return False
+
+    def epoch(self, node: NodeProcess) -> int | None:
+        answer = self.probe(node)()
+        return None if answer is None else answer[1]
+
+    def close(self) -> None:
+        for probe in self.probes.values():
+            probe.close()
+
+
+StallRun = tuple[Phase, StageSteps]
+
+
+def stall_run(bench: Bench, one: StageOne, scenario: str, label: str, rep: int, steps: int) -> StallRun:
+    """One run of `steps` optimizer steps, stage 1 as arranged for `label`."""
+    normal = one.normal
+    assert normal is not None, "arrange() first"
+    settled = one.settle()
+    epoch = one.epoch(normal)
+    if epoch is None:
+        raise RuntimeError(f"{normal.name} does not answer a Report")
+    watch = StepWatch(one.probe(normal), epoch, epoch + steps)
+    run: dict[str, Any] = {"seconds": 4 * bench.args.phase_seconds, "steps": steps, "during": watch}
+    head_epoch = bench.head_epoch
+    if label == "idle mate":
+        phase = fixed_run(bench, scenario, label, rep, normal, **run)
+    else:
+        phase = bench.run(scenario, label, rep, "random", **run)
+    one.settle()  # the stage's last Apply: the mate's epoch below is then final
+    changes = watch.changes
+    last = changes[-1][0] if changes else 0.0
+    seconds = max(phase.seconds, last)
+    stage_steps = watch.epoch - epoch
+    stall = StageSteps(
+        mate=one.mate.name if one.mate is not None else None,
+        leader=one.leader().name,
+        leaders=[bench.name_of(p) for p in watch.leaders],
+        settled=settled,
+        aligned=epoch == head_epoch,
+        epoch_before=epoch,
+        head_epoch_before=head_epoch,
+        epoch_after=watch.epoch,
+        mate_epoch_after=one.epoch(one.mate) if one.mate is not None else None,
+        stage_steps=stage_steps,
+        stage_seconds=seconds,
+        steps_per_s=stage_steps / seconds,
+        first_step_s=changes[0][0] if changes else seconds,
+        max_step_gap_s=max((b[0] - a[0] for a, b in itertools.pairwise(changes)), default=seconds),
+        capped=phase.head_steps < steps,
+        steps=changes,
+    )
+    stalls_report(phase, stall)
+    return phase, stall
+
+
+def stalls(bench: Bench) -> tuple[list[StallRun], int]:
+    """(c): the runs, and the optimizer steps each one ran."""
+    args = bench.args
+    if bench.trainer_dir is not None:
+        shutil.rmtree(bench.trainer_dir, ignore_errors=True)  # a fresh trainer, as fresh as the nodes
+    bench.start_node(0, "stalls-s0-a")
+    bench.start_node(0, "stalls-s0-b")
+    one = StageOne(bench)
+    try:
+        print(STALL_HEADER)
+        print("-" * len(STALL_HEADER), flush=True)
+        one.arrange("normal", leads=True)
+        warm = stall_run(bench, one, "stalls-warmup", "pair", 0, STALL_WARMUP_STEPS)
+        steps = args.stall_steps
+        if steps is None:  # as many as the warm-up's pace (first to last step) fits in a phase
+            times = [t for t, _ in warm[1].steps]
+            late = len(times) >= 2 and times[-1] > times[0]
+            pace = (len(times) - 1) / (times[-1] - times[0]) if late else warm[1].steps_per_s
+            steps = max(STALL_WARMUP_STEPS, round(args.phase_seconds * pace))
+        print(f"  {steps} optimizer steps a run", flush=True)
+        runs = [warm]
+        for rep in range(args.reps):
+            for label in STALL_ORDER if rep % 2 == 0 else reversed(STALL_ORDER):
+                one.arrange(MATE_KIND[label], leads=rep % 2 == 0)
+                runs.append(stall_run(bench, one, "stalls", label, rep, steps))
+    finally:
+        one.close()
+    return runs, steps
+
+
 # ---- output -------------------------------------------------------------------------------------------
 
 HEADER = (
     f"{'at':>5} {'scenario':13} {'phase':10} {'rep':>3} {'seconds':>7} {'samples':>7} {'samples/s':>9} "
     f"{'max gap':>7} {'load':>5} {'issued':>6} {'re-sent':>7} {'steps':>5} {'loss':>11}  route"
+)
+STALL_HEADER = (
+    f"{'at':>5} {'scenario':13} {'phase':10} {'rep':>3} {'leader':17} {'seconds':>7} {'samples/s':>9} "
+    f"{'steps':>5} {'steps/s':>7} {'1st step':>8} {'max gap':>7} {'load':>5}  notes"
 )
 
 
@@ -414,6 +766,26 @@ def report(p: Phase) -> Phase:
         flush=True,
     )
     return p
+
+
+def stalls_report(p: Phase, s: StageSteps) -> None:
+    notes = [f"route {' -> '.join(p.route)}"] if p.route else []
+    notes += [] if p.route_checked in (None, True) else ["route NOT confirmed after the run"]
+    notes += [] if s.settled else ["NOT settled before the run"]
+    notes += (
+        []
+        if s.aligned
+        else [f"NOT aligned: stage 1 at {s.epoch_before}, the trainer at {s.head_epoch_before}"]
+    )
+    notes += [] if s.leaders == [s.leader] else [f"followed {' then '.join(s.leaders)}"]
+    notes += [] if s.mate_epoch_after in (None, s.epoch_after) else [f"mate at epoch {s.mate_epoch_after}"]
+    notes += ["CAPPED"] if s.capped else []
+    print(
+        f"{p.at_s:>5.0f} {p.scenario:13} {p.label:10} {p.rep:>3} {s.leader:17} {s.stage_seconds:>7.1f} "
+        f"{p.samples_per_s:>9.2f} {s.stage_steps:>5} {s.steps_per_s:>7.3f} {s.first_step_s:>8.1f} "
+        f"{s.max_step_gap_s:>7.1f} {p.loadavg:>5.1f}  {'; '.join(notes)}",
+        flush=True,
+    )
 
 
 def mean_rate(phases: list[Phase], scenario: str, label: str) -> float:
@@ -448,69 +820,10 @@ def plot(phases: list[Phase], path: Path) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--phase-seconds", type=float, default=30.0, help="length of each measured run")
-    parser.add_argument("--warmup-seconds", type=float, default=10.0, help="uncounted first run")
-    parser.add_argument("--reps", type=int, default=2, help="alternating random / fixed-slow runs")
-    parser.add_argument("--kill-every", type=float, default=10.0, help="seconds between kills")
-    parser.add_argument("--kill-seconds", type=float, default=40.0, help="length of the run with kills")
-    parser.add_argument("--micro-batch-size", type=int, default=8, help="sequences per micro-batch")
-    parser.add_argument("--seq-len", type=int, default=128, help="bytes per sequence")
-    parser.add_argument("--in-flight", type=int, default=8, help="micro-batches in the swarm at once")
-    parser.add_argument(
-        "--target-batch-size",
-        type=int,
-        default=NO_STEP,
-        help="samples per optimizer step, nodes and trainer (default: never reached, no averaging)",
-    )
-    parser.add_argument("--codec", default="int8", help="activations and gradients on the wire")
-    parser.add_argument("--node-threads", type=int, default=1, help="torch threads per node")
-    parser.add_argument(
-        "--workdir", type=Path, default=None, help="config and node logs (default: a temp dir)"
-    )
-    parser.add_argument("--out", type=Path, default=Path("bench/results/training.json"), help="JSON results")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # the trainer's head is small; the nodes get the cores
-
-    tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="swarm-bench-training-")
-    workdir = Path(args.workdir or tmp.name)  # type: ignore[union-attr]
-    try:
-        return bench(args, workdir)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-
-
-def bench(args: argparse.Namespace, workdir: Path) -> int:
-    started = time.monotonic()
-    config_dir = workdir / MODEL
-    config_dir.mkdir(parents=True, exist_ok=True)
-    (config_dir / "config.json").write_text(json.dumps(HF_CONFIG))
-    steps = "none (target never reached)" if args.target_batch_size >= NO_STEP else args.target_batch_size
-    print(
-        f"model: byte-level Llama (4 blocks, hidden 256, vocab 256, float32), {NUM_STAGES} stages x 2 peers; "
-        f"micro-batches {args.micro_batch_size} x {args.seq_len} bytes, {args.in_flight} in flight, "
-        f"{args.codec} on the wire; {args.phase_seconds:g} s per run; optimizer steps: {steps}; "
-        f"torch {torch.__version__}, {os.cpu_count()} CPUs, nodes on {args.node_threads} thread(s)\n",
-        flush=True,
-    )
-    with LocalSwarm(workdir / "swarm", env={"OMP_NUM_THREADS": str(args.node_threads)}) as local:
-        local.start_dht()
-        identity = NodeIdentity.generate()
-        dht = start_dht(initial_peers=local.initial_peers, identity=identity)
-        try:
-            b = Bench(args, local, config_dir, dht, identity)
-            print(HEADER)
-            print("-" * len(HEADER), flush=True)
-            phases = heterogeneity(b)
-            more, rebalance = failures(b)
-            phases += more
-        finally:
-            dht.shutdown()
-
+def pipelines_results(
+    args: argparse.Namespace, phases: list[Phase], rebalance: dict[str, Any], seconds: float
+) -> tuple[dict[str, Any], str]:
+    """Print the summary of (a) and (b); their part of the results file, and the headline."""
     swarm_rate = mean_rate(phases, "heterogeneity", "random")
     fixed_rate = mean_rate(phases, "heterogeneity", "fixed-slow")
     fast_rate = mean_rate(phases, "heterogeneity", "fixed-fast")
@@ -524,9 +837,6 @@ def bench(args: argparse.Namespace, workdir: Path) -> int:
     killed = next(p for p in phases if p.label == "kills")
     kills = [k for k in killed.kills if "victim" in k]
     kill_ratio = killed.samples_per_s / steady.samples_per_s
-    elapsed = time.monotonic() - started
-
-    print()
     print(
         f"(a) random {swarm_rate:.2f} samples/s vs fixed through the slow peer {fixed_rate:.2f}: "
         f"ratio {ratio:.2f} (per rep {', '.join(f'{r:.2f}' for r in pairs)}; target >= {RATIO_TARGET}); "
@@ -541,14 +851,12 @@ def bench(args: argparse.Namespace, workdir: Path) -> int:
         f"{sum(k.get('replacement_stage') == k['stage'] for k in kills)} of {len(kills)}; "
         f"issued == completed in every run"
     )
-    print(
+    headline = (
         f"training: swarm {swarm_rate:.2f} samples/s, fixed {fixed_rate:.2f} samples/s (ratio {ratio:.2f}) "
         f"with one stage-1 peer at 1/{SLOWDOWN:g} speed; with a kill every {args.kill_every:g} s: "
         f"{killed.samples_per_s:.2f} samples/s of {steady.samples_per_s:.2f} (ratio {kill_ratio:.2f}), "
         f"{killed.resent} micro-batches re-sent"
     )
-    print(f"benchmark took {elapsed:.0f} s")
-
     results = {
         "setup": {
             "model": {k: v for k, v in HF_CONFIG.items() if k != "model_type"},
@@ -587,14 +895,235 @@ def bench(args: argparse.Namespace, workdir: Path) -> int:
             "kills_over_steady": kill_ratio,
             "kills": len(kills),
             "resent": killed.resent,
-            "seconds": elapsed,
+            "seconds": seconds,
         },
         "targets": {"random_over_fixed_slow": RATIO_TARGET, "met": ratio >= RATIO_TARGET},
     }
+    return results, headline
+
+
+def stalls_results(
+    args: argparse.Namespace, runs: list[StallRun], steps: int, seconds: float, logs: dict[str, Any]
+) -> tuple[dict[str, Any], str]:
+    """Print the summary of (c); its entry in the results file, and its headline."""
+    measured = [(p, s) for p, s in runs if p.scenario == "stalls"]
+
+    def of(label: str) -> list[StageSteps]:
+        return [s for p, s in measured if p.label == label]
+
+    rate = {label: statistics.fmean(s.steps_per_s for s in of(label)) for label in STALL_ORDER}
+    samples = {
+        label: statistics.fmean(p.samples_per_s for p, _ in measured if p.label == label)
+        for label in STALL_ORDER
+    }
+    gap = {label: max(s.max_step_gap_s for s in of(label)) for label in STALL_ORDER}
+    per_rep = {  # within a rep, by who led stage 1 then
+        f"{label} / alone": [
+            x.steps_per_s / a.steps_per_s for x, a in zip(of(label), of("alone"), strict=True)
+        ]
+        for label in ("slow mate", "idle mate")
+    }
+    slow, idle = rate["slow mate"] / rate["alone"], rate["idle mate"] / rate["alone"]
+    clean = all(s.settled and s.aligned and not s.capped and len(s.leaders) == 1 for _, s in measured)
+    reps = {name: ", ".join(f"{r:.2f}" for r in ratios) for name, ratios in per_rep.items()}
+    print(
+        f"(c) stage 1, {steps} steps a run, steps/s (samples/s, largest gap between steps): "
+        + ", ".join(f"{lb} {rate[lb]:.3f} ({samples[lb]:.1f}, {gap[lb]:.1f} s)" for lb in STALL_ORDER)
+        + f"; slow mate / alone {slow:.2f} (per rep {reps['slow mate / alone']}),"
+        f" idle mate / alone {idle:.2f} (per rep {reps['idle mate / alone']});"
+        " reps alternate who leads stage 1: the second peer, then the normal one"
+        + ("" if clean else "  [some run NOT settled, aligned or uncapped: see its notes]")
+    )
+    headline = (
+        f"training stalls: pair {rate['pair']:.3f} steps/s, slow mate {rate['slow mate']:.3f}, "
+        f"alone {rate['alone']:.3f}, idle mate {rate['idle mate']:.3f} (stage 1, {steps} steps a run); "
+        f"slow mate / alone {slow:.2f}, idle mate / alone {idle:.2f}"
+    )
+    results = {
+        "setup": {
+            "model": {k: v for k, v in HF_CONFIG.items() if k != "model_type"},
+            "stages": NUM_STAGES,
+            "slowdown": SLOWDOWN,
+            "micro_batch_size": args.micro_batch_size,
+            "seq_len": args.seq_len,
+            "in_flight": args.in_flight,
+            "target_batch_size": args.stall_target_batch_size,
+            "synchronous": True,
+            "steps_per_run": steps,
+            "steps_chosen": "given" if args.stall_steps is not None else "warm-up pace x phase_seconds",
+            "phase_seconds": args.phase_seconds,
+            "reps": args.reps,
+            "order": list(STALL_ORDER),
+            "sample_every_s": SAMPLE_EVERY,
+            "codec": args.codec,
+            "node_threads": args.node_threads,
+        },
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "phases": [{**asdict(p), **asdict(s)} for p, s in runs],
+        "summary": {
+            "steps_per_s": rate,
+            "samples_per_s": samples,
+            "max_step_gap_s": gap,
+            "slow_mate_over_alone": slow,
+            "idle_mate_over_alone": idle,
+            "per_rep": per_rep,
+            "all_runs_clean": clean,
+            "seconds": seconds,
+        },
+        "node_logs": logs,
+    }
+    return results, headline
+
+
+PROBLEM = re.compile(r"\b(ERROR|CRITICAL)\b|Traceback")
+
+
+def scan_logs(logs: Path, prefix: str = "") -> dict[str, Any]:
+    """ERROR, CRITICAL and Traceback lines (and the number of WARNING lines) of the node logs."""
+    problems: list[str] = []
+    warnings = 0
+    for path in sorted(logs.glob(f"{prefix}*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            if PROBLEM.search(line):
+                problems.append(f"{path.name}: {line.strip()}")
+            warnings += "WARNING" in line
+    return {"problems": problems, "warnings": warnings}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--only", choices=("pipelines", "stalls"), default=None, help="(a)+(b), or (c); default: all"
+    )
+    parser.add_argument("--phase-seconds", type=float, default=30.0, help="length of each measured run")
+    parser.add_argument("--warmup-seconds", type=float, default=10.0, help="uncounted first run of (a)")
+    parser.add_argument("--reps", type=int, default=2, help="alternations of (a)'s and (c)'s runs")
+    parser.add_argument("--kill-every", type=float, default=10.0, help="seconds between kills")
+    parser.add_argument("--kill-seconds", type=float, default=40.0, help="length of the run with kills")
+    parser.add_argument("--micro-batch-size", type=int, default=8, help="sequences per micro-batch")
+    parser.add_argument("--seq-len", type=int, default=128, help="bytes per sequence")
+    parser.add_argument("--in-flight", type=int, default=8, help="micro-batches in the swarm at once")
+    parser.add_argument(
+        "--target-batch-size",
+        type=int,
+        default=NO_STEP,
+        help="(a), (b): samples per optimizer step, nodes and trainer (default: never reached)",
+    )
+    parser.add_argument(
+        "--stall-target-batch-size", type=int, default=64, help="(c): samples per optimizer step"
+    )
+    parser.add_argument(
+        "--stall-steps",
+        type=int,
+        default=None,
+        help="(c): optimizer steps per run (default: what the warm-up's pace fits in --phase-seconds)",
+    )
+    parser.add_argument("--codec", default="int8", help="activations and gradients on the wire")
+    parser.add_argument("--node-threads", type=int, default=1, help="torch threads per node")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="config and node logs (default: a temp dir)"
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench/results/training.json"), help="JSON results")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # the trainer's head is small; the nodes get the cores
+
+    tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="swarm-bench-training-")
+    workdir = Path(args.workdir or tmp.name)  # type: ignore[union-attr]
+    try:
+        return bench(args, workdir)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def model_dir(workdir: Path, name: str) -> Path:
+    config_dir = workdir / name
+    config_dir.mkdir(parents=True, exist_ok=True)
+    (config_dir / "config.json").write_text(json.dumps(HF_CONFIG))
+    return config_dir
+
+
+def bench(args: argparse.Namespace, workdir: Path) -> int:
+    started = time.monotonic()
+    pipelines, stalls_too = args.only in (None, "pipelines"), args.only in (None, "stalls")
+    steps = "none (target never reached)" if args.target_batch_size >= NO_STEP else args.target_batch_size
+    print(
+        f"model: byte-level Llama (4 blocks, hidden 256, vocab 256, float32), {NUM_STAGES} stages x 2 peers; "
+        f"micro-batches {args.micro_batch_size} x {args.seq_len} bytes, {args.in_flight} in flight, "
+        f"{args.codec} on the wire; {args.phase_seconds:g} s per run; optimizer steps in (a), (b): {steps}, "
+        f"in (c): every {args.stall_target_batch_size} samples; torch {torch.__version__}, "
+        f"{os.cpu_count()} CPUs, nodes on {args.node_threads} thread(s)\n",
+        flush=True,
+    )
+    phases: list[Phase] = []
+    rebalance: dict[str, Any] = {}
+    runs: list[StallRun] = []
+    stall_steps = 0
+    pipelines_seconds = stalls_seconds = 0.0
+    logs = workdir / "swarm"
+    with LocalSwarm(logs, env={"OMP_NUM_THREADS": str(args.node_threads)}) as local:
+        local.start_dht()
+        identity = NodeIdentity.generate()
+        dht = start_dht(initial_peers=local.initial_peers, identity=identity)
+        try:
+            if pipelines:
+                b = Bench(args, local, model_dir(workdir, MODEL), dht, identity, args.target_batch_size)
+                b.began = started
+                print(HEADER)
+                print("-" * len(HEADER), flush=True)
+                phases = heterogeneity(b)
+                more, rebalance = failures(b)
+                phases += more
+                b.stop_all()  # (c) gets the CPUs to itself
+                pipelines_seconds = time.monotonic() - started
+                print()
+            if stalls_too:
+                began = time.monotonic()
+                c = Bench(
+                    args,
+                    local,
+                    model_dir(workdir, STALL_MODEL),
+                    dht,
+                    identity,
+                    args.stall_target_batch_size,
+                    trainer_dir=workdir / "stalls-trainer",
+                )
+                c.began = started
+                runs, stall_steps = stalls(c)
+                stalls_seconds = time.monotonic() - began
+        finally:
+            dht.shutdown()
+    elapsed = time.monotonic() - started
+
+    print()
+    out: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    headlines = []
+    if pipelines:
+        results, headline = pipelines_results(args, phases, rebalance, pipelines_seconds)
+        out.update(results)
+        headlines.append(headline)
+    if stalls_too:
+        results, headline = stalls_results(
+            args, runs, stall_steps, stalls_seconds, scan_logs(logs, "stalls-")
+        )
+        out["stalls"] = results
+        headlines.append(headline)
+    found = scan_logs(logs)
+    print(
+        f"node logs ({logs}): {len(found['problems'])} ERROR/CRITICAL/Traceback lines, "
+        f"{found['warnings']} WARNING lines" + "".join(f"\n  {line}" for line in found["problems"][:20])
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    if plot(phases, args.out.with_suffix(".png")):
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    if pipelines and plot(phases, args.out.with_suffix(".png")):
         print(f"plot: {args.out.with_suffix('.png')}")
+    print(f"benchmark took {elapsed:.0f} s")
+    for headline in headlines:  # the stalls' last
+        print(headline)
     return 0
 
 
