@@ -120,6 +120,8 @@ class NodeMetrics:
         self._initialise_series()
 
     def _initialise_series(self) -> None:
+        for direction in ("sent", "received"):
+            self.averaging_bytes.labels(direction=direction)
         # Export known label sets at 0 from the start, so rate() and dashboards see the series before traffic.
         # observe_wire runs twice per request: keep its children instead of looking them up each time
         self._wire_children = {
