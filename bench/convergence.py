@@ -14,7 +14,10 @@ number of steps, so the same number of samples:
                 gradients on the wire;
   two trainers  the same swarm (fresh) with two trainers at once, each in its own process, on
                 disjoint shards of the data (--shard 0 2 and 1 2); the optimizer steps on their
-                combined micro-batches, so together they take the steps' samples (each about half);
+                combined micro-batches, so together they take the steps' samples (each about half).
+                Unlike a lone trainer, which waits at every step boundary (so every stage computes
+                a step's micro-batches with that step's weights, as one process does), trainers
+                with others join the step under way: micro-batches run on, a step stale at most;
   lossless      the same swarm as `swarm` (fresh) with the lossless codec ("none").
 
 Every swarm case starts fresh nodes (fresh weights), and every trainer runs in a process of its
@@ -26,7 +29,7 @@ exported from the swarm (swarm.training.export.export_model) and evaluated in th
 
 Configs: `demo` is the demo's model (swarm.demo.TRAIN_CONFIG: hidden 128, 4 blocks, 0.79 M
 parameters), 50 steps; `large` has over 4x its parameters (hidden 256, intermediate 768, 4 blocks,
-8 heads, 4 KV heads: 3.28 M), fewer steps so that its four cases take about 12 minutes on 2 CPUs.
+8 heads, 4 KV heads: 3.28 M), 40 steps, so that its four cases take about 10 minutes on 2 CPUs.
 
 Writes bench/results/convergence.json (every curve and the summary per config; configs not run
 keep their earlier entry) and convergence.png (running mean of 20 micro-batches against samples).
@@ -75,7 +78,7 @@ LARGE_CONFIG: dict[str, Any] = {
 }
 CONFIGS: dict[str, tuple[dict[str, Any], int]] = {  # name -> (model config, default steps)
     "demo": (dict(TRAIN_CONFIG), 50),
-    "large": (LARGE_CONFIG, 25),
+    "large": (LARGE_CONFIG, 40),
 }
 # What the demo trains with (swarm/demo.py), trainers and nodes alike.
 MICRO_BATCH, IN_FLIGHT, TARGET_BATCH = 8, 4, 64
@@ -88,7 +91,7 @@ CASES = ("local", "swarm", "two_trainers", "lossless")
 LABELS = {
     "local": "one process",
     "swarm": "swarm (int8)",
-    "two_trainers": "swarm, two trainers (int8)",
+    "two_trainers": "two trainers (int8)",
     "lossless": "swarm (lossless)",
 }
 

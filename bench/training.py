@@ -61,7 +61,7 @@ results file is read, the parts that ran are replaced in it, and it is written b
     step's micro-batches only once its stage has stepped. A stage's round (its leader, the smallest
     peer id, Collects every live mate's gradients, steps, sends each the average to Apply) then
     lies on the critical path of every step: a mate that made rounds wait would show at once.
-    Stage 0 keeps two normal peers; stage 1 has a normal peer, which stays, and
+    Stage 0 keeps two normal peers; stage 1 has a normal peer (the one measured) and
       pair        a second normal peer (random wiring);
       slow mate   a second peer with `--slowdown 4` (random wiring: it gets a small share);
       alone       no second peer (it was stopped with SIGTERM);
@@ -69,9 +69,11 @@ results file is read, the parts that ran are replaced in it, and it is written b
                   peer (chosen as in (a); one stage-0 peer is then idle as well).
     Each rep runs the four in that order and the next rep in the reverse order (ABBA), so slow
     mate and idle mate always run next to alone. In even reps the second peer leads stage 1 (its
-    peer id is the smaller), in odd reps the normal peer does: a node is restarted until its
-    random peer id falls on the wanted side. Before each run this script waits until both peers
-    of stage 1 follow the expected leader at the same epoch (settled).
+    peer id is the smaller), in odd reps the normal peer does. Peer ids are random, so the roles
+    are chosen rather than forced: of two normal peers either can be "the normal peer" (the one
+    measured, which stays for alone), and a slow peer is started while two normal peers run,
+    the one on the wanted side of its peer id staying (StageOne). Before each run this script
+    waits until both peers of stage 1 follow the expected leader at the same epoch (settled).
     Every run is a whole number of optimizer steps, `--stall-steps` (default: as many as the
     warm-up's pace fits in `--phase-seconds`), the same for every run, capped at 4x
     `--phase-seconds`: a run stopped by time would end mid-step, and the next trainer (which
@@ -79,15 +81,18 @@ results file is read, the parts that ran are replaced in it, and it is written b
     partial step lost while the stages keep theirs, so the stages would step ahead of the
     trainer's min_epoch tags and the rounds would fall off the critical path. The run's record
     says whether the stages and the trainer began at the same step (aligned).
-    Stage 1's epoch is sampled every 0.2 s from the normal peer by an AveragingService Report of
-    no samples from a sender that is no member of the stage: the node answers on its event loop
-    with its leader and epoch, and files the report where no round counts it (rounds count members
-    only). (GetState would copy the stage's weights on the compute thread, queued behind the
-    micro-batches.) Per run: stage-1 steps/s = steps / (the run's wall time, or until stage 1's
-    last step if that came later), samples/s, and the largest gap between consecutive steps of
-    stage 1 (to 0.2 s). The claim under test: a slow or idle peer never stalls its stage-mates by
-    more than one round per step, so slow mate / alone and idle mate / alone should be close to 1
-    (or above); the last line printed gives the four steps/s and these two ratios.
+    Stage 1's epoch is sampled every 0.2 s from the normal peer by an AveragingService Report of no
+    samples from a sender that is no member of the stage: the node answers on its event loop with
+    its leader and epoch, and files the report where no round counts it (rounds count members only).
+    (GetState would copy the stage's weights on the compute thread, queued behind the
+    micro-batches.) Per run: stage-1 steps/s = steps / (the run's wall time, or until stage 1's last
+    step if that came later), samples/s, the largest gap between consecutive steps of stage 1 (to
+    0.2 s), and the lag of stage 1's k-th step behind the completion of the trainer's k-th step's
+    last micro-batch (median/max): a slow round shows in the lag, slow compute (a straggler
+    micro-batch on the slow peer, which every synchronous step waits for) does not. The claim under
+    test: a slow or idle peer never stalls its stage-mates by more than one round per step, so slow
+    mate / alone and idle mate / alone should be close to 1 (or above); the last line printed gives
+    the four steps/s and these two ratios.
 
 After the swarm is stopped the node logs (under --workdir, a temporary directory by default) are
 scanned for ERROR, CRITICAL and Traceback lines: a normal run has none.
@@ -294,7 +299,8 @@ class Bench:
         if progress.issued != progress.completed:
             raise AssertionError(f"{label}: issued {progress.issued} but completed {progress.completed}")
         wall = finished - started
-        stamps = [t for t, _, _ in progress.losses]
+        shift = progress.started - started  # the trainer's clock starts once it has joined its head
+        stamps = [t + shift for t, _, _ in progress.losses]
         losses = [loss for _, _, loss in progress.losses]
         return Phase(
             scenario=scenario,
@@ -315,7 +321,7 @@ class Bench:
             max_gap_s=max(b - a for a, b in itertools.pairwise([0.0, *stamps])) if stamps else wall,
             loadavg=os.getloadavg()[0],
             kills=kills,
-            timeline=[(round(t, 2), n) for t, n, _ in progress.losses],
+            timeline=[(round(t, 2), n) for t, (_, n, _) in zip(stamps, progress.losses, strict=True)],
         )
 
 
@@ -547,6 +553,11 @@ class StageSteps:
     steps_per_s: float
     first_step_s: float  # from the start of the run to stage 1's first step
     max_step_gap_s: float  # the longest time between two consecutive steps of stage 1 (to 0.2 s)
+    # Stage 1's k-th step of the run after the trainer's k-th step's last micro-batch completed
+    # (negative: before it; its backward passes stage 1 before stage 0 and the head): a round that
+    # waits for a mate shows here, slow compute does not.
+    max_step_lag_s: float
+    median_step_lag_s: float
     capped: bool  # the run hit its time cap before its steps
     steps: list[tuple[float, int]]  # (seconds into the run, epoch) whenever stage 1's epoch moved
 
@@ -603,7 +614,6 @@ class StageOne:
     def arrange(self, kind: str | None, leads: bool) -> None:
         """Stage 1 as a run needs it: the normal peer and a second peer of `kind` (None: none)
         that leads stage 1 (`leads`) or follows the normal peer."""
-        normal: NodeProcess
         mate: NodeProcess | None
         if kind == "slow":
             normal, mate = self._with_slow(leads)
@@ -617,20 +627,20 @@ class StageOne:
         def fits(slow: NodeProcess, normal: NodeProcess) -> bool:
             return (self.peer(slow) < self.peer(normal)) == leads
 
-        slow, normal = self.slow, self.normal
-        if slow is not None and self.mate is slow and normal is not None and fits(slow, normal):
-            return normal, slow  # as it is
-        if self.slow is not None:
-            self._stop(self.slow)
+        now, normal = self.slow, self.normal
+        if now is not None and self.mate is now and normal is not None and fits(now, normal):
+            return normal, now  # as it is
+        if now is not None:
+            self._stop(now)
         for _ in range(8):
             while len(self.normals) < 2:
                 self._start("normal")
             slow = self._start("slow")
-            normal = next((n for n in self.normals if fits(slow, n)), None)
-            if normal is not None:
-                for other in [n for n in self.normals if n is not normal]:
+            stays = next((n for n in self.normals if fits(slow, n)), None)
+            if stays is not None:
+                for other in [n for n in self.normals if n is not stays]:
                     self._stop(other)
-                return normal, slow
+                return stays, slow
             self._stop(slow)
         raise RuntimeError("8 slow stage-1 peers in a row had the smallest or the largest peer id")
 
@@ -673,6 +683,21 @@ class StageOne:
 StallRun = tuple[Phase, StageSteps]
 
 
+def step_lags(
+    timeline: list[tuple[float, int]], changes: list[tuple[float, int]], epoch: int, target: int
+) -> list[float]:
+    """For each step k of a synchronous run: when stage 1 reached epoch + k minus when the
+    trainer had completed k * target samples (both in seconds into the run)."""
+    lags: list[float] = []
+    for k in itertools.count(1):
+        done = next((t for t, n in timeline if n >= k * target), None)
+        stepped = next((t for t, e in changes if e >= epoch + k), None)
+        if done is None or stepped is None:
+            return lags
+        lags.append(round(stepped - done, 2))
+    return lags
+
+
 def stall_run(bench: Bench, one: StageOne, scenario: str, label: str, rep: int, steps: int) -> StallRun:
     """One run of `steps` optimizer steps, stage 1 as arranged for `label`."""
     normal = one.normal
@@ -693,6 +718,7 @@ def stall_run(bench: Bench, one: StageOne, scenario: str, label: str, rep: int, 
     last = changes[-1][0] if changes else 0.0
     seconds = max(phase.seconds, last)
     stage_steps = watch.epoch - epoch
+    lags = step_lags(phase.timeline, changes, epoch, bench.target_batch_size)
     stall = StageSteps(
         mate=one.mate.name if one.mate is not None else None,
         leader=one.leader().name,
@@ -708,6 +734,8 @@ def stall_run(bench: Bench, one: StageOne, scenario: str, label: str, rep: int, 
         steps_per_s=stage_steps / seconds,
         first_step_s=changes[0][0] if changes else seconds,
         max_step_gap_s=max((b[0] - a[0] for a, b in itertools.pairwise(changes)), default=seconds),
+        max_step_lag_s=max(lags, default=float("nan")),
+        median_step_lag_s=statistics.median(lags) if lags else float("nan"),
         capped=phase.head_steps < steps,
         steps=changes,
     )
@@ -753,7 +781,7 @@ HEADER = (
 )
 STALL_HEADER = (
     f"{'at':>5} {'scenario':13} {'phase':10} {'rep':>3} {'leader':17} {'seconds':>7} {'samples/s':>9} "
-    f"{'steps':>5} {'steps/s':>7} {'1st step':>8} {'max gap':>7} {'load':>5}  notes"
+    f"{'steps':>5} {'steps/s':>7} {'1st step':>8} {'max gap':>7} {'lag':>9} {'load':>5}  notes"
 )
 
 
@@ -783,7 +811,8 @@ def stalls_report(p: Phase, s: StageSteps) -> None:
     print(
         f"{p.at_s:>5.0f} {p.scenario:13} {p.label:10} {p.rep:>3} {s.leader:17} {s.stage_seconds:>7.1f} "
         f"{p.samples_per_s:>9.2f} {s.stage_steps:>5} {s.steps_per_s:>7.3f} {s.first_step_s:>8.1f} "
-        f"{s.max_step_gap_s:>7.1f} {p.loadavg:>5.1f}  {'; '.join(notes)}",
+        f"{s.max_step_gap_s:>7.1f} {s.median_step_lag_s:>4.1f}/{s.max_step_lag_s:<4.1f} {p.loadavg:>5.1f}  "
+        f"{'; '.join(notes)}",
         flush=True,
     )
 
@@ -917,6 +946,7 @@ def stalls_results(
         for label in STALL_ORDER
     }
     gap = {label: max(s.max_step_gap_s for s in of(label)) for label in STALL_ORDER}
+    lag = {label: max(s.max_step_lag_s for s in of(label)) for label in STALL_ORDER}
     per_rep = {  # within a rep, by who led stage 1 then
         f"{label} / alone": [
             x.steps_per_s / a.steps_per_s for x, a in zip(of(label), of("alone"), strict=True)
@@ -927,8 +957,11 @@ def stalls_results(
     clean = all(s.settled and s.aligned and not s.capped and len(s.leaders) == 1 for _, s in measured)
     reps = {name: ", ".join(f"{r:.2f}" for r in ratios) for name, ratios in per_rep.items()}
     print(
-        f"(c) stage 1, {steps} steps a run, steps/s (samples/s, largest gap between steps): "
-        + ", ".join(f"{lb} {rate[lb]:.3f} ({samples[lb]:.1f}, {gap[lb]:.1f} s)" for lb in STALL_ORDER)
+        f"(c) stage 1, {steps} steps a run, steps/s (samples/s, largest gap between steps, largest lag "
+        "behind the trainer's step): "
+        + ", ".join(
+            f"{lb} {rate[lb]:.3f} ({samples[lb]:.1f}, {gap[lb]:.1f} s, {lag[lb]:.1f} s)" for lb in STALL_ORDER
+        )
         + f"; slow mate / alone {slow:.2f} (per rep {reps['slow mate / alone']}),"
         f" idle mate / alone {idle:.2f} (per rep {reps['idle mate / alone']});"
         " reps alternate who leads stage 1: the second peer, then the normal one"
@@ -966,6 +999,7 @@ def stalls_results(
             "steps_per_s": rate,
             "samples_per_s": samples,
             "max_step_gap_s": gap,
+            "max_step_lag_s": lag,
             "slow_mate_over_alone": slow,
             "idle_mate_over_alone": idle,
             "per_rep": per_rep,
