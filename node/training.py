@@ -39,7 +39,8 @@ from swarm.node.runtime import stop_on_signals
 from swarm.node.server import SERVICE_NAME, BlockServicer, ServerLimits, start_grpc_server
 from swarm.records import NodeIdentity, ServerRecord, ServerState, fetch_records, latest_per_peer
 from swarm.training.averaging import AveragingConfig, LocalState
-from swarm.training.collaboration import AveragingServicer, Collaboration, DHTMembership
+from swarm.training.collaboration import Collaboration
+from swarm.training.peers import AveragingServicer, DHTMembership
 from swarm.training.stages import has_weights, model_name, read_config, run_id, save_atomically, stage_span
 
 log = logging.getLogger("swarm.node")

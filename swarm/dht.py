@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import ipaddress
 import logging
-import signal
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -151,14 +149,3 @@ async def dht_call(future: concurrent.futures.Future[T], *, timeout: float | Non
         raise
     except Exception as e:
         raise DHTError(f"DHT request failed: {type(e).__name__}: {e}") from e
-
-
-@contextlib.contextmanager
-def keep_sigint() -> Iterator[None]:
-    """Restore this process's SIGINT handler after the block: hivemind's averagers (built by
-    hivemind.Optimizer) set it to SIG_IGN in the parent process, and Ctrl-C would do nothing."""
-    handler = signal.getsignal(signal.SIGINT)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, handler)

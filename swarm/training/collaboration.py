@@ -1,8 +1,8 @@
 """One peer of a training collaboration: its side of the leader-led averaging (see averaging.py).
 
 `Collaboration.run` is the peer's loop (on the process's event loop): publish membership,
-follow or lead, report, run rounds, catch up. `AveragingServicer` answers the mates' calls
-(gRPC `swarm.v1.AveragingService`); nodes add it to their server, trainers start one of their own.
+follow or lead, report, run rounds, catch up; its `on_*` methods answer the mates' calls, which
+swarm.training.peers.AveragingServicer receives.
 """
 
 from __future__ import annotations
@@ -14,19 +14,14 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 import torch
-from hivemind.dht import DHT
-from hivemind.utils import get_dht_time
 
 import swarm
 from swarm import wire
 from swarm._proto import swarm_pb2, swarm_pb2_grpc
-from swarm.dht import dht_call
 from swarm.errors import PeerUnavailable, SwarmError
-from swarm.records import NodeIdentity
 from swarm.retry import RetryPolicy
 from swarm.training.averaging import (
     Accumulator,
@@ -37,11 +32,11 @@ from swarm.training.averaging import (
     same_weights,
     weighted_mean,
 )
+from swarm.training.peers import DHTMembership
 
 log = logging.getLogger("swarm.training")
 
 TICK = 0.05  # seconds between looks at the round when nothing wakes the loop
-MEMBERSHIP_TTL = 8.0  # a member's DHT entry lives this long unless refreshed
 MEMBERSHIP_PERIOD = 2.0
 CHUNK_TENSORS = 16  # tensors per DownloadState message
 STATE_RETRY = RetryPolicy(max_attempts=3, base_delay=0.5, max_delay=4.0)
@@ -51,49 +46,6 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
 ]
-
-
-def membership_key(run_id: str) -> str:
-    return f"{run_id}.peers"
-
-
-class DHTMembership:
-    """Who belongs to a collaboration: `{run_id}.peers` in the DHT, one signed entry per peer."""
-
-    def __init__(self, dht: DHT, identity: NodeIdentity, run_id: str, me: str, address: str) -> None:
-        self.dht, self.identity, self.me, self.address = dht, identity, me, address
-        self.key = membership_key(run_id)
-        self.epoch = 0  # published along (swarm export orders a stage's peers by it)
-
-    async def publish(self, ttl: float = MEMBERSHIP_TTL, *, left: bool = False) -> None:
-        value = {"peer_id": self.me, "address": self.address, "epoch": self.epoch, "left": left}
-        future = self.dht.store(
-            self.key, value, get_dht_time() + ttl, subkey=self.identity.subkey, return_future=True
-        )
-        await dht_call(future, timeout=10)
-
-    async def withdraw(self) -> None:
-        # The DHT keeps, per subkey, the value that expires last: "left" must outlive the entry.
-        with contextlib.suppress(SwarmError):  # best effort: the entry expires on its own anyway
-            await self.publish(ttl=MEMBERSHIP_TTL + 1, left=True)
-
-    async def members(self) -> dict[str, str]:
-        """peer id -> gRPC address of every other member with a live entry."""
-        found = await dht_call(self.dht.get(self.key, latest=True, return_future=True), timeout=10)
-        out: dict[str, str] = {}
-        if found is None or not isinstance(found.value, dict):
-            return out
-        now = get_dht_time()
-        for item in found.value.values():
-            value = getattr(item, "value", None)
-            if getattr(item, "expiration_time", 0) < now or not isinstance(value, dict):
-                continue
-            peer, address = value.get("peer_id"), value.get("address")
-            if value.get("left"):
-                continue
-            if isinstance(peer, str) and isinstance(address, str) and peer != self.me:
-                out[peer] = address
-        return out
 
 
 @dataclass
@@ -109,9 +61,6 @@ class Frozen:
 @dataclass
 class RoundStats:
     steps: int = 0
-    rounds_led: int = 0
-    state_downloads: int = 0
-    last_step_samples: int = 0
     sent_bytes: int = 0
     received_bytes: int = 0
 
@@ -170,14 +119,13 @@ class Collaboration:
         if not self.live_mates() and self.frozen is None and total >= self.cfg.target_batch_size:
             sums, n = self.accumulator.take()
             if sums is not None:
-                self._step([s.div_(n) for s in sums], n)
+                self._step([s.div_(n) for s in sums])
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._wake.set)
 
-    def _step(self, grads: list[torch.Tensor], samples: int) -> list[float]:
+    def _step(self, grads: list[torch.Tensor]) -> list[float]:
         fingerprint = self.state.step(grads)
         self.stats.steps += 1
-        self.stats.last_step_samples = samples
         self.on_step(self.state.epoch)
         self._announce_epoch()
         return fingerprint
@@ -329,8 +277,7 @@ class Collaboration:
             self.accumulator.put_back(own, own_samples)
             return
         mean = weighted_mean(contributions)
-        fingerprint = await self.exclusive(lambda: self._step(mean, total))
-        self.stats.rounds_led += 1
+        fingerprint = await self.exclusive(lambda: self._step(mean))
         for peer in mates:
             self.reports[peer] = (epoch + 1, 0, now)
         encoded = [wire.encode_tensor(t) for t in mean]
@@ -456,7 +403,6 @@ class Collaboration:
             return
         await self.exclusive(lambda: self.state.load_tensors(epoch, tensors))
         self.frozen = None  # what a leader collected is in the state we took
-        self.stats.state_downloads += 1
         self.on_step(self.state.epoch)
         self._announce_epoch()
         log.info(
@@ -518,7 +464,7 @@ class Collaboration:
                 self._catch_up_from = sender
             return swarm_pb2.ApplyResponse(accepted=False, epoch=self.epoch, leader=leader)
         grads = [wire.decode_tensor(t) for t in request.grads]
-        fingerprint = await self.exclusive(lambda: self._step(grads, int(request.samples)))
+        fingerprint = await self.exclusive(lambda: self._step(grads))
         if self.frozen is not None and self.frozen.epoch == epoch:
             self.frozen = None
         self._leader_ok = time.monotonic()
@@ -558,58 +504,6 @@ class Collaboration:
         if channel is None:
             channel = self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         return swarm_pb2_grpc.AveragingServiceStub(channel)
-
-
-class AveragingServicer(swarm_pb2_grpc.AveragingServiceServicer):
-    """gRPC front of the collaborations this process takes part in (by run id)."""
-
-    def __init__(self) -> None:
-        self.collaborations: dict[str, Collaboration] = {}
-
-    def _find(self, header: swarm_pb2.AveragingHeader) -> Collaboration | None:
-        if header.protocol_version != swarm.PROTOCOL_VERSION:
-            return None
-        return self.collaborations.get(header.run_id)
-
-    async def _missing(self, context: grpc.aio.ServicerContext, header: swarm_pb2.AveragingHeader) -> None:
-        if header.protocol_version != swarm.PROTOCOL_VERSION:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"protocol version {header.protocol_version}, this peer speaks {swarm.PROTOCOL_VERSION}",
-            )
-        await context.abort(grpc.StatusCode.NOT_FOUND, f"this peer takes no part in {header.run_id!r}")
-
-    async def Report(self, request: Any, context: grpc.aio.ServicerContext) -> swarm_pb2.ReportResponse:
-        collab = self._find(request.header)
-        if collab is None:
-            await self._missing(context, request.header)
-            raise AssertionError("unreachable")
-        leader, epoch = collab.on_report(
-            request.header.sender, int(request.header.epoch), int(request.samples)
-        )
-        return swarm_pb2.ReportResponse(leader=leader, epoch=epoch)
-
-    async def Collect(self, request: Any, context: grpc.aio.ServicerContext) -> swarm_pb2.CollectResponse:
-        collab = self._find(request.header)
-        if collab is None:
-            await self._missing(context, request.header)
-            raise AssertionError("unreachable")
-        return collab.on_collect(request.header.sender, int(request.header.epoch))
-
-    async def Apply(self, request: Any, context: grpc.aio.ServicerContext) -> swarm_pb2.ApplyResponse:
-        collab = self._find(request.header)
-        if collab is None:
-            await self._missing(context, request.header)
-            raise AssertionError("unreachable")
-        return await collab.on_apply(request)
-
-    async def DownloadState(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        collab = self._find(request.header)
-        if collab is None:
-            await self._missing(context, request.header)
-            return
-        for chunk in await collab.state_chunks():
-            yield chunk
 
 
 def _why(error: BaseException) -> str:

@@ -36,7 +36,7 @@ from swarm.dht import dht_call
 from swarm.errors import ConfigError, MissingBlocksError, ProtocolError, SwarmError
 from swarm.models.llama import ClientParts, LlamaBlock, LlamaConfig, LlamaForCausalLM, hf_block_prefix
 from swarm.records import ServerRecord, ServerState, fetch_records, latest_per_peer
-from swarm.training.collaboration import membership_key
+from swarm.training.peers import membership_key
 from swarm.training.stages import model_name, read_config, run_id
 from swarm.training.trainer import TRAINER_CHECKPOINT, load_trainer_checkpoint
 

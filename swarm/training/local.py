@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,9 @@ import torch.nn.functional as F
 from swarm.models.llama import ClientParts, LlamaBlock
 from swarm.training.data import ByteDataset
 from swarm.training.stages import read_config, warmup_factor
+
+if TYPE_CHECKING:  # imported where used: the trainer pulls in the client and gRPC
+    from swarm.training.trainer import TrainerConfig
 
 
 @dataclass
@@ -56,19 +60,17 @@ def held_out_loss(
 
 
 def train_locally(
-    trainer_cfg: object,
+    cfg: TrainerConfig,
     *,
     evaluate_every: int = 0,
     on_step: Callable[[int, LocalRun], None] = lambda step, run: None,
 ) -> LocalRun:
-    """Train `trainer_cfg` (a TrainerConfig) in this process: steps x target_batch_size samples, in
+    """Train `cfg` in this process: steps x target_batch_size samples, in
     micro-batches of micro_batch_size taken in the trainer's data order (batch index i = the i-th
     micro-batch), one AdamW step per target batch on the mean of its micro-batches' gradients."""
     from swarm.node.training import stage_blocks  # the nodes' initial weights, block by block
-    from swarm.training.trainer import TrainerConfig, initial_parts
+    from swarm.training.trainer import initial_parts
 
-    cfg = trainer_cfg
-    assert isinstance(cfg, TrainerConfig)
     config = read_config(cfg.model)
     parts = initial_parts(cfg.model, config, cfg.seed)
     blocks = stage_blocks(cfg.model, config, (0, config.num_hidden_layers), cfg.seed)

@@ -51,8 +51,9 @@ from swarm.errors import ConfigError, SwarmError
 from swarm.models.llama import ClientParts, LlamaConfig, init_weights
 from swarm.records import NodeIdentity
 from swarm.training.averaging import AveragingConfig, LocalState
-from swarm.training.collaboration import CHANNEL_OPTIONS, AveragingServicer, Collaboration, DHTMembership
+from swarm.training.collaboration import CHANNEL_OPTIONS, Collaboration
 from swarm.training.data import ByteDataset, DataConfig
+from swarm.training.peers import AveragingServicer, DHTMembership
 from swarm.training.stages import HEAD, has_weights, model_name, read_config, run_id, save_atomically
 
 log = logging.getLogger("swarm.training")

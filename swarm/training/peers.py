@@ -1,0 +1,118 @@
+"""The edges of a training collaboration: who its members are (the DHT), and answering their
+calls (gRPC `swarm.v1.AveragingService`; nodes add it to their server, trainers start one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from hivemind.dht import DHT
+from hivemind.utils import get_dht_time
+
+import swarm
+from swarm._proto import swarm_pb2, swarm_pb2_grpc
+from swarm.dht import dht_call
+from swarm.errors import SwarmError
+from swarm.records import NodeIdentity
+
+if TYPE_CHECKING:
+    from swarm.training.collaboration import Collaboration
+
+MEMBERSHIP_TTL = 8.0  # a member's DHT entry lives this long unless refreshed
+
+
+def membership_key(run_id: str) -> str:
+    return f"{run_id}.peers"
+
+
+class DHTMembership:
+    """Who belongs to a collaboration: `{run_id}.peers` in the DHT, one signed entry per peer."""
+
+    def __init__(self, dht: DHT, identity: NodeIdentity, run_id: str, me: str, address: str) -> None:
+        self.dht, self.identity, self.me, self.address = dht, identity, me, address
+        self.key = membership_key(run_id)
+        self.epoch = 0  # published along (swarm export orders a stage's peers by it)
+
+    async def publish(self, ttl: float = MEMBERSHIP_TTL, *, left: bool = False) -> None:
+        value = {"peer_id": self.me, "address": self.address, "epoch": self.epoch, "left": left}
+        future = self.dht.store(
+            self.key, value, get_dht_time() + ttl, subkey=self.identity.subkey, return_future=True
+        )
+        await dht_call(future, timeout=10)
+
+    async def withdraw(self) -> None:
+        # The DHT keeps, per subkey, the value that expires last: "left" must outlive the entry.
+        with contextlib.suppress(SwarmError):  # best effort: the entry expires on its own anyway
+            await self.publish(ttl=MEMBERSHIP_TTL + 1, left=True)
+
+    async def members(self) -> dict[str, str]:
+        """peer id -> gRPC address of every other member with a live entry."""
+        found = await dht_call(self.dht.get(self.key, latest=True, return_future=True), timeout=10)
+        out: dict[str, str] = {}
+        if found is None or not isinstance(found.value, dict):
+            return out
+        now = get_dht_time()
+        for item in found.value.values():
+            value = getattr(item, "value", None)
+            if getattr(item, "expiration_time", 0) < now or not isinstance(value, dict):
+                continue
+            peer, address = value.get("peer_id"), value.get("address")
+            if value.get("left"):
+                continue
+            if isinstance(peer, str) and isinstance(address, str) and peer != self.me:
+                out[peer] = address
+        return out
+
+
+class AveragingServicer(swarm_pb2_grpc.AveragingServiceServicer):
+    """gRPC front of the collaborations this process takes part in (by run id)."""
+
+    def __init__(self) -> None:
+        self.collaborations: dict[str, Collaboration] = {}
+
+    def _find(self, header: swarm_pb2.AveragingHeader) -> Collaboration | None:
+        if header.protocol_version != swarm.PROTOCOL_VERSION:
+            return None
+        return self.collaborations.get(header.run_id)
+
+    async def _missing(self, context: grpc.aio.ServicerContext, header: swarm_pb2.AveragingHeader) -> None:
+        if header.protocol_version != swarm.PROTOCOL_VERSION:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"protocol version {header.protocol_version}, this peer speaks {swarm.PROTOCOL_VERSION}",
+            )
+        await context.abort(grpc.StatusCode.NOT_FOUND, f"this peer takes no part in {header.run_id!r}")
+
+    async def Report(self, request: Any, context: grpc.aio.ServicerContext) -> swarm_pb2.ReportResponse:
+        collab = self._find(request.header)
+        if collab is None:
+            await self._missing(context, request.header)
+            raise AssertionError("unreachable")
+        leader, epoch = collab.on_report(
+            request.header.sender, int(request.header.epoch), int(request.samples)
+        )
+        return swarm_pb2.ReportResponse(leader=leader, epoch=epoch)
+
+    async def Collect(self, request: Any, context: grpc.aio.ServicerContext) -> swarm_pb2.CollectResponse:
+        collab = self._find(request.header)
+        if collab is None:
+            await self._missing(context, request.header)
+            raise AssertionError("unreachable")
+        return collab.on_collect(request.header.sender, int(request.header.epoch))
+
+    async def Apply(self, request: Any, context: grpc.aio.ServicerContext) -> swarm_pb2.ApplyResponse:
+        collab = self._find(request.header)
+        if collab is None:
+            await self._missing(context, request.header)
+            raise AssertionError("unreachable")
+        return await collab.on_apply(request)
+
+    async def DownloadState(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        collab = self._find(request.header)
+        if collab is None:
+            await self._missing(context, request.header)
+            return
+        for chunk in await collab.state_chunks():
+            yield chunk
