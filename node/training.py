@@ -33,7 +33,7 @@ from swarm.node import device as devices
 from swarm.node.announcer import Announcer
 from swarm.node.backend import BlockBackend
 from swarm.node.config import NodeConfig
-from swarm.node.metrics import NodeMetrics
+from swarm.node.metrics import NodeMetrics, start_metrics_server
 from swarm.node.reachability import announce_host
 from swarm.node.runtime import stop_on_signals
 from swarm.node.server import SERVICE_NAME, BlockServicer, ServerLimits, start_grpc_server
@@ -251,6 +251,16 @@ async def _serve_stage(
 ) -> int | None:
     device = next(blocks[0].parameters()).device
     metrics = NodeMetrics()
+    metrics.set_info(
+        version=swarm.__version__,
+        model=model,
+        device=str(device),
+        dtype="float32",
+        quant="none",
+        peer_id=str(dht.peer_id),
+    )
+    metrics.set_span(*span)
+    metrics.set_state(str(ServerState.JOINING))
     me = str(dht.peer_id)
     holder: list[Collaboration] = []  # the backend's hook needs the collaboration, which needs the backend
     backend = BlockBackend(
@@ -314,6 +324,15 @@ async def _serve_stage(
     server, port, health = await start_grpc_server(
         servicer, cfg.host, cfg.port, cfg.max_message_bytes, averaging=averaging
     )
+    metrics_port, stop_metrics = None, lambda: None
+    if cfg.metrics_port is not None:
+        try:
+            metrics_port, stop_metrics = start_metrics_server(metrics, cfg.host, cfg.metrics_port)
+        except OSError as e:
+            await server.stop(grace=None)
+            raise ConfigError(
+                f"could not serve metrics on {cfg.host}:{cfg.metrics_port} ({e}); --metrics-port"
+            ) from e
     address = f"{announce_host(cfg)}:{cfg.announce_port or port}"
     collab.membership = DHTMembership(dht, identity, collab.run_id, me, address)
     if mates:  # others train this stage already: start from where they are
@@ -346,6 +365,7 @@ async def _serve_stage(
     try:
         await announcer.publish(record, required=True)
         await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        metrics.set_state(str(ServerState.ONLINE))
         on_ready(
             {
                 "peer_id": me,
@@ -355,6 +375,7 @@ async def _serve_stage(
                 "stage": stage,
                 "epoch": state.epoch,
                 "throughput": round(estimate, 1),
+                "metrics_port": metrics_port,
                 "maddrs": [str(m) for m in dht.get_visible_maddrs()],
                 "pid": os.getpid(),
             }
@@ -372,6 +393,7 @@ async def _serve_stage(
     finally:
         leave.set()
         servicer.state = str(ServerState.DRAINING)
+        metrics.set_state(str(ServerState.DRAINING))
         await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await announcer.withdraw()
         await _drain(servicer, cfg.drain_timeout)
@@ -379,6 +401,7 @@ async def _serve_stage(
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         await server.stop(grace=2)
+        stop_metrics()
         backend.shutdown()
         if saved is not None:  # the compute thread has stopped: nothing steps now
             await asyncio.to_thread(save_stage_checkpoint, saved, blocks, state)

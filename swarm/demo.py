@@ -23,12 +23,16 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from swarm import checkpoint
 from swarm.localswarm import LocalSwarm
 from swarm.models.llama import LlamaConfig, LlamaForCausalLM
+
+if TYPE_CHECKING:
+    from swarm.training.data import DataConfig
 
 # The inference demo's model (bench/inference.py uses it): 8 blocks, hidden 512.
 DEMO_CONFIG = dict(
@@ -176,10 +180,11 @@ def run(workdir: Path, steps: int, seed: int) -> int:
         data=DataConfig(seq_len=129, max_bytes=16 << 20, seed=seed),
     )
     print(f"demo: the same training in one process first ({steps} steps), the yardstick ...", flush=True)
-    reference = train_locally(cfg)
+    reference = train_locally(cfg, evaluate_every=steps)
+    reference_held_out = reference.held_out[-1][1]
     print(
-        f"demo:   one process: loss {reference.recent_loss(20):.2f} (mean of the last 20 micro-batches) "
-        f"in {reference.seconds:.0f} s",
+        f"demo:   one process: loss {reference.recent_loss(20):.2f} (mean of the last 20 micro-batches), "
+        f"held-out {reference_held_out:.2f}, in {reference.seconds:.0f} s",
         flush=True,
     )
 
@@ -239,7 +244,8 @@ def run(workdir: Path, steps: int, seed: int) -> int:
             result = export_model(dht, str(config_dir), ckpt_dir / TRAINER_CHECKPOINT, export_dir)
         finally:
             dht.shutdown()
-        print(f"demo:   stages at epochs {result.epochs}", flush=True)
+        held_out = exported_held_out_loss(export_dir, cfg.data)
+        print(f"demo:   stages at epochs {result.epochs}; held-out loss {held_out:.2f}", flush=True)
         for node in nodes:
             local.stop(node)  # training is over: free the cores for serving
 
@@ -267,7 +273,9 @@ def run(workdir: Path, steps: int, seed: int) -> int:
         f"The loss went from {first:.2f} "
         f"(mean of the first 10 micro-batches) to {last:.2f} (mean of the last 20) nats per byte; "
         f"the same training in one process, measured in this run, ended at {reference.recent_loss(20):.2f} "
-        f"(gap {last - reference.recent_loss(20):+.2f}). "
+        f"(gap {last - reference.recent_loss(20):+.2f}); on held-out text (the first 256 sequences the "
+        f"trainer never sees) the exported model scores {held_out:.2f} against one process's "
+        f"{reference_held_out:.2f} (gap {held_out - reference_held_out:+.2f}). "
         f"{victim.name} was SIGKILLed at step {steps // 2}; {resent} micro-batches were re-sent to another "
         f"peer of its stage, and all {progress.issued} micro-batches issued were completed. The model was "
         f"exported to {export_dir} and served by two inference nodes."
@@ -282,6 +290,17 @@ def run(workdir: Path, steps: int, seed: int) -> int:
         flush=True,
     )
     return 0
+
+
+def exported_held_out_loss(export: Path, data: DataConfig) -> float:
+    """held_out_loss of the exported model, in this process, on the sequences every trainer holds out."""
+    from swarm.training.data import ByteDataset
+    from swarm.training.local import held_out_loss
+
+    ckpt = checkpoint.open_checkpoint(export)
+    parts = checkpoint.load_client_parts(ckpt)
+    blocks = checkpoint.load_blocks(ckpt, 0, ckpt.config.num_hidden_layers)
+    return held_out_loss(parts, blocks, ByteDataset(data))
 
 
 def build_checkpoint(path: Path, seed: int = 0) -> Path:

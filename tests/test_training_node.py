@@ -13,6 +13,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -148,7 +149,8 @@ def training_swarm(tmp_path_factory: pytest.TempPathFactory, config_dir: Path) -
     with LocalSwarm(tmp_path_factory.mktemp("swarm")) as local:
         local.start_dht()
         for i, stage in enumerate((0, 1, 0, 1)):
-            local.start_node(config_dir, None, *TRAIN, "--stage", str(stage), name=f"train-{i}")
+            metrics = ("--metrics-port", "0") if i == 1 else ()
+            local.start_node(config_dir, None, *TRAIN, "--stage", str(stage), *metrics, name=f"train-{i}")
         yield local
 
 
@@ -219,6 +221,17 @@ def test_two_stages_of_two_peers_train_in_step(training_swarm: LocalSwarm, confi
         shared = assert_in_step(states[a][2], states[b][2], at_least=4)
         assert max(shared) >= 3
         assert states[a][2][0] != pytest.approx(states[a][2][max(shared)], rel=1e-5)  # they did train
+
+    # A training node serves its metrics too (--metrics-port): its steps and averaging traffic.
+    url = f"http://127.0.0.1:{nodes[1].info['metrics_port']}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    samples = [line.split(" ") for line in text.splitlines() if line and not line.startswith("#")]
+    values = {name: float(value) for name, value, *_ in samples}
+    assert values["swarm_node_training_steps_total"] >= 3
+    assert values['swarm_node_averaging_bytes_total{direction="sent"}'] > 0
+    assert values['swarm_node_state{state="online"}'] == 1
+    assert values["swarm_node_span_start"] == 2
 
 
 def test_a_killed_peer_loses_nothing_and_its_replacement_takes_part(

@@ -139,31 +139,37 @@ class Collaboration:
         event, self._stepped = self._stepped, asyncio.Event()
         event.set()
 
-    async def wait_for_epoch(self, epoch: int) -> bool:
-        """Until this peer has reached `epoch`, for at most round_timeout + leader_timeout (a round
-        that cannot close, say because a peer died holding some of its gradients, must not stop
-        training); False if it had not."""
+    async def reached(self, epoch: int, timeout: float) -> bool:
+        """Whether this peer reaches `epoch` within `timeout` seconds (quietly; see wait_for_epoch)."""
         self._loop = self._loop or asyncio.get_running_loop()
-        deadline = time.monotonic() + self.cfg.round_timeout + self.cfg.leader_timeout
+        deadline = time.monotonic() + timeout
         while self.epoch < epoch:
             left = deadline - time.monotonic()
             if left <= 0:
-                if self.leader() != self.me and self.leader_epoch >= epoch:
-                    # The stage is there and we are not (a catch-up is due): let another peer serve.
-                    raise PeerUnavailable(f"{self.run_id}: this peer is behind its collaboration")
-                if self._late_logged != epoch:
-                    self._late_logged = epoch
-                    log.info(
-                        "%s: epoch %d did not come within %.0f s; computing at epoch %d",
-                        self.run_id,
-                        epoch,
-                        self.cfg.round_timeout + self.cfg.leader_timeout,
-                        self.epoch,
-                    )
                 return False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stepped.wait(), left)
         return True
+
+    async def wait_for_epoch(self, epoch: int) -> bool:
+        """Until this peer has reached `epoch`, for at most round_timeout + leader_timeout (a round
+        that cannot close, say because a peer died holding some of its gradients, must not stop
+        training); False if it had not."""
+        if await self.reached(epoch, self.cfg.round_timeout + self.cfg.leader_timeout):
+            return True
+        if self.leader() != self.me and self.leader_epoch >= epoch:
+            # The stage is there and we are not (a catch-up is due): let another peer serve.
+            raise PeerUnavailable(f"{self.run_id}: this peer is behind its collaboration")
+        if self._late_logged != epoch:
+            self._late_logged = epoch
+            log.info(
+                "%s: epoch %d did not come within %.0f s; computing at epoch %d",
+                self.run_id,
+                epoch,
+                self.cfg.round_timeout + self.cfg.leader_timeout,
+                self.epoch,
+            )
+        return False
 
     # ---- the loop -------------------------------------------------------------------------------
 

@@ -48,7 +48,7 @@ def next_byte_loss(parts: ClientParts, blocks: list[LlamaBlock], tokens: torch.T
 
 
 def held_out_loss(
-    parts: ClientParts, blocks: list[LlamaBlock], data: ByteDataset, sequences: int = 64
+    parts: ClientParts, blocks: list[LlamaBlock], data: ByteDataset, sequences: int = 256
 ) -> float:
     """Mean loss over the first `sequences` held-out sequences (in batches of 16)."""
     batch = data.validation_batch(sequences)
@@ -62,39 +62,52 @@ def held_out_loss(
 def train_locally(
     cfg: TrainerConfig,
     *,
+    trainers: int = 1,
     evaluate_every: int = 0,
     on_step: Callable[[int, LocalRun], None] = lambda step, run: None,
 ) -> LocalRun:
     """Train `cfg` in this process: steps x target_batch_size samples, in
     micro-batches of micro_batch_size taken in the trainer's data order (batch index i = the i-th
-    micro-batch), one AdamW step per target batch on the mean of its micro-batches' gradients."""
+    micro-batch), one AdamW step per target batch on the mean of its micro-batches' gradients.
+
+    With `trainers` = n > 1, the data order of n trainers with `--shard k n`: each step takes
+    each shard's next micro-batches, as many as that trainer's share of the step (the step's
+    micro-batches split evenly, the first shards taking the remainder). Several trainers see
+    other sequences than one does, so this is their reference."""
     from swarm.node.training import stage_blocks  # the nodes' initial weights, block by block
     from swarm.training.trainer import initial_parts
 
+    if trainers < 1:
+        raise ValueError(f"trainers must be >= 1, got {trainers}")
     config = read_config(cfg.model)
     parts = initial_parts(cfg.model, config, cfg.seed)
     blocks = stage_blocks(cfg.model, config, (0, config.num_hidden_layers), cfg.seed)
-    data = ByteDataset(replace(cfg.data, seed=cfg.seed))
+    shards = [
+        ByteDataset(replace(cfg.data, seed=cfg.seed, shard=(k, trainers) if trainers > 1 else cfg.data.shard))
+        for k in range(trainers)
+    ]
     params = list(parts.parameters()) + [p for b in blocks for p in b.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: warmup_factor(cfg.warmup_steps, e))
-    per_step = cfg.target_batch_size // cfg.micro_batch_size
+    per_step = math.ceil(cfg.target_batch_size / cfg.micro_batch_size)  # as the trainer counts
+    base, extra = divmod(per_step, trainers)
+    order = [k for k in range(trainers) for _ in range(base + (k < extra))]  # shard of each micro-batch
     run = LocalRun()
     began = time.monotonic()
-    index = 0
+    index = [0] * trainers
     for step in range(cfg.steps):
-        for _ in range(per_step):
-            tokens = data.batch(index, cfg.micro_batch_size)
-            index += 1
+        for k in order:
+            tokens = shards[k].batch(index[k], cfg.micro_batch_size)
+            index[k] += 1
             loss = next_byte_loss(parts, blocks, tokens)
             (loss / per_step).backward()
-            samples = index * cfg.micro_batch_size
+            samples = sum(index) * cfg.micro_batch_size
             run.losses.append((time.monotonic() - began, samples, float(loss.detach())))
         optimizer.step()
         schedule.step()
         optimizer.zero_grad()
         if evaluate_every and (step + 1) % evaluate_every == 0:
-            run.held_out.append((index * cfg.micro_batch_size, held_out_loss(parts, blocks, data)))
+            run.held_out.append((sum(index) * cfg.micro_batch_size, held_out_loss(parts, blocks, shards[0])))
         on_step(step + 1, run)
     run.seconds = time.monotonic() - began
     return run

@@ -13,9 +13,11 @@ trainers average them in the collaboration "<model>-head" (swarm.training.averag
 nodes of a stage do. Local compute runs on one thread of its own, so the event loop keeps the
 network busy while the head computes, and every micro-batch's gradients reach it whole.
 
-A trainer alone runs synchronous steps: it tags each micro-batch with its optimizer step
-(RequestHeader.min_epoch) and waits at step boundaries, so each step's gradient comes from
-that step's weights everywhere, as in one process (see `_epoch_of`).
+Steps are synchronous, alone or with other trainers: each step's micro-batches are split between
+the live trainers (by peer id order), each trainer issues its share tagged with the step
+(RequestHeader.min_epoch) and waits at the step boundary, so each step's gradient comes from that
+step's weights everywhere, as in one process (see `_claim`). A step that stalls because a trainer
+died holding part of it is topped up by the others.
 """
 
 from __future__ import annotations
@@ -277,8 +279,9 @@ class Trainer:
         self.checkpoint = cfg.checkpoint_dir / TRAINER_CHECKPOINT if cfg.checkpoint_dir else None
         self._next_index = 0  # in the data order; a resumed run goes on from its checkpoint's
         self._in_flight: set[int] = set()
-        self._sync_base = (0, 0)  # (head epoch, micro-batch index) where this run's steps began
-        self._had_mates = False  # other trainers took part in this run
+        self._issued: Counter[int] = Counter()  # this run's micro-batches per optimizer step
+        self._pending: Counter[int] = Counter()  # ... of those, still in flight
+        self._topped: Counter[int] = Counter()  # extra micro-batches for steps that stalled
         self._saved_step = 0
         if self.checkpoint is not None and self.checkpoint.is_file():
             state = load_trainer_checkpoint(self.checkpoint)
@@ -317,21 +320,51 @@ class Trainer:
             eligible=lambda s: s.trainable_stage is not None,
         )
 
-    def _epoch_of(self, index: int) -> int:
-        """The optimizer step micro-batch `index` belongs to. Alone, a trainer knows: its micro-batches
-        fill the steps in order (`synchronous`), so it waits at every step boundary, and every stage
-        computes a step's micro-batches with that step's weights, exactly as one process does. With
-        other trainers the steps fill with everyone's micro-batches: each joins the step under way."""
-        self._had_mates = self._had_mates or bool(self.head.collaboration.live_mates())
-        if not self.cfg.synchronous or self._had_mates:  # once shared, steps stay shared this run
-            return self.head.epoch
-        epoch, first = self._sync_base
-        return epoch + (index - first) * self.cfg.micro_batch_size // self.cfg.target_batch_size
+    def _share(self, epoch: int) -> int:
+        """Micro-batches of optimizer step `epoch` this trainer issues: one step's worth split between
+        the live trainers in peer id order (the first ones take the remainder), plus top-ups."""
+        collab = self.head.collaboration
+        trainers = sorted({*collab.live_mates(), collab.me})
+        per_step = math.ceil(self.cfg.target_batch_size / self.cfg.micro_batch_size)
+        base, extra = divmod(per_step, len(trainers))
+        return base + (trainers.index(collab.me) < extra) + self._topped[epoch]
 
-    async def _micro_batch(self, index: int) -> tuple[float, bool]:
-        """Forward and backward of micro-batch `index` through the swarm; (loss, re-sent?)."""
+    async def _claim(self) -> int | None:
+        """The optimizer step the next micro-batch belongs to; None once the run is over.
+
+        Synchronous (the default): the step under way, or the next one, while this trainer's share of
+        it is not issued; else wait for the step to close. Every stage then computes a step's
+        micro-batches with that step's weights, as one process does. A step that does not close
+        within the averaging timeout after this trainer's share of it completed is missing
+        micro-batches that a trainer took and never finished (it died or left before the others
+        noticed): this trainer issues one more for it, and so on until it closes."""
+        collab = self.head.collaboration
+        waited_since: tuple[int, float] | None = None
+        while not self._stop.is_set() and not self._finished():
+            epoch = self.head.epoch
+            if not self.cfg.synchronous:
+                return epoch
+            for e in (epoch, epoch + 1):
+                if e < self.cfg.steps and self._issued[e] < self._share(e):
+                    self._issued[e] += 1
+                    return e
+            if self._issued[epoch] == 0 and epoch + 1 >= self.cfg.steps:
+                return None  # the last step is the others' to close (this trainer's share is 0)
+            if waited_since is None or waited_since[0] != epoch or self._pending[epoch]:
+                waited_since = (epoch, time.monotonic())
+            elif time.monotonic() - waited_since[1] > self.cfg.averaging_timeout:
+                self._topped[epoch] += 1
+                waited_since = None
+                log.info("step %d has not closed: issuing one more micro-batch for it", epoch)
+                continue
+            # Woken by the step, or after a second to look at the trainers and the stall again.
+            await collab.reached(epoch + 1, 1.0)
+        return None
+
+    async def _micro_batch(self, index: int, epoch: int) -> tuple[float, bool]:
+        """Forward and backward of micro-batch `index`, of optimizer step `epoch`, through the swarm;
+        (loss, re-sent?)."""
         tokens = self.data.batch(index, self.cfg.micro_batch_size)
-        epoch = self._epoch_of(index)
         await self.head.collaboration.wait_for_epoch(epoch)
         error: BaseException | None = None
         for attempt in range(1, self.cfg.max_attempts + 1):
@@ -377,14 +410,19 @@ class Trainer:
         return self.cfg.max_seconds is not None and elapsed >= self.cfg.max_seconds
 
     async def _worker(self, on_progress: Callable[[Progress], None]) -> None:
-        while not self._stop.is_set() and not self._finished():
-            if self._epoch_of(self._next_index) >= self.cfg.steps:
-                return  # a synchronous run's last step is issued: the micro-batches in flight close it
+        while True:
+            epoch = await self._claim()
+            if epoch is None:
+                return
             index = self._next_index
             self._next_index += 1
             self._in_flight.add(index)
+            self._pending[epoch] += 1
             self.progress.issued += 1
-            loss, resent = await self._micro_batch(index)
+            try:
+                loss, resent = await self._micro_batch(index, epoch)
+            finally:
+                self._pending[epoch] -= 1
             self._in_flight.discard(index)
             if index in self._done:
                 raise TrainingError(f"micro-batch {index} completed twice")
@@ -425,8 +463,9 @@ class Trainer:
         loudly), and save the checkpoint. A Trainer may run again; stop() ends the run under way."""
         self._stop.clear()
         await self._join_head()
-        self._sync_base = (self.head.epoch, self._next_index)
-        self._had_mates = False
+        self._issued.clear()
+        self._pending.clear()
+        self._topped.clear()
         self.progress = Progress(step=self.head.epoch)
         self._saved_step = self.head.epoch
         watcher = asyncio.create_task(self._watch_peers())
@@ -479,6 +518,7 @@ class Trainer:
             )
         assert collab.membership is not None
         try:
+            await collab.membership.publish()  # so trainers starting together see each other at once
             collab.members = await collab.membership.members()
             if collab.live_mates():
                 await collab.catch_up(min(collab.live_mates()))
