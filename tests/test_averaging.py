@@ -23,6 +23,7 @@ from swarm.training.averaging import (
     weighted_mean,
 )
 from swarm.training.collaboration import Collaboration
+from swarm.training.trainer import step_share
 
 CFG = AveragingConfig(target_batch_size=16, lr=1e-2, warmup_steps=2)
 
@@ -156,3 +157,18 @@ def test_wait_for_epoch_returns_once_the_peer_steps_and_gives_up_in_bounded_time
         return reached, never
 
     assert asyncio.run(main()) == (True, False)
+
+
+@given(st.integers(1, 64), st.lists(st.text(min_size=1, max_size=4), min_size=1, max_size=6, unique=True))
+def test_trainers_split_each_step_evenly_and_wholly(per_step: int, trainers: list[str]) -> None:
+    shares = [step_share(per_step, trainers, me) for me in trainers]
+    assert sum(shares) == per_step  # together, exactly one step's micro-batches
+    assert max(shares) - min(shares) <= 1
+    assert step_share(per_step, list(reversed(trainers)), trainers[0]) == shares[0]  # order-free
+
+
+def test_a_lone_trainer_takes_the_whole_step_and_a_stranger_is_refused() -> None:
+    assert step_share(8, ["a"], "a") == 8
+    assert [step_share(9, ["b", "a"], me) for me in ("a", "b")] == [5, 4]
+    with pytest.raises(ValueError, match="not among"):
+        step_share(8, ["a"], "b")

@@ -136,6 +136,17 @@ class Progress:
         return sum(tail) / len(tail) if tail else math.nan
 
 
+def step_share(per_step: int, trainers: list[str], me: str) -> int:
+    """How many of a step's `per_step` micro-batches trainer `me` issues: an even split between the
+    `trainers` (peer ids, `me` among them), the first ones in id order taking the remainder. Every
+    trainer computes the same split from the same membership, so the shares add up to one step."""
+    ordered = sorted(set(trainers))
+    if me not in ordered:
+        raise ValueError(f"{me} is not among the trainers {ordered}")
+    base, extra = divmod(per_step, len(ordered))
+    return base + (ordered.index(me) < extra)
+
+
 def initial_parts(model: str, config: LlamaConfig, seed: int) -> ClientParts:
     """The client parts from the checkpoint's weights, or fresh from `seed` (the nodes draw block i
     from seed + i + 1, so no two parts share a draw)."""
@@ -321,13 +332,10 @@ class Trainer:
         )
 
     def _share(self, epoch: int) -> int:
-        """Micro-batches of optimizer step `epoch` this trainer issues: one step's worth split between
-        the live trainers in peer id order (the first ones take the remainder), plus top-ups."""
+        """Micro-batches of optimizer step `epoch` this trainer issues: its step_share, plus top-ups."""
         collab = self.head.collaboration
-        trainers = sorted({*collab.live_mates(), collab.me})
         per_step = math.ceil(self.cfg.target_batch_size / self.cfg.micro_batch_size)
-        base, extra = divmod(per_step, len(trainers))
-        return base + (trainers.index(collab.me) < extra) + self._topped[epoch]
+        return step_share(per_step, [*collab.live_mates(), collab.me], collab.me) + self._topped[epoch]
 
     async def _claim(self) -> int | None:
         """The optimizer step the next micro-batch belongs to; None once the run is over.
