@@ -1,4 +1,4 @@
-"""`swarm serve` and `swarm chat` against a real local swarm (DHT + 2 node processes + the server process).
+"""`swarm serve` and `swarm chat` against a real local swarm (DHT + 3 node processes + the server process).
 
 The official `openai` client talks to the server; its answers must be exactly what
 `DistributedModelForCausalLM.generate` returns in this process for the same prompt (greedy).
@@ -26,41 +26,24 @@ from swarm.serve.engine import Admission, Engine
 from swarm.serve.openai_api import OpenAIServer, install_error_handlers
 from swarm.serve.status import StatusBoard
 from swarm.serve.text import TextModel
-from tests.checkpoints import add_word_tokenizer, make_checkpoint
-from tests.servers import scrape, swarm_command, wait_for
+from tests.servers import scrape, wait_for
 
-NODE_ARGS = ("--metrics-port", "0", "--throughput", "50")
 MESSAGES = [{"role": "system", "content": "w7 w8"}, {"role": "user", "content": "w40 w41 w42 w43"}]
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-chat", num_layers=4, eos_token_id=[])
-    return add_word_tokenizer(path)
+def server(serve_url: str) -> str:
+    return serve_url
 
 
 @pytest.fixture(scope="module")
-def local_swarm(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> Iterator[LocalSwarm]:
-    with LocalSwarm(tmp_path_factory.mktemp("swarm")) as local:
-        local.start_dht()
-        local.start_node(model_path, "0:2", *NODE_ARGS, name="node-a")
-        local.start_node(model_path, "2:4", *NODE_ARGS, name="node-b")
-        yield local
+def local_swarm(chat_swarm: LocalSwarm) -> LocalSwarm:
+    return chat_swarm
 
 
 @pytest.fixture(scope="module")
-def server(
-    tmp_path_factory: pytest.TempPathFactory, local_swarm: LocalSwarm, model_path: Path
-) -> Iterator[str]:
-    args = ["serve", "--model", str(model_path), "--initial-peers", *local_swarm.initial_peers]
-    args += ["--port", "0", "--max-sessions", "8", "--max-queue", "2"]
-    with swarm_command(tmp_path_factory.mktemp("serve"), "serve", args) as ready:
-        assert ready["model"] == "tiny-chat" and ready["url"].startswith("http://127.0.0.1:")
-        log = Path(ready["log"]).read_text()
-        assert f"swarm serve ready: url={ready['url']} model=tiny-chat " in log
-        yield str(ready["url"])
-        log = Path(ready["log"]).read_text()
-    assert "Traceback" not in log and "ERROR" not in log, log  # quiet when healthy
+def model_path(chat_model_path: Path) -> Path:
+    return chat_model_path
 
 
 @pytest.fixture(scope="module")
@@ -315,15 +298,3 @@ def test_chat_in_a_terminal(local_swarm: LocalSwarm, model_path: Path) -> None:
     finally:
         child.close(force=True)
     assert child.exitstatus == 0, child.before
-
-
-def test_uncovered_blocks_are_503_naming_them(server: str, local_swarm: LocalSwarm) -> None:
-    """Last: stops a node of the module's swarm."""
-    local_swarm.stop(local_swarm.processes[2])  # node-b: blocks 2:4
-
-    def refused() -> httpx.Response | None:
-        r = httpx.post(f"{server}/v1/completions", json={"model": "tiny-chat", "prompt": "w10"}, timeout=30)
-        return r if r.status_code == 503 else None
-
-    response = wait_for(refused, "a 503 once blocks 2:4 have no server", timeout=30, interval=0.5)
-    assert "blocks 2:4" in response.json()["error"]["message"]
