@@ -28,7 +28,7 @@ from swarm.serve.status import StatusBoard
 from swarm.serve.text import TextModel
 from tests.servers import scrape, wait_for
 
-MESSAGES = [{"role": "system", "content": "w7 w8"}, {"role": "user", "content": "w40 w41 w42 w43"}]
+MESSAGES: list[Any] = [{"role": "system", "content": "w7 w8"}, {"role": "user", "content": "w40 w41 w42 w43"}]
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_chat_matches_generate(server: str, reference: Any, text_model: TextMode
         model="tiny-chat",
         messages=MESSAGES,
         max_tokens=10,
-        temperature=0,  # type: ignore[arg-type]
+        temperature=0,
     )
     assert got.choices[0].message.content == text_model.decode(tokens)
     assert got.usage is not None and (got.usage.prompt_tokens, got.usage.completion_tokens) == (len(ids), 10)
@@ -114,7 +114,7 @@ def test_streamed_chat_matches_generate(server: str, reference: Any, text_model:
     tokens = expected(reference, text_model.chat_ids(MESSAGES), 10)
     stream = api(server).chat.completions.create(
         model="tiny-chat",
-        messages=MESSAGES,  # type: ignore[arg-type]
+        messages=MESSAGES,
         max_tokens=10,
         temperature=0,
         stream=True,
@@ -208,7 +208,7 @@ def test_errors_have_openai_shape_and_status(server: str) -> None:
     two = post({"model": "tiny-chat", "messages": MESSAGES, "n": 2})
     assert two.status_code == 400 and "n=1" in two.json()["error"]["message"]
     with pytest.raises(openai.NotFoundError) as unknown:
-        api(server).chat.completions.create(model="gpt-9", messages=MESSAGES)  # type: ignore[arg-type]
+        api(server).chat.completions.create(model="gpt-9", messages=MESSAGES)
     assert unknown.value.code == "model_not_found" and "tiny-chat" in unknown.value.message
     with pytest.raises(openai.BadRequestError) as long:
         api(server).completions.create(model="tiny-chat", prompt="w10 w11 w12", max_tokens=5000)

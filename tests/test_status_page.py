@@ -10,6 +10,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ def test_summary_marks_uncovered_and_single_server_blocks() -> None:
 
 
 def test_swarm_gauges_come_from_the_latest_summary() -> None:
-    board = StatusBoard(dht=None, models={"m": 3})  # type: ignore[arg-type]  # never refreshed here
+    board = StatusBoard(dht=None, models={"m": 3})  # never refreshed here
     board.latest["m"] = summarize(SwarmMap("m", 3, (record("a", 0, 3, tps=7.0), record("b", 1, 3, tps=5.0))))
     registry = CollectorRegistry()
     registry.register(board)
@@ -206,7 +207,7 @@ def test_prometheus_scrapes_node_and_monitor_and_every_dashboard_query_has_data(
     # rate() needs two scrapes, 15 s apart with the repository's scrape_interval.
     for title, expr in dashboard_queries():
         wait_for(
-            lambda e=expr: _query(prometheus, e), f"data for panel {title!r}: {expr}", timeout=60, interval=1
+            partial(_query, prometheus, expr), f"data for panel {title!r}: {expr}", timeout=60, interval=1
         )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -114,7 +114,7 @@ class Engine:
 
     async def tokens(
         self, ids: list[int], sampling: Sampling, release: Callable[[], None]
-    ) -> AsyncIterator[int]:
+    ) -> AsyncGenerator[int, None]:
         """Yield new token ids as the swarm produces them; `release` frees the admission slot.
 
         The slot is released when the worker thread has finished, i.e. once the inference session
