@@ -89,10 +89,10 @@ def test_streamed_completion_matches_generate_token_by_token(
         model="tiny-chat", prompt=ids, max_tokens=12, temperature=0, stream=True
     )
     chunks = [c.choices[0].text for c in stream]
-    visible = [t for t in tokens if t >= 6]  # ids < 6 are special tokens: no text
-    assert chunks[:-1] == [text_model.decode(tokens[: i + 1])[len(text_model.decode(tokens[:i])) :] for i in
-                           range(len(tokens)) if tokens[i] >= 6]  # fmt: skip
-    assert len(chunks) - 1 == len(visible) and chunks[-1] == ""
+    # One chunk per token, each that token's text (ids < 6 are special tokens: they have none).
+    visible = [t for t in tokens if t >= 6]
+    assert chunks[:-1] == [" " * (i > 0) + text_model.decode([t]) for i, t in enumerate(visible)]
+    assert chunks[-1] == ""
     assert "".join(chunks) == text_model.decode(tokens)
 
 

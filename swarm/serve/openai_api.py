@@ -175,12 +175,12 @@ class OpenAIServer:
             raise
         outcome = Outcome(prompt_tokens=len(ids))
         deltas = self._deltas(ids, body.sampling(max_tokens), release, outcome)
-        head = {"id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}",
-                "created": int(time.time()), "model": self.model_id}  # fmt: skip
+        prefix = "chatcmpl" if kind == "chat.completion" else "cmpl"
+        head = {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_id}
         if not body.stream:
             text = "".join([d async for d in deltas])
-            return {**head, "object": kind, "choices": [choice(text, outcome.finish_reason, final=True)],
-                    "usage": outcome.usage()}  # fmt: skip
+            final = choice(text, outcome.finish_reason, final=True)
+            return {**head, "object": kind, "choices": [final], "usage": outcome.usage()}
         chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else kind
         return EventSourceResponse(
             _events(deltas, head | {"object": chunk_kind}, choice, outcome, body.include_usage),
