@@ -19,6 +19,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from swarm.errors import ConfigError, MissingBlocksError, SwarmError
@@ -185,6 +186,9 @@ class OpenAIServer:
         return EventSourceResponse(
             _events(deltas, head | {"object": chunk_kind}, choice, outcome, body.include_usage),
             ping=600,  # tokens are the keep-alive; no comment lines mid-answer
+            # A client gone before the first event means the generator never starts (and never
+            # frees the slot); this runs after the response in every case. Releasing is idempotent.
+            background=BackgroundTask(release),
         )
 
     async def _deltas(

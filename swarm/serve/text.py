@@ -87,15 +87,19 @@ def _chat_template(directory: Path, config: dict[str, Any]) -> str | None:
 class Detokenizer:
     """Turn tokens into text deltas as they arrive, and stop at the first stop string.
 
-    Text is re-decoded from all tokens (a token may complete a character begun by the previous
-    one), and a delta is held back while it might be the start of a stop string, so the streamed
-    deltas always join to exactly the final text.
+    Incremental, as vLLM and transformers' streamers do: each token re-decodes only a short window
+    (the tokens since the last emitted text, plus the one before them for context), so a long
+    answer costs O(1) per token, and a token that ends in half a character waits for the next.
+    A delta is held back while it might be the start of a stop string, so the streamed deltas
+    always join to exactly the final text.
     """
 
     def __init__(self, text_model: TextModel, stop: Sequence[str] = ()) -> None:
         self.text_model = text_model
         self.stop = [s for s in stop if s]
         self.ids: list[int] = []
+        self.prefix = 0  # window start: context for the pending tokens' decoding
+        self.read = 0  # tokens before this index are in `text`
         self.text = ""
         self.emitted = 0
         self.stopped = False
@@ -103,19 +107,35 @@ class Detokenizer:
     def add(self, token: int) -> str:
         """The new text safe to show after `token` ("" while undecided); sets `stopped` at a stop string."""
         self.ids.append(token)
-        text = self.text_model.decode(self.ids)
-        if text.endswith("\ufffd"):  # half a character: wait for the rest
+        decode = self.text_model.decode
+        before = decode(self.ids[self.prefix : self.read])
+        window = decode(self.ids[self.prefix :])
+        if window.endswith("\ufffd") or len(window) <= len(before):  # half a character, or nothing yet
             return ""
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.text, self.stopped = text[:cut], True
-            return self._emit(len(self.text))
-        self.text = text
-        return self._emit(len(text) - self._held_back(text))
+        self.text += window[len(before) :]
+        self.prefix, self.read = self.read, len(self.ids)
+        return self._emit_checked()
 
     def flush(self) -> str:
-        """Whatever was held back, once no more tokens come."""
-        return self._emit(len(self.text))
+        """Whatever was held back, once no more tokens come (a last half character included)."""
+        if self.stopped:
+            return ""
+        if self.read < len(self.ids):
+            decode = self.text_model.decode
+            before = decode(self.ids[self.prefix : self.read])
+            self.text += decode(self.ids[self.prefix :])[len(before) :]
+            self.prefix = self.read = len(self.ids)
+        delta = self._emit_checked()
+        return delta if self.stopped else delta + self._emit(len(self.text))
+
+    def _emit_checked(self) -> str:
+        # A stop string may straddle deltas: search from where the longest one could begin.
+        start = max(0, self.emitted - max((len(s) for s in self.stop), default=0))
+        cut = min((i for i in (self.text.find(s, start) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.stopped = self.text[:cut], True
+            return self._emit(cut)
+        return self._emit(len(self.text) - self._held_back(self.text))
 
     def _held_back(self, text: str) -> int:
         """Length of the longest end of `text` that begins a stop string."""

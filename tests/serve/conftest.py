@@ -1,9 +1,9 @@
-"""One local swarm shared by the serve, chat and status page tests (test_serve.py, test_status_page.py).
+"""One local swarm shared by the serve, chat and status page tests of this package.
 
 Starting node processes is the slow part of these tests, so they share one swarm of a tiny chat
 model: a DHT peer, node-a (blocks 0:2, its only server), node-b and node-c (both 2:4), plus one
-`swarm serve` and one `swarm monitor` process. Tests that stop a node run last (at the end of
-test_status_page.py).
+`swarm serve` and one `swarm monitor` process, all stopped after the package's last test. Tests
+that stop a node run last (at the end of test_status_page.py, after test_api.py).
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ MODEL = "tiny-chat"
 NODE_ARGS = ("--metrics-port", "0", "--throughput", "50")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def chat_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = make_checkpoint(tmp_path_factory.mktemp("ckpt") / MODEL, num_layers=4, eos_token_id=[])
     return add_word_tokenizer(path)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def chat_swarm(tmp_path_factory: pytest.TempPathFactory, chat_model_path: Path) -> Iterator[LocalSwarm]:
     with LocalSwarm(tmp_path_factory.mktemp("chat-swarm")) as local:
         local.start_dht()
@@ -38,7 +38,7 @@ def chat_swarm(tmp_path_factory: pytest.TempPathFactory, chat_model_path: Path) 
         yield local
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def serve_url(
     tmp_path_factory: pytest.TempPathFactory, chat_swarm: LocalSwarm, chat_model_path: Path
 ) -> Iterator[str]:
@@ -53,7 +53,7 @@ def serve_url(
     assert "Traceback" not in log and "ERROR" not in log, log  # quiet when healthy
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def monitor_url(
     tmp_path_factory: pytest.TempPathFactory, chat_swarm: LocalSwarm, chat_model_path: Path
 ) -> Iterator[str]:
