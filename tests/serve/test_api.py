@@ -6,7 +6,11 @@ The official `openai` client talks to the server; its answers must be exactly wh
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -263,24 +267,33 @@ def test_client_gone_mid_stream_frees_its_session(server: str, local_swarm: Loca
 
 
 def test_chat_in_a_terminal(local_swarm: LocalSwarm, model_path: Path) -> None:
-    pexpect = pytest.importorskip("pexpect")
-    args = [
-        "-m",
-        "swarm.cli",
-        "chat",
-        "--model",
-        str(model_path),
-        "--initial-peers",
-        *local_swarm.initial_peers,
-    ]
-    child = pexpect.spawn(sys.executable, [*args, "--max-new-tokens", "1500"], encoding="utf-8", timeout=60)
+    """`swarm chat` on a pseudo-terminal. It is started with subprocess, not pexpect.spawn: forking
+    this process (gRPC threads live here) without exec breaks gRPC in the child. So Ctrl-C is sent
+    as the terminal sends it, SIGINT to the foreground process group (the chat's own session)."""
+    from pexpect import fdpexpect
+
+    args = ["chat", "--model", str(model_path), "--initial-peers", *local_swarm.initial_peers]
+    controller, terminal = os.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "swarm.cli", *args, "--max-new-tokens", "1500"],
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+        start_new_session=True,
+    )
+    os.close(terminal)
+    child = fdpexpect.fdspawn(controller, encoding="utf-8", timeout=60)
+
+    def ctrl_c() -> None:
+        os.killpg(proc.pid, signal.SIGINT)
+
     try:
         child.expect("Ctrl-D quits")
         child.expect_exact("you> ")
         child.sendline("w10 w11 w12")
         child.expect_exact("assistant> ")
         child.expect(r"w\d+ w\d+ w\d+ ")  # the answer streams in...
-        child.sendintr()  # ...until Ctrl-C stops it
+        ctrl_c()  # ...until Ctrl-C stops it
         child.expect_exact("[stopped]")
         child.expect(r"\[(\d+) prompt tokens\]")
         first = int(child.match.group(1))
@@ -288,13 +301,17 @@ def test_chat_in_a_terminal(local_swarm: LocalSwarm, model_path: Path) -> None:
         child.sendline("w13")
         child.expect_exact("assistant> ")
         child.expect(r"w\d+ ")
-        child.sendintr()
+        ctrl_c()
         child.expect(r"\[(\d+) prompt tokens\]")
         second = int(child.match.group(1))
         assert second > first + 3  # the first turn (question and partial answer) is in the history
         child.expect_exact("you> ")
-        child.sendeof()  # Ctrl-D quits
-        child.expect(pexpect.EOF)
+        child.send("\x04")  # Ctrl-D: end of input at the prompt quits
+        assert proc.wait(timeout=60) == 0
     finally:
-        child.close(force=True)
-    assert child.exitstatus == 0, child.before
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # its DHT process
+        os.close(controller)
