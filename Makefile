@@ -1,5 +1,5 @@
 # make demo  — build a tiny random model, start a local swarm, generate through it
-# make test  — lint, type-check and run the test suite
+# make test  — lint, type-check, install the Debian tools the tests drive (if missing), run the tests
 # make bench — run the benchmarks under bench/
 # make proto — regenerate swarm/_proto from proto/swarm/v1
 PYTHON ?= python3.11
@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench proto clean
+.PHONY: demo test lint bench proto clean system-deps
 
 # The venv is (re)built when pyproject.toml changes. torch is installed first and
 # pinned: a CPU build of 2.13.0 is on these machines, while an unpinned `torch`
@@ -32,7 +32,12 @@ lint: $(STAMP)
 	ln -s "$$PWD/node" $(TYPECHECK)/swarm/node && ln -s "$$PWD/coordinator" $(TYPECHECK)/swarm/coordinator
 	MYPYPATH=$(TYPECHECK) $(VENV)/bin/mypy $(TYPECHECK)/swarm tests bench
 
-test: lint
+# Debian's prometheus and chromium, which the status page and Prometheus tests drive for real;
+# installed with apt only where missing (CI runs as root).
+system-deps:
+	bash scripts/system-deps.sh
+
+test: lint system-deps
 	$(VENV)/bin/pytest -q
 
 bench: $(STAMP)

@@ -8,6 +8,10 @@ Tokens are printed as they are generated.
 
     swarm train --model CONFIG_OR_CHECKPOINT --initial-peers MADDR [--steps N] [--data PATH]
     swarm export --model CONFIG_OR_CHECKPOINT --initial-peers MADDR --checkpoint-dir DIR --out DIR
+
+    swarm serve --model PATH_OR_ID --initial-peers MADDR [--host 127.0.0.1] [--port 8000] [--ready-file PATH]
+    swarm monitor --initial-peers MADDR --model PATH_OR_ID... [--port 8001]   (status page only)
+    swarm chat --model PATH_OR_ID --initial-peers MADDR
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from typing import Any
 
 from swarm.cli_args import add_config_arguments, config_from_args
 from swarm.errors import ConfigError, SwarmError
+from swarm.serve.chat import ChatConfig
+from swarm.serve.config import MonitorConfig, ServeConfig
 
 
 @dataclass(frozen=True)
@@ -249,6 +255,24 @@ def export(cmd: ExportCommand) -> int:
     return 0
 
 
+def _serve(cfg: ServeConfig) -> int:
+    from swarm.serve.commands import serve
+
+    return serve(cfg)
+
+
+def _monitor(cfg: MonitorConfig) -> int:
+    from swarm.serve.commands import monitor
+
+    return monitor(cfg)
+
+
+def _chat(cfg: ChatConfig) -> int:
+    from swarm.serve.chat import chat
+
+    return chat(cfg)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="swarm", description="Use a model served by a Swarm.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -261,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
             ExportCommand,
             export,
         ),
+        "serve": ("serve an OpenAI-compatible API and a status page over the swarm", ServeConfig, _serve),
+        "monitor": ("serve the swarm's live status page, /api/status and /metrics", MonitorConfig, _monitor),
+        "chat": ("chat with a model of the swarm in the terminal", ChatConfig, _chat),
     }
     for name, (help_text, cls, _) in table.items():
         add_config_arguments(commands.add_parser(name, help=help_text), cls)

@@ -67,11 +67,11 @@ class LocalSwarm:
         self.processes: list[NodeProcess] = []
         self.initial_peers: list[str] = []
 
-    def _start(self, name: str, args: Sequence[str]) -> NodeProcess:
+    def _start(self, name: str, args: Sequence[str], module: str = "swarm.node.cli") -> NodeProcess:
         ready = self.workdir / f"{name}.ready.json"
         ready.unlink(missing_ok=True)
         log_path = self.workdir / f"{name}.log"
-        command = [sys.executable, "-m", "swarm.node.cli", *args, "--ready-file", str(ready)]
+        command = [sys.executable, "-m", module, *args, "--ready-file", str(ready)]
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
                 [*self.command_prefix, *command],
@@ -120,6 +120,10 @@ class LocalSwarm:
         span = ["--blocks", blocks] if blocks else []
         args = ["join", "--model", str(model), *span, "--initial-peers", *self.initial_peers, *extra]
         return self._start(name, args)
+
+    def start_command(self, name: str, *args: str) -> NodeProcess:
+        """Start `swarm ARGS` (a command taking --ready-file: serve, monitor) and wait until it is ready."""
+        return self._start(name, args, module="swarm.cli")
 
     def stop(self, node: NodeProcess, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Send `sig` to one of our processes and wait; SIGKILL if it outlives `timeout`.

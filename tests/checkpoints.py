@@ -152,3 +152,34 @@ def to_legacy_layout(config: dict[str, Any]) -> dict[str, Any]:
     config["rope_theta"] = rope.pop("rope_theta")
     config["rope_scaling"] = None if rope.get("rope_type") == "default" else rope
     return config
+
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+WORD_SPECIALS = ["<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+
+def add_word_tokenizer(
+    path: Path, vocab_size: int = 128, *, chat_template: str | None = CHAT_TEMPLATE
+) -> Path:
+    """Give a checkpoint a word-level tokenizer (`tokenizer.json` + `tokenizer_config.json`).
+
+    Token i >= 6 is the word `w{i}`, so any token sequence decodes to text and back; the chat
+    template is a small ChatML-like one. Built locally: tests never download a tokenizer.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {tok: i for i, tok in enumerate(WORD_SPECIALS)}
+    vocab.update({f"w{i}": i for i in range(len(WORD_SPECIALS), vocab_size)})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens(WORD_SPECIALS)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    fast.save_pretrained(path)
+    return path

@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 
+from swarm.coordinator.routing import SwarmMap
 from swarm.node.metrics import NodeMetrics
+from swarm.serve.status import StatusBoard, summarize
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "swarm-node.json"
@@ -44,6 +46,13 @@ def exposed_names(metrics: NodeMetrics) -> set[str]:
         names.update(sample.name for sample in family.samples)
         names.update(family.name + suffix for suffix in SUFFIXES[family.type])
     return names
+
+
+def swarm_gauge_names() -> set[str]:
+    """The swarm-wide gauges `swarm serve` / `swarm monitor` export (swarm/serve/status.py)."""
+    board = StatusBoard(dht=None, models={"m": 1})  # never refreshed: its summary is set here
+    board.latest["m"] = summarize(SwarmMap("m", 1, ()))
+    return {sample.name for family in board.collect() for sample in family.samples}
 
 
 def metric_names(expr: str) -> set[str]:
@@ -134,13 +143,13 @@ def test_metric_names_skip_labels_functions_and_keywords() -> None:
 
 def test_dashboard_queries_only_exported_metrics() -> None:
     dashboard = load_dashboard()
-    exported = exposed_names(NodeMetrics())
+    exported = exposed_names(NodeMetrics()) | swarm_gauge_names()
     exprs = panel_exprs(dashboard)
     assert len(exprs) >= 20
     for title, expr in exprs:
         names = metric_names(expr)
         assert names, f"{title!r}: no metric in {expr!r}"
-        assert names <= exported, f"{title!r} queries {sorted(names - exported)} that NodeMetrics lacks"
+        assert names <= exported, f"{title!r} queries {sorted(names - exported)} that nothing exports"
     instance = variable(dashboard, "instance")
     match = LABEL_VALUES.match(instance["definition"])
     assert match and match.group(1) in exported and match.group(2) == "instance"
@@ -150,7 +159,9 @@ def test_dashboard_queries_only_exported_metrics() -> None:
 def test_every_selector_filters_on_the_instance_variable() -> None:
     for title, expr in panel_exprs(load_dashboard()):
         selectors = re.findall(r"\b(swarm_node_\w+)(\{[^}]*\})?", expr)
-        assert selectors, title
+        if not selectors:  # the whole swarm's gauges come from the monitor, not from a node instance
+            assert metric_names(expr) <= swarm_gauge_names(), title
+            continue
         for name, matchers in selectors:
             assert 'instance=~"$instance"' in matchers, f"{title!r}: {name} ignores $instance"
 
@@ -282,3 +293,8 @@ def test_readme_describes_every_deploy_file() -> None:
     for path in (DASHBOARD, PROMETHEUS_YML, COMPOSE, DATASOURCES_YML, DASHBOARDS_YML, TARGETS_DIR):
         assert str(path.relative_to(DEPLOY.parent)) in readme, path
     assert "docker compose -f deploy/docker-compose.yml up" in readme
+
+
+@pytest.mark.parametrize("metric", sorted(swarm_gauge_names()))
+def test_dashboard_has_a_panel_for_swarm_gauge(metric: str) -> None:
+    assert any(metric in metric_names(expr) for _, expr in panel_exprs(load_dashboard()))

@@ -58,3 +58,12 @@ def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
     except BaseException:
         future.cancel()
         raise
+
+
+async def run_on_client_loop(coro: Coroutine[Any, Any, T]) -> T:
+    """Await `coro` on the client loop from another running loop (an HTTP server's, say).
+
+    The DHT and the swarm map must be used from the client loop; this lets an async caller wait
+    for them without blocking its own loop. Cancelling the caller cancels `coro`.
+    """
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, get_loop()))

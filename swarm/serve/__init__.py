@@ -1,0 +1,1 @@
+"""`swarm serve`, `swarm monitor`, `swarm chat`: the OpenAI API, the status page, a terminal chat."""
