@@ -63,9 +63,10 @@ class BackwardResult:
 # that always runs alone (key None) may return a BackwardResult, already on the CPU.
 Result = Tensor | BackwardResult | dict[str, Tensor]
 Compute = Callable[[list[Tensor]], Result]
-# on_gradients(grads, samples): called on the worker thread with the weight gradients of one
-# training Backward (of its mean loss over `samples` sequences), in the blocks' parameter order.
-OnGradients = Callable[[list[Tensor], int], None]
+# on_gradients(grads, samples, step): called on the worker thread with the weight gradients of one
+# training Backward (of its mean loss over `samples` sequences), in the blocks' parameter order,
+# and the optimizer step the request is tagged with (None: untagged).
+OnGradients = Callable[[list[Tensor], int, int | None], None]
 
 
 def deadline_after(seconds: float | None) -> float | None:
@@ -391,7 +392,9 @@ def _backward(blocks: list[LlamaBlock], first: int, loras: Loras, inputs: list[T
     return BackwardResult(grads[0].cpu(), grad_prompts, adapter_grads)
 
 
-def _train_backward(blocks: list[LlamaBlock], on_gradients: OnGradients, inputs: list[Tensor]) -> Result:
+def _train_backward(
+    blocks: list[LlamaBlock], on_gradients: OnGradients, step: int | None, inputs: list[Tensor]
+) -> Result:
     """Training: d(loss)/d(inputs), and the weights' gradients handed to the optimizer hook.
 
     Runs on the worker thread, so no forward pass reads the weights while the hook (the
@@ -406,6 +409,7 @@ def _train_backward(blocks: list[LlamaBlock], on_gradients: OnGradients, inputs:
     on_gradients(
         [g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads, strict=True)],
         hidden.shape[0],
+        step,
     )
     return grad_in
 
@@ -567,9 +571,11 @@ class BlockBackend:
         adapter: Adapter | None = None,
         prompts: Tensor | None = None,
         deadline: float | None = None,
+        step: int | None = None,
     ) -> BackwardResult:
         """Stateless backward: recompute the span's forward under autograd; gradients of the inputs,
-        and of the prompts and adapter tensors when the request has them."""
+        and of the prompts and adapter tensors when the request has them. `step`: a training
+        request's optimizer step tag, handed to on_gradients."""
         blocks = self._blocks(start, end)
         self._check_hidden(hidden)
         self._check_hidden(grad_outputs, "grad_outputs")
@@ -588,7 +594,7 @@ class BlockBackend:
                 raise ProtocolError(
                     f"a training node runs its whole stage {self.start}:{self.end}, not {start}:{end}"
                 )
-            compute = partial(_train_backward, blocks, self.on_gradients)
+            compute = partial(_train_backward, blocks, self.on_gradients, step)
         inputs = [hidden, grad_outputs] if prompts is None else [hidden, grad_outputs, prompts]
         out = await self.worker.submit(BACKWARD, inputs, compute, key=key, deadline=deadline)
         if isinstance(out, BackwardResult):

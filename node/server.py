@@ -236,8 +236,16 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
                 if request.header.min_epoch and self.await_epoch is not None:
                     await self.await_epoch(request.header.min_epoch)
                 deadline = deadline_after(context.time_remaining())
+                step = request.header.step if request.header.HasField("step") else None
                 result = await self._backend().backward(
-                    hidden, grad_out, start, end, adapter=adapter, prompts=prompts, deadline=deadline
+                    hidden,
+                    grad_out,
+                    start,
+                    end,
+                    adapter=adapter,
+                    prompts=prompts,
+                    deadline=deadline,
+                    step=step,
                 )
                 self._count_tokens("Backward", hidden)
                 response = swarm_pb2.BackwardResponse(

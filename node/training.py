@@ -272,7 +272,7 @@ async def _serve_stage(
         cache_bytes=cfg.cache_bytes or (64 << 20),
         batching=cfg.batching,
         batch_tokens=cfg.batch_tokens,
-        on_gradients=lambda grads, samples: holder[0].accumulate(grads, samples),
+        on_gradients=lambda grads, samples, step: holder[0].accumulate(grads, samples, step),
         slowdown=cfg.slowdown,
     )
 

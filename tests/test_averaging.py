@@ -172,3 +172,22 @@ def test_a_lone_trainer_takes_the_whole_step_and_a_stranger_is_refused() -> None
     assert [step_share(9, ["b", "a"], me) for me in ("a", "b")] == [5, 4]
     with pytest.raises(ValueError, match="not among"):
         step_share(8, ["a"], "b")
+
+
+def test_a_micro_batch_of_a_closed_step_joins_the_next_without_moving_its_boundary() -> None:
+    """A trainer that took more than its share of step 0 (it thought it was alone) sends a micro-batch
+    tagged 0 after step 0 closed: its gradient joins step 1, but step 1 still closes only when the
+    samples of step 1's own micro-batches reach the target, so the stage stays in step with the trainers."""
+    _, state = model_and_state()
+    collab = Collaboration("test-stage", "me", state, CFG, exclusive=lambda fn: fn(), membership=None)
+    ones = [torch.ones_like(p) for p in state.params]
+    for _ in range(4):
+        collab.accumulate(ones, 4, step=0)
+    assert collab.epoch == 1
+    collab.accumulate([2 * g for g in ones], 4, step=0)  # late: counts towards nothing
+    assert (collab.accumulator.samples, collab.accumulator.counted) == (4, 0)
+    for _ in range(3):
+        collab.accumulate(ones, 4, step=1)
+    assert collab.epoch == 1  # 16 samples held, but only 12 of step 1's own
+    collab.accumulate(ones, 4)  # untagged requests (asynchronous trainers) always count
+    assert collab.epoch == 2 and collab.accumulator.samples == 0

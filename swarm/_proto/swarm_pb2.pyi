@@ -63,20 +63,22 @@ class Span(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class RequestHeader(_message.Message):
-    __slots__ = ("protocol_version", "model", "span", "response_codec", "adapter", "min_epoch")
+    __slots__ = ("protocol_version", "model", "span", "response_codec", "adapter", "min_epoch", "step")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SPAN_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_CODEC_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     MIN_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     model: str
     span: Span
     response_codec: Codec
     adapter: str
     min_epoch: int
-    def __init__(self, protocol_version: _Optional[int] = ..., model: _Optional[str] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., response_codec: _Optional[_Union[Codec, str]] = ..., adapter: _Optional[str] = ..., min_epoch: _Optional[int] = ...) -> None: ...
+    step: int
+    def __init__(self, protocol_version: _Optional[int] = ..., model: _Optional[str] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., response_codec: _Optional[_Union[Codec, str]] = ..., adapter: _Optional[str] = ..., min_epoch: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ("protocol_version",)

@@ -47,6 +47,8 @@ class RemotePipeline:
     eligible: Callable[[ServerRecord], bool] | None = None
     # Training: every hop computes with its stage's weights of at least this epoch (see RequestHeader).
     min_epoch: int = 0
+    # Training: the optimizer step the micro-batch belongs to, on every Backward (RequestHeader.step).
+    step: int | None = None
 
     def tunings(self, prompts: torch.Tensor | None = None) -> list[Tuning]:
         """Each hop's share of the adapter and of deep prompts [num_blocks, batch or 1, prefix, hidden].
@@ -100,6 +102,7 @@ class RemotePipeline:
                 config=self.config,
                 tuning=tunings[i],
                 min_epoch=self.min_epoch,
+                step=self.step,
             )
             reply = await self._with_retry(i, call)
             grad = reply.grad_inputs

@@ -103,9 +103,14 @@ class ChannelPool:
 
 
 def request_header(
-    model: str, hop: Hop, codec: str, adapter: AdapterPayload | None = None, min_epoch: int = 0
+    model: str,
+    hop: Hop,
+    codec: str,
+    adapter: AdapterPayload | None = None,
+    min_epoch: int = 0,
+    step: int | None = None,
 ) -> swarm_pb2.RequestHeader:
-    return swarm_pb2.RequestHeader(
+    header = swarm_pb2.RequestHeader(
         protocol_version=swarm.PROTOCOL_VERSION,
         model=model,
         span=swarm_pb2.Span(start=hop.start, end=hop.end),
@@ -113,6 +118,9 @@ def request_header(
         adapter=adapter.hash if adapter is not None else "",
         min_epoch=min_epoch,
     )
+    if step is not None:
+        header.step = step
+    return header
 
 
 @dataclass(frozen=True)
@@ -168,6 +176,7 @@ async def remote_backward(
     config: ClientConfig,
     tuning: Tuning = NO_TUNING,
     min_epoch: int = 0,
+    step: int | None = None,
 ) -> BackwardReply:
     """d(loss)/d(hidden) for the span's inputs `hidden`, given d(loss)/d(its outputs), and the
     gradients of the hop's prompts and adapter tensors when it has them.
@@ -176,7 +185,7 @@ async def remote_backward(
     of the span can answer, not only the one that ran the forward pass.
     """
     request = swarm_pb2.BackwardRequest(
-        header=request_header(model, hop, config.codec, tuning.adapter, min_epoch),
+        header=request_header(model, hop, config.codec, tuning.adapter, min_epoch, step),
         hidden_states=wire.encode_tensor(hidden, config.codec),
         grad_outputs=wire.encode_tensor(grad_outputs, config.codec),
     )

@@ -108,14 +108,20 @@ def same_weights(a: list[float], b: list[float], rel: float = 1e-7) -> bool:
 
 
 class Accumulator:
-    """Thread-safe sums of (gradient x samples) towards the next step, in float32 on the CPU."""
+    """Thread-safe sums of (gradient x samples) towards the next step, in float32 on the CPU.
+
+    `samples` weighs the mean; `counted` (what counts towards the target batch) leaves out the
+    samples of micro-batches that came after their own step closed: they join the next step's
+    gradient without moving its boundary, which stays where the trainers put it."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._sums: list[torch.Tensor] | None = None
         self.samples = 0
+        self.counted = 0
 
-    def add(self, grads: list[torch.Tensor], samples: int) -> int:
+    def add(self, grads: list[torch.Tensor], samples: int, *, counts: bool = True) -> int:
+        """Add one request's gradients; the samples counted towards the target batch so far."""
         with self._lock:
             if self._sums is None:
                 self._sums = [g.detach().to("cpu", torch.float32) * samples for g in grads]
@@ -123,12 +129,13 @@ class Accumulator:
                 for s, g in zip(self._sums, grads, strict=True):
                     s.add_(g.detach().to("cpu", torch.float32), alpha=samples)
             self.samples += samples
-            return self.samples
+            self.counted += samples if counts else 0
+            return self.counted
 
     def take(self) -> tuple[list[torch.Tensor] | None, int]:
         with self._lock:
             sums, samples = self._sums, self.samples
-            self._sums, self.samples = None, 0
+            self._sums, self.samples, self.counted = None, 0, 0
             return sums, samples
 
     def put_back(self, sums: list[torch.Tensor] | None, samples: int) -> None:
@@ -141,6 +148,7 @@ class Accumulator:
                 for s, t in zip(self._sums, sums, strict=True):
                     s.add_(t)
             self.samples += samples
+            self.counted += samples
 
 
 # ---- the optimizer state ----------------------------------------------------------------------

@@ -112,10 +112,12 @@ class Collaboration:
 
     # ---- called on the compute thread -----------------------------------------------------------
 
-    def accumulate(self, grads: list[torch.Tensor], samples: int) -> None:
-        """One request's gradients (of its mean loss over `samples` sequences). A peer with no mates
-        steps right here once it holds the target batch, exactly as one process would."""
-        total = self.accumulator.add(grads, samples)
+    def accumulate(self, grads: list[torch.Tensor], samples: int, step: int | None = None) -> None:
+        """One request's gradients (of its mean loss over `samples` sequences), of optimizer step
+        `step` when a synchronous trainer tagged it: one tagged with a step that already closed here
+        (a trainer issued more than its share) joins the next step without counting towards it.
+        A peer with no mates steps right here once it holds the target batch, as one process would."""
+        total = self.accumulator.add(grads, samples, counts=step is None or step >= self.epoch)
         if not self.live_mates() and self.frozen is None and total >= self.cfg.target_batch_size:
             sums, n = self.accumulator.take()
             if sums is not None:
@@ -242,7 +244,7 @@ class Collaboration:
         ]
         for peer in silent:
             self._probed[peer] = now
-        request = swarm_pb2.ReportRequest(header=self._header(self.epoch), samples=self.accumulator.samples)
+        request = swarm_pb2.ReportRequest(header=self._header(self.epoch), samples=self.accumulator.counted)
         replies = await asyncio.gather(
             *(self._stub(peer).Report(request, timeout=1.0) for peer in silent), return_exceptions=True
         )
@@ -256,7 +258,7 @@ class Collaboration:
             for peer, (epoch, samples, when) in self.reports.items()
             if epoch == self.epoch and now - when < self.cfg.fresh_seconds and peer in self.members
         ]
-        total = self.accumulator.samples + sum(fresh)
+        total = self.accumulator.counted + sum(fresh)
         return total >= self.cfg.target_batch_size and self.frozen is None
 
     # ---- leading a round --------------------------------------------------------------------------
@@ -355,7 +357,7 @@ class Collaboration:
     # ---- following --------------------------------------------------------------------------------
 
     async def _report(self, leader: str, now: float) -> None:
-        samples = self.accumulator.samples
+        samples = self.accumulator.counted
         last_epoch, last_samples, when = self._reported
         if (last_epoch, last_samples) == (self.epoch, samples) and now - when < self.cfg.report_period:
             return

@@ -241,7 +241,7 @@ class Head:
         )
 
     def apply(
-        self, tokens: torch.Tensor, grad_embedded: torch.Tensor, head_grads: list[torch.Tensor]
+        self, tokens: torch.Tensor, grad_embedded: torch.Tensor, head_grads: list[torch.Tensor], step: int
     ) -> None:
         """Hand one micro-batch's gradients (head, plus embeddings from the blocks' input gradient)
         to the collaboration, which steps when it has its target batch."""
@@ -253,7 +253,7 @@ class Head:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
         for p in self._params:
             p.grad = None
-        self.collaboration.accumulate(grads, tokens.shape[0])
+        self.collaboration.accumulate(grads, tokens.shape[0], step)
 
     def shutdown(self) -> None:
         self._thread.shutdown(wait=True)
@@ -378,7 +378,7 @@ class Trainer:
         for attempt in range(1, self.cfg.max_attempts + 1):
             try:
                 pipeline = await self._pipeline()
-                pipeline.min_epoch = epoch
+                pipeline.min_epoch = pipeline.step = epoch
             except SwarmError as e:  # e.g. a stage with no peer right now
                 error = e
                 await self._wait_before(attempt, e)
@@ -390,7 +390,7 @@ class Trainer:
                 hidden, inputs = await pipeline.forward(embedded)
                 loss, grad_hidden, head_grads = await self.head.run(self.head.loss, hidden, tokens)
                 reply = await pipeline.backward(inputs, grad_hidden)
-                await self.head.run(self.head.apply, tokens, reply.grad_inputs, head_grads)
+                await self.head.run(self.head.apply, tokens, reply.grad_inputs, head_grads, epoch)
                 return loss, attempt > 1 or bool(pipeline.banned)
             except SwarmError as e:
                 if not e.retryable:
