@@ -36,6 +36,7 @@ from swarm.errors import (
 from swarm.node.adapters import Adapter
 from swarm.node.backend import BackendClosed, BlockBackend, InferenceSession, deadline_after
 from swarm.node.metrics import NodeMetrics, RequestOutcome
+from swarm.request_parsing import ParseRequests
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = swarm_pb2.DESCRIPTOR.services_by_name["BlockService"].full_name
@@ -439,7 +440,8 @@ async def start_grpc_server(
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Start BlockService (+ AveragingService for a training node) + health + reflection; returns
     (server, bound port, health servicer)."""
-    server = grpc.aio.server(options=grpc_options(max_message_bytes))
+    # ParseRequests: bytes that are no protobuf get INVALID_ARGUMENT, on every service below.
+    server = grpc.aio.server(options=grpc_options(max_message_bytes), interceptors=[ParseRequests()])
     swarm_pb2_grpc.add_BlockServiceServicer_to_server(servicer, server)
     services = [SERVICE_NAME]
     if averaging is not None:
