@@ -80,22 +80,43 @@ class BackendClosed(SwarmError):
 
 
 class CacheBudget:
-    """Bytes of KV cache all sessions together may hold; a session that does not fit is refused."""
+    """Bytes of KV cache all sessions together may hold; a session that does not fit is refused.
 
-    def __init__(self, total_bytes: int) -> None:
+    Fair share: one owner (a client connection) may always open a first session that fits, but
+    its further sessions may only bring it up to `share` of the budget, so a client that opens
+    sessions in a loop leaves the rest to the clients after it. (A first session is not capped:
+    one long session may legitimately need the whole cache of a small node.)
+    """
+
+    def __init__(self, total_bytes: int, share: float = 1.0) -> None:
         self.total = total_bytes
+        self.share = share
         self.used = 0
+        self.held: dict[str, int] = {}  # owner -> bytes its open sessions hold
 
-    def reserve(self, nbytes: int) -> None:
+    def reserve(self, nbytes: int, owner: str | None = None) -> None:
         if self.used + nbytes > self.total:
             raise LimitExceeded(
                 f"KV cache full: the session needs {nbytes} bytes, {self.total - self.used} of "
                 f"{self.total} are free; use a shorter max_length or another server"
             )
+        if owner is not None:
+            held, cap = self.held.get(owner, 0), int(self.share * self.total)
+            if held and held + nbytes > cap:
+                raise LimitExceeded(
+                    f"this connection's sessions hold {held} of this node's {self.total} KV-cache bytes; "
+                    f"one connection may hold at most {cap} ({self.share:.0%}) beyond its first session "
+                    "so that other clients get served: close a session or use another server"
+                )
+            self.held[owner] = held + nbytes
         self.used += nbytes
 
-    def release(self, nbytes: int) -> None:
+    def release(self, nbytes: int, owner: str | None = None) -> None:
         self.used = max(0, self.used - nbytes)
+        if owner is not None:
+            left = self.held.pop(owner, 0) - nbytes
+            if left > 0:
+                self.held[owner] = left
 
 
 _session_ids = itertools.count(1)
@@ -112,6 +133,7 @@ class InferenceSession:
     caches: list[LayerCache]
     nbytes: int
     adapter: Adapter | None = None
+    owner: str | None = None  # the client connection, for its fair share of the cache
     id: int = field(default_factory=lambda: next(_session_ids))
 
     @property
@@ -454,6 +476,7 @@ class BlockBackend:
         dtype: torch.dtype,
         device: torch.device,
         cache_bytes: int,
+        cache_share: float = 1.0,
         adapter_bytes: int = 256 << 20,
         batching: bool = True,
         batch_tokens: int = DEFAULT_BATCH_TOKENS,
@@ -470,8 +493,8 @@ class BlockBackend:
             block.requires_grad_(on_gradients is not None)
         self.start, self.end = start, start + len(blocks)
         self.dtype, self.device = dtype, device
-        self.budget = CacheBudget(cache_bytes)
-        self.adapters = AdapterCache(adapter_bytes)  # client LoRA adapters for this span
+        self.budget = CacheBudget(cache_bytes, cache_share)
+        self.adapters = AdapterCache(adapter_bytes, cache_share)  # client LoRA adapters for this span
         self.sessions: dict[int, InferenceSession] = {}
         self.worker = ComputeWorker(
             device, dtype, batching=batching, batch_tokens=batch_tokens, on_batch=on_batch, slowdown=slowdown
@@ -597,28 +620,34 @@ class BlockBackend:
         return BackwardResult(out)
 
     def open_session(
-        self, start: int, end: int, batch_size: int, max_length: int, adapter: Adapter | None = None
+        self,
+        start: int,
+        end: int,
+        batch_size: int,
+        max_length: int,
+        adapter: Adapter | None = None,
+        owner: str | None = None,
     ) -> InferenceSession:
         blocks = self._blocks(start, end)
         per_block = LayerCache.bytes_needed(self.config, batch_size, max_length, self.dtype)
         nbytes = per_block * len(blocks)
-        self.budget.reserve(nbytes)
+        self.budget.reserve(nbytes, owner)
         try:
             caches = [
                 LayerCache(self.config, batch_size, max_length, self.dtype, self.device) for _ in blocks
             ]
         except BaseException:
-            self.budget.release(nbytes)
+            self.budget.release(nbytes, owner)
             raise
         # The session holds its adapter: evicting it from the node's cache does not break the session.
-        session = InferenceSession(start, end, batch_size, max_length, caches, nbytes, adapter)
+        session = InferenceSession(start, end, batch_size, max_length, caches, nbytes, adapter, owner)
         self.sessions[session.id] = session
         return session
 
     def close_session(self, session: InferenceSession) -> None:
         if self.sessions.pop(session.id, None) is not None:
             session.caches.clear()
-            self.budget.release(session.nbytes)
+            self.budget.release(session.nbytes, session.owner)
 
     async def step(
         self,

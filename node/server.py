@@ -281,7 +281,7 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
                 if session is None:
                     header = request.header
                     backend = self._backend()  # the session stays on it even if the node moves
-                    session = self._open_session(request)
+                    session = self._open_session(request, context.peer())
                 if not request.HasField("step"):
                     continue
                 step = request.step
@@ -302,7 +302,7 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
             if session is not None:
                 backend.close_session(session)
 
-    def _open_session(self, request: swarm_pb2.InferenceRequest) -> InferenceSession:
+    def _open_session(self, request: swarm_pb2.InferenceRequest, owner: str) -> InferenceSession:
         if not request.HasField("header") or not request.HasField("open"):
             raise ProtocolError("the first message of an Inference stream must carry `header` and `open`")
         start, end = self._check_header(request.header)
@@ -317,7 +317,8 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
         if batch > self.limits.max_batch:
             raise LimitExceeded(f"batch_size {batch} exceeds this node's max_batch {self.limits.max_batch}")
         adapter = self._adapter(request.header)
-        return self._backend().open_session(start, end, batch, max_length, adapter)
+        # owner: the client's connection, which gets a fair share of the KV cache (CacheBudget)
+        return self._backend().open_session(start, end, batch, max_length, adapter, owner=owner)
 
     async def GetState(
         self, request: swarm_pb2.StateRequest, context: grpc.aio.ServicerContext
@@ -362,7 +363,9 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
                 self._check_header(header)
                 span = (backend.start, backend.end)
                 # Hashing and copying a large adapter takes a while: keep the event loop free.
-                await asyncio.to_thread(backend.adapters.load, request, backend.config, span, backend.device)
+                await asyncio.to_thread(
+                    backend.adapters.load, request, backend.config, span, backend.device, context.peer()
+                )
                 return swarm_pb2.LoadAdapterResponse(
                     cached_bytes=backend.adapters.used, budget_bytes=backend.adapters.budget
                 )
