@@ -33,7 +33,7 @@ class ParseRequests(grpc.aio.ServerInterceptor):
 
     def __init__(self) -> None:
         # Handlers are fixed once the server starts: wrap each method once, not on every call.
-        self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
@@ -41,9 +41,12 @@ class ParseRequests(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method = handler_call_details.method
-        if method not in self._wrapped:
-            self._wrapped[method] = _wrap(method, await continuation(handler_call_details))
-        return self._wrapped[method]  # None for an unknown method: gRPC answers UNIMPLEMENTED
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            wrapped = _wrap(method, await continuation(handler_call_details))
+            if wrapped is not None:  # not unknown names: a client could send endless new ones
+                self._wrapped[method] = wrapped
+        return wrapped  # None for an unknown method: gRPC answers UNIMPLEMENTED
 
 
 def _wrap(method: str, handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler | None:

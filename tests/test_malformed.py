@@ -198,3 +198,12 @@ async def still_serves(channel: grpc.aio.Channel) -> None:
     )
     response = await swarm_pb2_grpc.BlockServiceStub(channel).Forward(request, timeout=TIMEOUT)
     assert list(response.hidden_states.shape) == [2, 5, CONFIG.hidden_size]
+
+
+async def test_unknown_methods_stay_unimplemented(node: str) -> None:
+    async with grpc.aio.insecure_channel(node) as channel:
+        for name in ("/swarm.v1.BlockService/Nope", "/no.such.Service/Info"):
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await channel.unary_unary(name)(b"\x0f", timeout=TIMEOUT)
+            assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        await still_serves(channel)
