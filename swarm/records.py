@@ -351,7 +351,7 @@ def _parse_entries(entry: Any, model: str, block: int, now: float) -> list[Serve
         # Unowned subkeys carry no signature, so anyone could have written them: skip those too.
         owned = isinstance(subkey, bytes) and subkey.startswith(_OWNER_PREFIX)
         record = _parse_record(item.value, model, block) if owned and item.expiration_time >= now else None
-        if record is not None and not signed_by(subkey, record.peer_id, f"a record of {model}.{block}"):
+        if record is not None and not signed_by(subkey, record.peer_id, f"records of {model}"):
             record = None  # signed, but by another key than the peer id it names: a forgery
         if record is None:
             logger.debug("skipping DHT value for %s.%d under %r: %r", model, block, subkey, item)
