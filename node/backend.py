@@ -36,6 +36,7 @@ from swarm.adapters import tensor_name
 from swarm.errors import ConfigError, DeadlineExceeded, LimitExceeded, ProtocolError, SwarmError
 from swarm.models.llama import BlockLora, LayerCache, LlamaBlock, LlamaConfig, hf_block_prefix
 from swarm.node.adapters import Adapter, AdapterCache
+from swarm.request_parsing import caller
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ class _Task:
     future: asyncio.Future[Result]
     loop: asyncio.AbstractEventLoop
     deadline: float | None
+    owner: str | None = None  # the client connection (request_parsing.caller), to serve clients in turn
     enqueued: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # the caller went away; set under the worker's lock
 
@@ -197,6 +199,8 @@ class ComputeWorker:
         self.device, self.dtype = device, dtype
         self.batching, self.batch_tokens, self.on_batch = batching, batch_tokens, on_batch
         self._queues: tuple[deque[_Task], ...] = tuple(deque() for _ in KINDS)
+        self._served: dict[str | None, int] = {}  # owner -> the turn it was last served in
+        self._turn = 0
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._serve, name="swarm-compute", daemon=True)
@@ -214,7 +218,7 @@ class ComputeWorker:
         """Queue `compute(inputs)` and wait for its result (inputs are [batch, length, ...])."""
         loop = asyncio.get_running_loop()
         tokens = inputs[0].shape[0] * inputs[0].shape[1] if inputs else 0
-        task = _Task(kind, inputs, compute, key, tokens, loop.create_future(), loop, deadline)
+        task = _Task(kind, inputs, compute, key, tokens, loop.create_future(), loop, deadline, caller.get())
         with self._cond:
             if self._closed:
                 raise BackendClosed("this node is shutting down; send the request to another node")
@@ -269,10 +273,28 @@ class ComputeWorker:
             if self._closed:
                 return None
             queue = next(q for q in self._queues if q)
-            head = queue.popleft()
+            head = self._fair_head(queue)
             if not self.batching or head.key is None:
                 return [head]
             return [head, *self._companions(head, queue)]
+
+    def _fair_head(self, queue: deque[_Task]) -> _Task:
+        """Remove and return the oldest task of the owner served least recently (call under the lock):
+        a client that queues a burst of requests does not make the others wait behind all of it."""
+        head = queue[0]
+        if len(queue) > 1:
+            for task in queue:
+                if self._served.get(task.owner, -1) < self._served.get(head.owner, -1):
+                    head = task
+        if head is queue[0]:
+            queue.popleft()
+        else:
+            queue.remove(head)
+        if len(self._served) > 4096:  # owners come and go: forget them rather than grow forever
+            self._served.clear()
+        self._turn += 1
+        self._served[head.owner] = self._turn
+        return head
 
     def _companions(self, head: _Task, queue: deque[_Task]) -> list[_Task]:
         """Remove and return queued tasks that can share head's run, FIFO, within the token budget."""

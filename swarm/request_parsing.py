@@ -15,6 +15,7 @@ INVALID_ARGUMENT here.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -23,7 +24,12 @@ import grpc
 
 from swarm.errors import MalformedRequest
 
-__all__ = ["ParseRequests"]
+__all__ = ["ParseRequests", "caller"]
+
+# The peer address (`context.peer()`: one client connection) of the call the current task handles.
+# Set by ParseRequests for every call, so that a node's compute queue can serve its clients in turn
+# without every layer between the servicer and the queue passing it along.
+caller: contextvars.ContextVar[str | None] = contextvars.ContextVar("swarm_caller", default=None)
 
 Parse = Callable[[bytes], Any]
 
@@ -92,6 +98,7 @@ def _unary_request(behavior: Callable[..., Any], parse: Parse) -> Callable[..., 
     if inspect.isasyncgenfunction(behavior):  # streams its responses by yielding
 
         async def stream(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            caller.set(context.peer())
             request = await _parse_or_abort(parse, raw, context)
             async for response in behavior(request, context):
                 yield response
@@ -99,6 +106,7 @@ def _unary_request(behavior: Callable[..., Any], parse: Parse) -> Callable[..., 
         return stream
 
     async def unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        caller.set(context.peer())
         request = await _parse_or_abort(parse, raw, context)
         try:
             return await behavior(request, context)
@@ -118,6 +126,7 @@ def _stream_request(behavior: Callable[..., Any], parse: Parse) -> Callable[...,
     if inspect.isasyncgenfunction(behavior):
 
         async def stream(raw_requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
+            caller.set(context.peer())
             try:
                 async for response in behavior(requests(raw_requests), context):
                     yield response
@@ -127,6 +136,7 @@ def _stream_request(behavior: Callable[..., Any], parse: Parse) -> Callable[...,
         return stream
 
     async def unary(raw_requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
+        caller.set(context.peer())
         try:
             return await behavior(requests(raw_requests), context)
         except MalformedRequest as e:

@@ -4,8 +4,11 @@ on 127.0.0.1); one that loads adapters in a loop evicts its own, not the other c
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import AsyncIterator
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -14,7 +17,7 @@ import torch
 
 import swarm
 from swarm import wire
-from swarm._proto import swarm_pb2
+from swarm._proto import swarm_pb2, swarm_pb2_grpc
 from swarm.errors import LimitExceeded
 from swarm.models.llama import LayerCache, LlamaBlock, LlamaConfig
 from swarm.node.adapters import Adapter, AdapterCache
@@ -129,3 +132,77 @@ async def test_a_greedy_client_does_not_lock_out_the_next(node: str) -> None:
         others = [await open_session(polite) for _ in range(BUDGET_SESSIONS // 2)]
         for call in held + others:
             call.cancel()
+
+
+class Gate:
+    """on_batch hook: records each batch's tokens and holds the worker in the first batch."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.entered, self.opened = threading.Event(), threading.Event()
+
+    def __call__(self, kind: str, n_requests: int, tokens: int, queue_wait_s: float) -> None:
+        self.tokens.append(tokens)
+        if len(self.tokens) == 1:
+            self.entered.set()
+            self.opened.wait(timeout=30)  # bounded: a broken test fails instead of hanging
+
+
+async def test_a_burst_from_one_client_does_not_queue_the_next_behind_it() -> None:
+    """The compute queue serves clients in turn: a request of a second connection runs right
+    after the batch in progress, not after the greedy connection's whole burst."""
+    torch.manual_seed(0)
+    gate = Gate()
+    blocks = [LlamaBlock(CONFIG) for _ in range(CONFIG.num_hidden_layers)]
+    backend = BlockBackend(
+        CONFIG,
+        blocks,
+        0,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        cache_bytes=1 << 20,
+        batching=False,
+        on_batch=gate,
+    )
+    limits = ServerLimits(
+        max_batch=4, max_tokens=256, max_session_length=64, max_message_bytes=1 << 22, session_idle_timeout=30
+    )
+    server, port, _ = await start_grpc_server(
+        BlockServicer(backend, "tiny", "peer", limits), "127.0.0.1", 0, limits.max_message_bytes
+    )
+    address, burst = f"127.0.0.1:{port}", 10
+    try:
+        async with (
+            grpc.aio.insecure_channel(address, options=OWN_CONNECTION) as greedy,
+            grpc.aio.insecure_channel(address, options=OWN_CONNECTION) as polite,
+        ):
+            flood = [asyncio.create_task(forward(greedy, length=2)) for _ in range(burst)]
+            await asyncio.to_thread(gate.entered.wait, TIMEOUT)
+            await until(lambda: backend.worker.depth()["forward"] == burst - 1)
+            mine = asyncio.create_task(forward(polite, length=3))
+            await until(lambda: backend.worker.depth()["forward"] == burst)
+            gate.opened.set()
+            await asyncio.gather(mine, *flood)
+        assert gate.tokens == [2, 3] + [2] * (burst - 1)  # served second, not last
+    finally:
+        gate.opened.set()
+        await server.stop(None)
+        backend.shutdown()
+
+
+async def forward(channel: grpc.aio.Channel, length: int) -> None:
+    header = swarm_pb2.RequestHeader(
+        protocol_version=swarm.PROTOCOL_VERSION, model="tiny", span=swarm_pb2.Span(start=0, end=2)
+    )
+    request = swarm_pb2.ForwardRequest(
+        header=header, hidden_states=wire.encode_tensor(torch.randn(1, length, CONFIG.hidden_size))
+    )
+    await swarm_pb2_grpc.BlockServiceStub(channel).Forward(request, timeout=TIMEOUT)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Poll until `condition` holds; fail after TIMEOUT seconds."""
+    stop = time.monotonic() + TIMEOUT
+    while not condition():
+        assert time.monotonic() < stop, "condition not reached before the deadline"
+        await asyncio.sleep(0.01)
