@@ -32,11 +32,17 @@ class Adapter:
 
 
 class AdapterCache:
-    def __init__(self, budget_bytes: int) -> None:
+    """Fair share: the adapters one owner (a client connection) loaded may fill at most `share` of
+    the budget; a load beyond that evicts that owner's own least recently used adapters first, so
+    a client that loads adapters in a loop cannot push every other client's adapter out."""
+
+    def __init__(self, budget_bytes: int, share: float = 1.0) -> None:
         if budget_bytes < 0:
             raise ValueError(f"adapter budget must be >= 0 bytes, got {budget_bytes}")
         self.budget = budget_bytes
+        self.share = share
         self._adapters: OrderedDict[str, Adapter] = OrderedDict()
+        self._owners: dict[str, str | None] = {}  # adapter hash -> the connection that loaded it
         self._lock = threading.Lock()  # metrics read `used` from another thread
 
     @property
@@ -65,6 +71,7 @@ class AdapterCache:
         config: LlamaConfig,
         span: tuple[int, int],
         device: torch.device,
+        owner: str | None = None,
     ) -> Adapter:
         """Check a LoadAdapter request against the span and the budget, then keep the adapter."""
         if not _HASH.fullmatch(request.hash):
@@ -90,13 +97,27 @@ class AdapterCache:
             for block, pairs in grouped.items()
         }
         adapter = Adapter(request.hash, adapters.block_loras(on_device, request.scaling), declared)
-        self._keep(adapter)
+        self._keep(adapter, owner)
         return adapter
 
-    def _keep(self, adapter: Adapter) -> None:
+    def _keep(self, adapter: Adapter, owner: str | None = None) -> None:
         with self._lock:
             self._adapters[adapter.hash] = adapter
+            self._owners[adapter.hash] = owner
+            if owner is not None:  # over its share: the owner's own oldest adapters go first
+                mine = [a for h, a in self._adapters.items() if self._owners.get(h) == owner]
+                held = sum(a.nbytes for a in mine)
+                for old in mine[:-1]:  # never the newest
+                    if held <= self.share * self.budget:
+                        break
+                    self._drop(old.hash)
+                    held -= old.nbytes
             used = sum(a.nbytes for a in self._adapters.values())
             while used > self.budget:  # the newest always fits: load() checked it against the budget
-                _, evicted = self._adapters.popitem(last=False)
+                evicted = next(iter(self._adapters.values()))
+                self._drop(evicted.hash)
                 used -= evicted.nbytes
+
+    def _drop(self, key: str) -> None:
+        del self._adapters[key]
+        self._owners.pop(key, None)

@@ -36,6 +36,7 @@ from swarm.adapters import tensor_name
 from swarm.errors import ConfigError, DeadlineExceeded, LimitExceeded, ProtocolError, SwarmError
 from swarm.models.llama import BlockLora, LayerCache, LlamaBlock, LlamaConfig, hf_block_prefix
 from swarm.node.adapters import Adapter, AdapterCache
+from swarm.request_parsing import caller
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -81,22 +82,43 @@ class BackendClosed(SwarmError):
 
 
 class CacheBudget:
-    """Bytes of KV cache all sessions together may hold; a session that does not fit is refused."""
+    """Bytes of KV cache all sessions together may hold; a session that does not fit is refused.
 
-    def __init__(self, total_bytes: int) -> None:
+    Fair share: one owner (a client connection) may always open a first session that fits, but
+    its further sessions may only bring it up to `share` of the budget, so a client that opens
+    sessions in a loop leaves the rest to the clients after it. (A first session is not capped:
+    one long session may legitimately need the whole cache of a small node.)
+    """
+
+    def __init__(self, total_bytes: int, share: float = 1.0) -> None:
         self.total = total_bytes
+        self.share = share
         self.used = 0
+        self.held: dict[str, int] = {}  # owner -> bytes its open sessions hold
 
-    def reserve(self, nbytes: int) -> None:
+    def reserve(self, nbytes: int, owner: str | None = None) -> None:
         if self.used + nbytes > self.total:
             raise LimitExceeded(
                 f"KV cache full: the session needs {nbytes} bytes, {self.total - self.used} of "
                 f"{self.total} are free; use a shorter max_length or another server"
             )
+        if owner is not None:
+            held, cap = self.held.get(owner, 0), int(self.share * self.total)
+            if held and held + nbytes > cap:
+                raise LimitExceeded(
+                    f"this connection's sessions hold {held} of this node's {self.total} KV-cache bytes; "
+                    f"one connection may hold at most {cap} ({self.share:.0%}) beyond its first session "
+                    "so that other clients get served: close a session or use another server"
+                )
+            self.held[owner] = held + nbytes
         self.used += nbytes
 
-    def release(self, nbytes: int) -> None:
+    def release(self, nbytes: int, owner: str | None = None) -> None:
         self.used = max(0, self.used - nbytes)
+        if owner is not None:
+            left = self.held.pop(owner, 0) - nbytes
+            if left > 0:
+                self.held[owner] = left
 
 
 _session_ids = itertools.count(1)
@@ -113,6 +135,7 @@ class InferenceSession:
     caches: list[LayerCache]
     nbytes: int
     adapter: Adapter | None = None
+    owner: str | None = None  # the client connection, for its fair share of the cache
     id: int = field(default_factory=lambda: next(_session_ids))
 
     @property
@@ -133,6 +156,7 @@ class _Task:
     future: asyncio.Future[Result]
     loop: asyncio.AbstractEventLoop
     deadline: float | None
+    owner: str | None = None  # the client connection (request_parsing.caller), to serve clients in turn
     enqueued: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # the caller went away; set under the worker's lock
 
@@ -176,6 +200,8 @@ class ComputeWorker:
         self.device, self.dtype = device, dtype
         self.batching, self.batch_tokens, self.on_batch = batching, batch_tokens, on_batch
         self._queues: tuple[deque[_Task], ...] = tuple(deque() for _ in KINDS)
+        self._served: dict[str | None, int] = {}  # owner -> the turn it was last served in
+        self._turn = 0
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._serve, name="swarm-compute", daemon=True)
@@ -193,7 +219,7 @@ class ComputeWorker:
         """Queue `compute(inputs)` and wait for its result (inputs are [batch, length, ...])."""
         loop = asyncio.get_running_loop()
         tokens = inputs[0].shape[0] * inputs[0].shape[1] if inputs else 0
-        task = _Task(kind, inputs, compute, key, tokens, loop.create_future(), loop, deadline)
+        task = _Task(kind, inputs, compute, key, tokens, loop.create_future(), loop, deadline, caller.get())
         with self._cond:
             if self._closed:
                 raise BackendClosed("this node is shutting down; send the request to another node")
@@ -248,10 +274,28 @@ class ComputeWorker:
             if self._closed:
                 return None
             queue = next(q for q in self._queues if q)
-            head = queue.popleft()
+            head = self._fair_head(queue)
             if not self.batching or head.key is None:
                 return [head]
             return [head, *self._companions(head, queue)]
+
+    def _fair_head(self, queue: deque[_Task]) -> _Task:
+        """Remove and return the oldest task of the owner served least recently (call under the lock):
+        a client that queues a burst of requests does not make the others wait behind all of it."""
+        head = queue[0]
+        if len(queue) > 1:
+            for task in queue:
+                if self._served.get(task.owner, -1) < self._served.get(head.owner, -1):
+                    head = task
+        if head is queue[0]:
+            queue.popleft()
+        else:
+            queue.remove(head)
+        if len(self._served) > 4096:  # owners come and go: forget them rather than grow forever
+            self._served.clear()
+        self._turn += 1
+        self._served[head.owner] = self._turn
+        return head
 
     def _companions(self, head: _Task, queue: deque[_Task]) -> list[_Task]:
         """Remove and return queued tasks that can share head's run, FIFO, within the token budget."""
@@ -458,6 +502,7 @@ class BlockBackend:
         dtype: torch.dtype,
         device: torch.device,
         cache_bytes: int,
+        cache_share: float = 1.0,
         adapter_bytes: int = 256 << 20,
         batching: bool = True,
         batch_tokens: int = DEFAULT_BATCH_TOKENS,
@@ -474,8 +519,8 @@ class BlockBackend:
             block.requires_grad_(on_gradients is not None)
         self.start, self.end = start, start + len(blocks)
         self.dtype, self.device = dtype, device
-        self.budget = CacheBudget(cache_bytes)
-        self.adapters = AdapterCache(adapter_bytes)  # client LoRA adapters for this span
+        self.budget = CacheBudget(cache_bytes, cache_share)
+        self.adapters = AdapterCache(adapter_bytes, cache_share)  # client LoRA adapters for this span
         self.sessions: dict[int, InferenceSession] = {}
         self.worker = ComputeWorker(
             device, dtype, batching=batching, batch_tokens=batch_tokens, on_batch=on_batch, slowdown=slowdown
@@ -603,28 +648,34 @@ class BlockBackend:
         return BackwardResult(out)
 
     def open_session(
-        self, start: int, end: int, batch_size: int, max_length: int, adapter: Adapter | None = None
+        self,
+        start: int,
+        end: int,
+        batch_size: int,
+        max_length: int,
+        adapter: Adapter | None = None,
+        owner: str | None = None,
     ) -> InferenceSession:
         blocks = self._blocks(start, end)
         per_block = LayerCache.bytes_needed(self.config, batch_size, max_length, self.dtype)
         nbytes = per_block * len(blocks)
-        self.budget.reserve(nbytes)
+        self.budget.reserve(nbytes, owner)
         try:
             caches = [
                 LayerCache(self.config, batch_size, max_length, self.dtype, self.device) for _ in blocks
             ]
         except BaseException:
-            self.budget.release(nbytes)
+            self.budget.release(nbytes, owner)
             raise
         # The session holds its adapter: evicting it from the node's cache does not break the session.
-        session = InferenceSession(start, end, batch_size, max_length, caches, nbytes, adapter)
+        session = InferenceSession(start, end, batch_size, max_length, caches, nbytes, adapter, owner)
         self.sessions[session.id] = session
         return session
 
     def close_session(self, session: InferenceSession) -> None:
         if self.sessions.pop(session.id, None) is not None:
             session.caches.clear()
-            self.budget.release(session.nbytes)
+            self.budget.release(session.nbytes, session.owner)
 
     async def step(
         self,

@@ -121,6 +121,13 @@ class NodeConfig:
         default=None,
         metadata=_help("KV-cache budget shared by inference sessions; default: from free memory"),
     )
+    client_share: float = field(
+        default=0.5,
+        metadata=_help(
+            "most of the KV-cache budget (beyond its first session) and of the adapter store that one "
+            "client connection may hold, so that others get served (0-1; 1 turns the limit off)"
+        ),
+    )
     adapter_cache_bytes: int = field(
         default=256 * MiB,
         metadata=_help("bytes of client LoRA adapters kept (least recently used dropped first)"),
@@ -188,6 +195,8 @@ class NodeConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.client_share <= 1:
+            raise ConfigError(f"--client-share must be in (0, 1], got {self.client_share}")
         if self.adapter_cache_bytes < 0:
             raise ConfigError(f"--adapter-cache-bytes must be >= 0, got {self.adapter_cache_bytes}")
         for name in ("num_blocks", "cache_bytes", "throughput", "network_throughput"):

@@ -174,6 +174,7 @@ class Node:
             dtype=self.dtype,
             device=self.device,
             cache_bytes=self.cache_bytes,
+            cache_share=cfg.client_share,
             adapter_bytes=cfg.adapter_cache_bytes,
             batching=cfg.batching,
             batch_tokens=cfg.batch_tokens,

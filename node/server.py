@@ -36,6 +36,7 @@ from swarm.errors import (
 from swarm.node.adapters import Adapter
 from swarm.node.backend import BackendClosed, BlockBackend, InferenceSession, deadline_after
 from swarm.node.metrics import NodeMetrics, RequestOutcome
+from swarm.request_parsing import ParseRequests
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = swarm_pb2.DESCRIPTOR.services_by_name["BlockService"].full_name
@@ -288,7 +289,7 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
                 if session is None:
                     header = request.header
                     backend = self._backend()  # the session stays on it even if the node moves
-                    session = self._open_session(request)
+                    session = self._open_session(request, context.peer())
                 if not request.HasField("step"):
                     continue
                 step = request.step
@@ -309,7 +310,7 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
             if session is not None:
                 backend.close_session(session)
 
-    def _open_session(self, request: swarm_pb2.InferenceRequest) -> InferenceSession:
+    def _open_session(self, request: swarm_pb2.InferenceRequest, owner: str) -> InferenceSession:
         if not request.HasField("header") or not request.HasField("open"):
             raise ProtocolError("the first message of an Inference stream must carry `header` and `open`")
         start, end = self._check_header(request.header)
@@ -324,7 +325,8 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
         if batch > self.limits.max_batch:
             raise LimitExceeded(f"batch_size {batch} exceeds this node's max_batch {self.limits.max_batch}")
         adapter = self._adapter(request.header)
-        return self._backend().open_session(start, end, batch, max_length, adapter)
+        # owner: the client's connection, which gets a fair share of the KV cache (CacheBudget)
+        return self._backend().open_session(start, end, batch, max_length, adapter, owner=owner)
 
     async def GetState(
         self, request: swarm_pb2.StateRequest, context: grpc.aio.ServicerContext
@@ -369,7 +371,9 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
                 self._check_header(header)
                 span = (backend.start, backend.end)
                 # Hashing and copying a large adapter takes a while: keep the event loop free.
-                await asyncio.to_thread(backend.adapters.load, request, backend.config, span, backend.device)
+                await asyncio.to_thread(
+                    backend.adapters.load, request, backend.config, span, backend.device, context.peer()
+                )
                 return swarm_pb2.LoadAdapterResponse(
                     cached_bytes=backend.adapters.used, budget_bytes=backend.adapters.budget
                 )
@@ -447,7 +451,8 @@ async def start_grpc_server(
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Start BlockService (+ AveragingService for a training node) + health + reflection; returns
     (server, bound port, health servicer)."""
-    server = grpc.aio.server(options=grpc_options(max_message_bytes))
+    # ParseRequests: bytes that are no protobuf get INVALID_ARGUMENT, on every service below.
+    server = grpc.aio.server(options=grpc_options(max_message_bytes), interceptors=[ParseRequests()])
     swarm_pb2_grpc.add_BlockServiceServicer_to_server(servicer, server)
     services = [SERVICE_NAME]
     if averaging is not None:

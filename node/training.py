@@ -270,6 +270,7 @@ async def _serve_stage(
         dtype=torch.float32,
         device=device,
         cache_bytes=cfg.cache_bytes or (64 << 20),
+        cache_share=cfg.client_share,
         batching=cfg.batching,
         batch_tokens=cfg.batch_tokens,
         on_gradients=lambda grads, samples, step: holder[0].accumulate(grads, samples, step),

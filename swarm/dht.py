@@ -14,7 +14,9 @@ import asyncio
 import concurrent.futures
 import ipaddress
 import logging
+import os
 import socket
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -57,8 +59,10 @@ def start_dht(
     """Start a DHT node in a background process and wait until it has joined the swarm.
 
     Records are signed and checked with `identity`'s own key (a fresh one if None; never hivemind's
-    process-wide default, which every DHT in a process would share). Raises DHTError, saying what to
-    check, if the node cannot start or reach any initial peer within `startup_timeout` seconds.
+    process-wide default, which every DHT in a process would share), and the node's libp2p identity
+    is that same key, so `dht.peer_id == identity.peer_id`: the peer id that records carry is the
+    identity of the key that signs them. Raises DHTError, saying what to check, if the node cannot
+    start or reach any initial peer within `startup_timeout` seconds.
     """
     if identity is None:
         from swarm.records import NodeIdentity  # records builds on this module
@@ -68,19 +72,32 @@ def start_dht(
     maddr = listen_maddr(host, port)
     if port:
         _check_port_free(host, port)
-    dht = DHT(
-        initial_peers=peers,
-        start=False,
-        client_mode=client_mode,
-        record_validators=[identity.validator],
-        host_maddrs=[maddr],
-        startup_timeout=startup_timeout,  # p2pd's own start; it can be slow on a loaded machine
-    )
-    try:
-        dht.run_in_background(await_ready=True, timeout=startup_timeout)
-    except BaseException as e:
+    # p2pd reads its key from a file once, at start: a private temporary one, gone once it runs.
+    with tempfile.TemporaryDirectory(prefix="swarm-dht-") as tmp:
+        key_path = Path(tmp) / "identity.key"
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(identity.libp2p_key())
+        dht = DHT(
+            initial_peers=peers,
+            start=False,
+            client_mode=client_mode,
+            record_validators=[identity.validator],
+            host_maddrs=[maddr],
+            startup_timeout=startup_timeout,  # p2pd's own start; it can be slow on a loaded machine
+            identity_path=str(key_path),
+            # hivemind would start a second p2pd to ask the swarm whether the id is taken: slow, and
+            # a restarted node's own old entry would count as "taken"
+            check_if_identity_free=False,
+        )
+        try:
+            dht.run_in_background(await_ready=True, timeout=startup_timeout)
+        except BaseException as e:
+            _stop(dht)
+            raise DHTError(_startup_hint(e, maddr, peers, startup_timeout)) from e
+    if str(dht.peer_id) != identity.peer_id:  # records would name an id that readers reject
         _stop(dht)
-        raise DHTError(_startup_hint(e, maddr, peers, startup_timeout)) from e
+        raise DHTError(f"the DHT started as peer {dht.peer_id}, not as its key's peer {identity.peer_id}")
     return dht
 
 

@@ -26,6 +26,10 @@ class ProtocolError(SwarmError):
     """A message on the wire is malformed, of another protocol version, or out of limits."""
 
 
+class MalformedRequest(ProtocolError):
+    """The bytes of a request do not parse as the message its method takes (answered INVALID_ARGUMENT)."""
+
+
 class LimitExceeded(ProtocolError):
     """A request is well-formed but exceeds a limit of the node (size, batch, session length, cache).
 

@@ -5,6 +5,11 @@ JSON-compatible dict. The subkey embeds the node's RSA public key, so hivemind's
 RSASignatureValidator lets only the holder of the matching private key write under it: nobody can
 announce (or withdraw) on another node's behalf, and honest peers drop tampered copies.
 
+Identities are bound to keys: a node's peer id IS its key's libp2p peer id (the multihash of the
+public key; the node's DHT runs with that key, so `dht.peer_id` is the same id). A signature alone
+does not stop a node from signing a record that *claims* another node's peer id, so readers also
+check `signed_by(subkey, record.peer_id)`: the key in the subkey must hash to the claimed id.
+
 Compatibility: readers ignore unknown fields, so adding an optional field needs no version bump.
 `SCHEMA_VERSION` changes only for incompatible changes, and readers skip records of a newer version.
 """
@@ -12,16 +17,22 @@ Compatibility: readers ignore unknown fields, so adding an optional field needs 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
+import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import pydantic
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from hivemind.dht import DHT, DHTNode
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
@@ -40,6 +51,8 @@ __all__ = [
     "fetch_records",
     "latest_per_peer",
     "meta_key",
+    "owner_peer_id",
+    "signed_by",
     "withdraw",
 ]
 
@@ -47,6 +60,7 @@ logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION: Final = 1
 _OWNER_PREFIX: Final = RSASignatureValidator.PUBLIC_KEY_FORMAT.split(b"_key_")[0]  # b"[owner:"
+_OWNER_RE: Final = re.compile(RSASignatureValidator.PUBLIC_KEY_REGEX)
 OFFLINE_TTL: Final = 60.0  # seconds an OFFLINE record outlives the record it replaces
 # A DHT whose process died never answers; bound every call. Lookups normally take well under a second.
 DHT_TIMEOUT: Final = 60.0
@@ -136,6 +150,19 @@ class NodeIdentity:
         """The owner marker to store records under (contains the public key)."""
         return self.validator.local_public_key
 
+    @functools.cached_property
+    def peer_id(self) -> str:
+        """This key's libp2p peer id: the id of a DHT started with it, and the only `peer_id` that
+        readers accept in records signed with it."""
+        peer_id = owner_peer_id(self.subkey)
+        if peer_id is None:  # cannot happen: our own marker always holds our RSA key
+            raise ConfigError("this node's owner marker holds no RSA public key")
+        return peer_id
+
+    def libp2p_key(self) -> bytes:
+        """The private key as libp2p's serialized `PrivateKey` message (what p2pd's -id file holds)."""
+        return _libp2p_key_message(self.private_key.to_bytes())  # DER PKCS#1, as hivemind's own identities
+
     @classmethod
     def generate(cls) -> NodeIdentity:
         return cls(RSAPrivateKey())
@@ -166,6 +193,66 @@ def _load_key(path: Path) -> RSAPrivateKey:
             f"node identity file {path} is not an RSA private key ({e}); move it away to start afresh"
         ) from e
     return key
+
+
+def _libp2p_key_message(data: bytes) -> bytes:
+    """libp2p's `PublicKey`/`PrivateKey` protobuf: {1: key_type = RSA (0), 2: data}, encoded by hand
+    (two fields) rather than through hivemind's generated module."""
+    length = bytearray()
+    n = len(data)
+    while True:  # varint
+        byte, n = n & 0x7F, n >> 7
+        length.append(byte | (0x80 if n else 0))
+        if not n:
+            break
+    return b"\x08\x00\x12" + bytes(length) + data
+
+
+def owner_peer_id(subkey: object) -> str | None:
+    """The peer id of the RSA key in an owner-marker subkey (`[owner:ssh-rsa ...]`), or None when
+    the subkey is no marker (so no signature protects what is stored under it).
+
+    The libp2p peer id of an RSA key is the sha2-256 multihash of its serialized `PublicKey`
+    (DER SubjectPublicKeyInfo inside), in base58: the id p2pd derives from the same key.
+    """
+    return _owner_peer_id(subkey) if isinstance(subkey, bytes) else None
+
+
+@functools.lru_cache(maxsize=4096)  # readers check the same few subkeys on every refresh
+def _owner_peer_id(subkey: bytes) -> str | None:
+    match = _OWNER_RE.fullmatch(subkey)
+    if match is None:
+        return None
+    try:
+        key = serialization.load_ssh_public_key(match.group(1))
+    except (ValueError, UnsupportedAlgorithm):
+        return None
+    if not isinstance(key, rsa.RSAPublicKey):
+        return None
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    digest = hashlib.sha256(_libp2p_key_message(der)).digest()
+    return PeerID(b"\x12\x20" + digest).to_base58()  # multihash: sha2-256 (0x12), 32 bytes
+
+
+_reported: set[tuple[str, str, str]] = set()
+
+
+def signed_by(subkey: object, peer_id: object, what: str) -> bool:
+    """Whether a DHT value stored under `subkey` may speak for `peer_id`: the subkey is an owner
+    marker (hivemind checked the value's signature against its key) whose key hashes to `peer_id`.
+
+    A signed value claiming another peer's id is a forgery: logged once (WARNING) per claim.
+    """
+    signer = owner_peer_id(subkey)
+    if signer is None or signer == peer_id:
+        return signer is not None
+    claim = (what, str(peer_id), signer)
+    if claim not in _reported:
+        if len(_reported) > 1024:  # bounded: a flood of forgeries must not grow memory
+            _reported.clear()
+        _reported.add(claim)
+        logger.warning("ignoring %s signed by peer %s that claims to be peer %s", what, signer, peer_id)
+    return False
 
 
 # ---------------------------------------------------------------------------------------- DHT I/O ---
@@ -264,6 +351,8 @@ def _parse_entries(entry: Any, model: str, block: int, now: float) -> list[Serve
         # Unowned subkeys carry no signature, so anyone could have written them: skip those too.
         owned = isinstance(subkey, bytes) and subkey.startswith(_OWNER_PREFIX)
         record = _parse_record(item.value, model, block) if owned and item.expiration_time >= now else None
+        if record is not None and not signed_by(subkey, record.peer_id, f"records of {model}"):
+            record = None  # signed, but by another key than the peer id it names: a forgery
         if record is None:
             logger.debug("skipping DHT value for %s.%d under %r: %r", model, block, subkey, item)
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -17,6 +18,7 @@ from hivemind.dht import DHT, DHTNode
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord
+from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.serializer import MSGPackSerializer
@@ -32,8 +34,12 @@ from swarm.records import (
     block_key,
     fetch_records,
     meta_key,
+    owner_peer_id,
     withdraw,
 )
+from swarm.training.export import _reported_epochs
+from swarm.training.peers import DHTMembership, membership_key
+from swarm.training.stages import run_id
 
 TTL = 60.0
 
@@ -142,6 +148,10 @@ class Swarm:
         for name in "BC":
             self.dhts[name] = start_dht(initial_peers=peers, identity=self.ids[name], startup_timeout=60)
 
+    def record(self, name: str, **overrides: Any) -> ServerRecord:
+        """A record of peer `name`, naming its own (key-bound) peer id."""
+        return make_record(peer_id=self.ids[name].peer_id, **overrides)
+
     def shutdown(self) -> None:
         for dht in self.dhts.values():
             dht.shutdown()
@@ -163,7 +173,7 @@ async def eventually(check: Callable[[], Awaitable[bool]], deadline: float = 15.
 
 
 async def test_announce_then_fetch_from_other_peers(swarm: Swarm) -> None:
-    record = make_record(model="m-fetch", start=1, end=3)
+    record = swarm.record("A", model="m-fetch", start=1, end=3)
     await announce(swarm.dhts["A"], swarm.ids["A"], record, expiration_time=get_dht_time() + TTL)
     for name in "BC":
         found = await fetch_records(swarm.dhts[name], "m-fetch", [0, 1, 2, 3])
@@ -171,7 +181,7 @@ async def test_announce_then_fetch_from_other_peers(swarm: Swarm) -> None:
 
 
 async def test_records_expire(swarm: Swarm) -> None:
-    record = make_record(model="m-expiry", start=0, end=1)
+    record = swarm.record("A", model="m-expiry", start=0, end=1)
     await announce(swarm.dhts["A"], swarm.ids["A"], record, expiration_time=get_dht_time() + 1.5)
     assert (await fetch_records(swarm.dhts["B"], "m-expiry", [0]))[0] == [record]
 
@@ -183,13 +193,13 @@ async def test_records_expire(swarm: Swarm) -> None:
 
 async def test_several_servers_per_block_and_bad_values_are_skipped(swarm: Swarm) -> None:
     model, exp = "m-many", get_dht_time() + TTL
-    a = make_record(model=model, start=0, end=2)
-    b = make_record(model=model, start=1, end=3, peer_id="QmPeerB", grpc_address="127.0.0.1:50052")
+    a = swarm.record("A", model=model, start=0, end=2)
+    b = swarm.record("B", model=model, start=1, end=3, grpc_address="127.0.0.1:50052")
     await announce(swarm.dhts["A"], swarm.ids["A"], a, expiration_time=exp)
     await announce(swarm.dhts["B"], swarm.ids["B"], b, expiration_time=exp)
     # C publishes junk under its own (valid) subkey: malformed, another model, a span that does not
     # hold the block, a schema from the future; and a fine record under an unowned (unsigned) subkey.
-    good = make_record(model=model, start=0, end=4).model_dump(mode="json")
+    good = swarm.record("C", model=model, start=0, end=4).model_dump(mode="json")
     junk = [
         (0, {"hello": "world"}, swarm.ids["C"].subkey),
         (1, {**good, "model": "other"}, swarm.ids["C"].subkey),
@@ -201,11 +211,11 @@ async def test_several_servers_per_block_and_bad_values_are_skipped(swarm: Swarm
         future = swarm.dhts["C"].store(block_key(model, block), value, exp, subkey=subkey, return_future=True)
         assert await dht_call(future)
     found = await fetch_records(swarm.dhts["A"], model, [0, 1, 2, 3])
-    assert found == {0: [a], 1: [a, b], 2: [b], 3: []}
+    assert found == {0: [a], 1: sorted([a, b], key=lambda r: r.peer_id), 2: [b], 3: []}
 
 
 async def test_withdraw_marks_the_records_offline(swarm: Swarm) -> None:
-    record = make_record(model="m-withdraw", start=0, end=2)
+    record = swarm.record("A", model="m-withdraw", start=0, end=2)
     await announce(swarm.dhts["A"], swarm.ids["A"], record, expiration_time=get_dht_time() + TTL)
     await withdraw(swarm.dhts["A"], swarm.ids["A"], record)
     found = await fetch_records(swarm.dhts["C"], "m-withdraw", [0, 1])
@@ -214,7 +224,7 @@ async def test_withdraw_marks_the_records_offline(swarm: Swarm) -> None:
 
 async def test_peer_cannot_store_under_another_peers_subkey(swarm: Swarm) -> None:
     model, exp = "m-forge", get_dht_time() + TTL
-    genuine = make_record(model=model, start=0, end=1)
+    genuine = swarm.record("A", model=model, start=0, end=1)
     await announce(swarm.dhts["A"], swarm.ids["A"], genuine, expiration_time=exp)
     forged = genuine.model_copy(update={"grpc_address": "6.6.6.6:666"}).model_dump(mode="json")
     stored = await dht_call(
@@ -229,7 +239,7 @@ async def test_peer_cannot_store_under_another_peers_subkey(swarm: Swarm) -> Non
 
 async def test_tampered_signed_values_are_rejected_by_every_honest_peer(swarm: Swarm) -> None:
     model, exp = "m-tamper", get_dht_time() + TTL
-    genuine = make_record(model=model, start=0, end=1)
+    genuine = swarm.record("A", model=model, start=0, end=1)
     await announce(swarm.dhts["A"], swarm.ids["A"], genuine, expiration_time=exp)
     key, subkey = block_key(model, 0), swarm.ids["A"].subkey
     value = MSGPackSerializer.dumps(genuine.model_dump(mode="json"))
@@ -249,6 +259,66 @@ async def test_tampered_signed_values_are_rejected_by_every_honest_peer(swarm: S
         assert replies and all(reply == [False] for reply in replies), replies
     for name in "AC":
         assert (await fetch_records(swarm.dhts[name], model, [0]))[0] == [genuine]
+
+
+# ------------------------------------------------------------------ identities bound to keys ---
+
+
+def test_a_peer_id_is_the_identity_of_its_key(swarm: Swarm) -> None:
+    for name in "ABC":
+        identity = swarm.ids[name]
+        assert identity.peer_id == PeerID.from_identity(identity.libp2p_key()).to_base58()
+        assert str(swarm.dhts[name].peer_id) == identity.peer_id == owner_peer_id(identity.subkey)
+    assert owner_peer_id(b"anonymous") is None and owner_peer_id(b"[owner:ssh-rsa AAAA]") is None
+
+
+async def test_a_record_under_another_peers_id_is_rejected_by_every_reader(
+    swarm: Swarm, caplog: pytest.LogCaptureFixture
+) -> None:
+    """B signs, with its own key, a newer record that claims to be A: it would replace A's record in
+    every swarm map (one record per peer id, the newest) and send A's clients to B."""
+    model, exp = "m-impostor", get_dht_time() + TTL
+    genuine = swarm.record("A", model=model, start=0, end=2, announced_at=time.time())
+    await announce(swarm.dhts["A"], swarm.ids["A"], genuine, expiration_time=exp)
+    impostor = genuine.model_copy(update={"grpc_address": "6.6.6.6:666", "announced_at": time.time() + 60})
+    await announce(swarm.dhts["B"], swarm.ids["B"], impostor, expiration_time=exp)  # the DHT takes it
+    with caplog.at_level(logging.WARNING, logger="swarm.records"):
+        for name in "ABC":
+            found = await fetch_records(swarm.dhts[name], model, [0, 1])
+            assert found == {0: [genuine], 1: [genuine]}, name
+    claims = [r.getMessage() for r in caplog.records if swarm.ids["A"].peer_id in r.getMessage()]
+    assert claims and all(swarm.ids["B"].peer_id in c for c in claims)
+
+
+async def test_forged_membership_entries_are_rejected_by_every_reader(swarm: Swarm) -> None:
+    """Training membership (who averages with whom, and at which epoch): C cannot add, move or
+    withdraw A, nor report an epoch for it; an unsigned entry counts for nobody."""
+    model, stage = "m-members", 0
+    run = run_id(model, stage)
+    a = DHTMembership(swarm.dhts["A"], swarm.ids["A"], run, swarm.ids["A"].peer_id, "127.0.0.1:1001")
+    a.epoch = 3
+    await a.publish(ttl=TTL)
+    b = DHTMembership(swarm.dhts["B"], swarm.ids["B"], run, swarm.ids["B"].peer_id, "127.0.0.1:1002")
+    await b.publish(ttl=TTL)
+    # C, with its own valid key, writes an entry that claims A's id: moved elsewhere, far ahead, left.
+    forged = DHTMembership(swarm.dhts["C"], swarm.ids["C"], run, swarm.ids["A"].peer_id, "6.6.6.6:666")
+    forged.epoch = 99
+    await forged.publish(ttl=TTL + 5, left=True)
+    ghost = {"peer_id": "QmGhost", "address": "6.6.6.6:667", "epoch": 100, "left": False}
+    key = membership_key(run)
+    stored = swarm.dhts["C"].store(key, ghost, exp_in(TTL), subkey=b"ghost", return_future=True)
+    assert await dht_call(stored)
+    for name in "ABC":
+        me = swarm.ids[name].peer_id
+        reader = DHTMembership(swarm.dhts[name], swarm.ids[name], run, me, "127.0.0.1:1")
+        expected = {swarm.ids["A"].peer_id: "127.0.0.1:1001", swarm.ids["B"].peer_id: "127.0.0.1:1002"}
+        assert await reader.members() == {p: addr for p, addr in expected.items() if p != me}, name
+        epochs = await _reported_epochs(swarm.dhts[name], model, stage, timeout=30)
+        assert epochs == {swarm.ids["A"].peer_id: 3, swarm.ids["B"].peer_id: 0}, name
+
+
+def exp_in(seconds: float) -> float:
+    return get_dht_time() + seconds
 
 
 async def _push_raw(

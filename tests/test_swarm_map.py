@@ -83,10 +83,12 @@ async def make_probe(dht: DHT) -> AsyncIterator[MakeProbe]:
         await asyncio.wait_for(cache.close(), 5.0)
 
 
-async def add_server(swarm: Swarm, model: str, peer_id: str) -> None:
+async def add_server(swarm: Swarm, model: str) -> str:
+    """Announce the server's record for `model`; returns its peer id (readers accept only the id of
+    the key that signs, so one DHT announces as one peer)."""
     record = ServerRecord(
         state=ServerState.ONLINE,
-        peer_id=peer_id,
+        peer_id=swarm.identity.peer_id,
         grpc_address="127.0.0.1:50051",
         model=model,
         start=0,
@@ -95,6 +97,7 @@ async def add_server(swarm: Swarm, model: str, peer_id: str) -> None:
         announced_at=time.time(),
     )
     await announce(swarm.server, swarm.identity, record, expiration_time=get_dht_time() + 60)
+    return record.peer_id
 
 
 def peers(snapshot: SwarmMap) -> set[str]:
@@ -120,10 +123,10 @@ async def test_new_servers_appear_through_the_background_refresh(swarm: Swarm, m
     # max_age is huge, so get() never reads inline: only the refresher can bring the new server in.
     cache = make_probe("m-bg", ttl=0.2, max_age=1000.0)
     assert peers(await cache.get()) == set()
-    await add_server(swarm, "m-bg", "QmNew")
+    new = await add_server(swarm, "m-bg")
 
     async def seen() -> bool:
-        return "QmNew" in peers(await cache.get())
+        return new in peers(await cache.get())
 
     await eventually(seen)
     assert cache.lookups >= 2
@@ -182,10 +185,10 @@ async def test_failed_refresh_keeps_the_old_snapshot_and_the_refresher(
         await cache.get(refresh=True)
 
     cache.fail = False
-    await add_server(swarm, "m-fail", "QmBack")
+    back = await add_server(swarm, "m-fail")
 
     async def recovered() -> bool:
-        return "QmBack" in peers(await cache.get())
+        return back in peers(await cache.get())
 
     await eventually(recovered)
     warnings = [

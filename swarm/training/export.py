@@ -36,7 +36,7 @@ from swarm.dht import dht_call
 from swarm.errors import ConfigError, MissingBlocksError, ProtocolError, SwarmError
 from swarm.models.llama import ClientParts, LlamaBlock, LlamaConfig, LlamaForCausalLM, hf_block_prefix
 from swarm.records import ServerRecord, ServerState, fetch_records, latest_per_peer
-from swarm.training.peers import membership_key
+from swarm.training.peers import membership_key, signed_entries
 from swarm.training.stages import model_name, read_config, run_id
 from swarm.training.trainer import TRAINER_CHECKPOINT, load_trainer_checkpoint
 
@@ -203,10 +203,8 @@ async def _reported_epochs(dht: DHT, model: str, stage: int, timeout: float) -> 
     try:
         future = dht.get(membership_key(run_id(model, stage)), latest=True, return_future=True)
         found: Any = await dht_call(future, timeout=timeout)
-        epochs = {}
-        for item in found.value.values() if found is not None else ():
-            epochs[str(item.value["peer_id"])] = int(item.value["epoch"])
-        return epochs
+        entries = signed_entries(found, f"a membership of stage {stage}")
+        return {peer: v["epoch"] for peer, v in entries.items() if isinstance(v.get("epoch"), int)}
     except Exception as e:  # a hiccup of the DHT, or a peer of another version
         log.debug("stage %d: no epochs from the membership records (%s)", stage, e)
         return {}

@@ -15,7 +15,7 @@ import swarm
 from swarm._proto import swarm_pb2, swarm_pb2_grpc
 from swarm.dht import dht_call
 from swarm.errors import SwarmError
-from swarm.records import NodeIdentity
+from swarm.records import NodeIdentity, signed_by
 
 if TYPE_CHECKING:
     from swarm.training.collaboration import Collaboration
@@ -53,17 +53,29 @@ class DHTMembership:
         out: dict[str, str] = {}
         if found is None or not isinstance(found.value, dict):
             return out
-        now = get_dht_time()
-        for item in found.value.values():
-            value = getattr(item, "value", None)
-            if getattr(item, "expiration_time", 0) < now or not isinstance(value, dict):
-                continue
-            peer, address = value.get("peer_id"), value.get("address")
-            if value.get("left"):
-                continue
-            if isinstance(peer, str) and isinstance(address, str) and peer != self.me:
+        for peer, value in signed_entries(found, f"a membership of {self.key}").items():
+            address = value.get("address")
+            if not value.get("left") and isinstance(address, str) and peer != self.me:
                 out[peer] = address
         return out
+
+
+def signed_entries(found: Any, what: str) -> dict[str, dict[str, Any]]:
+    """peer id -> live membership entry, from what `dht.get(membership_key(...))` returned: only
+    entries signed by the key of the peer id they name (`swarm.records.signed_by`), so nobody can
+    join, leave or report an epoch on another peer's behalf."""
+    out: dict[str, dict[str, Any]] = {}
+    if found is None or not isinstance(found.value, dict):
+        return out
+    now = get_dht_time()
+    for subkey, item in found.value.items():
+        value = getattr(item, "value", None)
+        if getattr(item, "expiration_time", 0) < now or not isinstance(value, dict):
+            continue
+        peer = value.get("peer_id")
+        if isinstance(peer, str) and signed_by(subkey, peer, what):
+            out[peer] = value
+    return out
 
 
 class AveragingServicer(swarm_pb2_grpc.AveragingServiceServicer):

@@ -52,6 +52,7 @@ from swarm.coordinator.swarm_map import SwarmMapCache
 from swarm.errors import ConfigError, SwarmError
 from swarm.models.llama import ClientParts, LlamaConfig, init_weights
 from swarm.records import NodeIdentity
+from swarm.request_parsing import ParseRequests
 from swarm.training.averaging import AveragingConfig, LocalState
 from swarm.training.collaboration import CHANNEL_OPTIONS, Collaboration
 from swarm.training.data import ByteDataset, DataConfig
@@ -516,7 +517,7 @@ class Trainer:
         if self._server is None:
             servicer = AveragingServicer()
             servicer.collaborations[collab.run_id] = collab
-            self._server = grpc.aio.server(options=CHANNEL_OPTIONS)
+            self._server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[ParseRequests()])
             swarm_pb2_grpc.add_AveragingServiceServicer_to_server(servicer, self._server)
             port = self._server.add_insecure_port(f"{self.cfg.host}:0")
             await self._server.start()
