@@ -3,7 +3,9 @@
     python bench/inference.py [--new-tokens 64] [--reps 3] [--out bench/results/inference.json]
 
 All on one machine, in one run, with the demo-size model (swarm/demo.py: a random 8-block
-Llama, hidden 512, vocab 4096, float32 on the CPU):
+Llama, hidden 512, vocab 4096, float32 on the CPU), and (a)/(b) again with the same blocks and a
+32000-token vocabulary (16-token prompt). The one-process baseline uses every core with torch's
+default threads, as a user would run it:
 
 (a) local   the model run in this process (checkpoint.load_model + KV caches, as the demo does);
 (b) swarm   through 2 nodes on loopback (blocks 0:4 and 4:8), DistributedModelForCausalLM.generate;
@@ -62,6 +64,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from wan_proxy import wan_proxy
 
 PROMPT = [1, 17, 230, 981, 44, 7, 3051, 12]
+# The second model: the demo's blocks with a Llama-2-sized vocabulary (head 512 x 32000), 16-token prompt.
+BIG_VOCAB = 32000
+BIG_PROMPT = [1, 17, 230, 981, 44, 7, 3051, 12, 29871, 13, 450, 4996, 17354, 1701, 29916, 432]
+BIG_RATIO_TARGET = 0.85
 SPANS = ("0:4", "4:8")
 RATIO_TARGET = 0.9  # (b)/(a) and (d)/bound
 EXTRA_TARGET_S = 5.0  # (c) extra seconds
@@ -97,7 +103,8 @@ class Wan:
 class Timer:
     """Timestamps of the tokens as they come (generate's on_tokens callback)."""
 
-    def __init__(self) -> None:
+    def __init__(self, prompt_tokens: int = len(PROMPT)) -> None:
+        self.prompt_tokens = prompt_tokens
         self.started = time.perf_counter()
         self.stamps: list[float] = []
 
@@ -108,7 +115,7 @@ class Timer:
         self, case: str, rep: int, out: torch.Tensor, expected: torch.Tensor | None, note: str = ""
     ) -> Run:
         seconds = time.perf_counter() - self.started
-        tokens = out.shape[1] - len(PROMPT)
+        tokens = out.shape[1] - self.prompt_tokens
         decode = (len(self.stamps) - 1) / (self.stamps[-1] - self.stamps[0]) if len(self.stamps) > 1 else 0.0
         match = expected is None or torch.equal(out, expected)
         return Run(case, rep, tokens, seconds, tokens / seconds, decode, match, note)
@@ -125,7 +132,7 @@ class Local:
     def generate(
         self, input_ids: torch.Tensor, cfg: SamplingConfig, rep: int, expected: torch.Tensor | None
     ) -> tuple[torch.Tensor, Run]:
-        timer = Timer()
+        timer = Timer(input_ids.shape[1])
         caches = self.model.new_caches(input_ids.shape[0], input_ids.shape[1] + cfg.max_new_tokens)
 
         def step(ids: torch.Tensor, start: int) -> torch.Tensor:
@@ -146,7 +153,7 @@ def swarm_generate(
     rep: int,
     expected: torch.Tensor,
 ) -> Run:
-    timer = Timer()
+    timer = Timer(input_ids.shape[1])
     out = client.generate(input_ids, max_new_tokens=n, eos_token_id=[], on_tokens=timer)
     return timer.run(case, rep, out, expected)
 
@@ -160,7 +167,7 @@ def session_generate(
     before_step: Callable[[Any, int], str] | None = None,
 ) -> Run:
     """Generate through client.inference_session step by step; before_step(session, start) may act."""
-    timer = Timer()
+    timer = Timer(input_ids.shape[1])
     notes: list[str] = []
     with client.inference_session(max_length=input_ids.shape[1] + cfg.max_new_tokens) as session:
 
@@ -174,6 +181,49 @@ def session_generate(
         out = generate_tokens(step, input_ids, cfg, timer)
         route = " ".join(f"..{s.hop.peer_id[-6:]}[{s.hop.start}:{s.hop.end}]" for s in session.streams)
     return timer.run(case, 0, out, expected, "; ".join([*notes, f"route {route}"]))
+
+
+def alternate(
+    local: Local,
+    client: DistributedModelForCausalLM,
+    input_ids: torch.Tensor,
+    cfg: SamplingConfig,
+    reps: int,
+    expected: torch.Tensor,
+    first: Run,
+    cases: tuple[str, str] = ("local", "swarm"),
+) -> list[Run]:
+    """(a) and (b) alternately, `reps` times each (the first (a) run is `first`), printed as they come."""
+    runs: list[Run] = []
+    client.generate(input_ids, max_new_tokens=2, eos_token_id=[])  # warm-up: channels, allocations
+    for rep in range(reps):
+        if rep:
+            _, r = local.generate(input_ids, cfg, rep, expected)
+        else:
+            r = first
+        r.case = cases[0]
+        runs.append(r)
+        print_run(r)
+        runs.append(swarm_generate(client, input_ids, cfg.max_new_tokens, cases[1], rep, expected))
+        print_run(runs[-1])
+    return runs
+
+
+def bench_big_vocab(args: argparse.Namespace, workdir: Path) -> list[Run]:
+    """(a) and (b) again with the vocab-32000 model: cases local32k / swarm32k."""
+    path = build_checkpoint(workdir / "model-32k", vocab_size=BIG_VOCAB)
+    input_ids = torch.tensor([BIG_PROMPT])
+    cfg = SamplingConfig(max_new_tokens=args.new_tokens, eos_token_ids=())
+    local = Local(path)
+    local.generate(input_ids, SamplingConfig(max_new_tokens=4, eos_token_ids=()), -1, None)  # warm-up
+    expected, first = local.generate(input_ids, cfg, 0, None)
+    with LocalSwarm(workdir / "swarm-32k") as swarm:
+        swarm.start_dht()
+        start_nodes(swarm, path, SPANS, node_args(args))
+        with DistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers) as client:
+            return alternate(
+                local, client, input_ids, cfg, args.reps, expected, first, ("local32k", "swarm32k")
+            )
 
 
 def start_nodes(local: LocalSwarm, path: Path, spans: tuple[str, ...], extra: list[str]) -> list[NodeProcess]:
@@ -435,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # as the demo: the nodes get the other cores
+    # The one-process baseline runs as a user would run it: all cores, torch's default threads.
 
     tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="swarm-bench-inference-")
     workdir = Path(args.workdir or tmp.name)  # type: ignore[union-attr]
@@ -469,16 +519,7 @@ def bench(args: argparse.Namespace, workdir: Path) -> int:
         swarm.start_dht()
         first_half, second_half = start_nodes(swarm, path, SPANS, node_args(args))
         with DistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers) as client:
-            client.generate(input_ids, max_new_tokens=2, eos_token_id=[])  # warm-up: channels, allocations
-            for rep in range(args.reps):  # (a) and (b) alternate
-                if rep:
-                    _, r = local.generate(input_ids, cfg, rep, expected)
-                else:
-                    r = first
-                runs.append(r)
-                print_run(r)
-                runs.append(swarm_generate(client, input_ids, n, "swarm", rep, expected))
-                print_run(runs[-1])
+            runs += alternate(local, client, input_ids, cfg, args.reps, expected, first)
 
         # (c): serve both spans a second time, then kill the last hop of the route halfway.
         spares = start_nodes(swarm, path, SPANS, node_args(args))
@@ -499,12 +540,23 @@ def bench(args: argparse.Namespace, workdir: Path) -> int:
             runs.append(session_generate(client, input_ids, cfg, "killed", expected, kill))
             print_run(runs[-1])
 
+    del local  # its weights: the vocab-32000 model comes next
+    print(
+        f"\nmodel: the same blocks with vocab {BIG_VOCAB} (LM head 512 x {BIG_VOCAB}), prompt "
+        f"{len(BIG_PROMPT)} tokens, {n} greedy tokens",
+        flush=True,
+    )
+    big_runs = bench_big_vocab(args, workdir)
+    runs += big_runs
+    print()
     local_runs = [r for r in runs if r.case == "local"]
     swarm_runs = [r for r in runs if r.case == "swarm"]
     local_tps = statistics.median(r.tokens_per_s for r in local_runs)
     swarm_tps = statistics.median(r.tokens_per_s for r in swarm_runs)
     swarm_s = statistics.median(r.seconds for r in swarm_runs)
-    swarm4, killed = runs[-2], runs[-1]
+    swarm4, killed = (next(r for r in runs if r.case == case) for case in ("swarm4", "killed"))
+    big_local = statistics.median(r.tokens_per_s for r in big_runs if r.case == "local32k")
+    big_swarm = statistics.median(r.tokens_per_s for r in big_runs if r.case == "swarm32k")
     compute_s = 1 / statistics.median(r.decode_steps_per_s for r in local_runs)
 
     if args.skip_wan:
@@ -523,6 +575,7 @@ def bench(args: argparse.Namespace, workdir: Path) -> int:
         f"(b)/(a) = {ratio:.2f} (target >= {RATIO_TARGET}); "
         f"per-token compute in (a): {compute_s * 1000:.2f} ms"
     )
+    print(f"vocab {BIG_VOCAB}: (b)/(a) = {big_swarm / big_local:.2f} (target >= {BIG_RATIO_TARGET})")
     print(
         f"(c) killed run: {killed.seconds:.2f} s, {extra_s:+.2f} s vs (b) median, "
         f"{killed.seconds - swarm4.seconds:+.2f} s vs undisturbed 4-node run (target < {EXTRA_TARGET_S:g} s)"
@@ -542,14 +595,17 @@ def bench(args: argparse.Namespace, workdir: Path) -> int:
     )
     print(
         f"inference: local {local_tps:.1f} tok/s, swarm {swarm_tps:.1f} tok/s (B/A={ratio:.2f}), "
-        f"killed {killed.tokens_per_s:.1f} tok/s ({extra_s:+.2f} s), {wan_part}"
+        f"killed {killed.tokens_per_s:.1f} tok/s ({extra_s:+.2f} s), {wan_part}; "
+        f"vocab {BIG_VOCAB}: local {big_local:.1f} tok/s, swarm {big_swarm:.1f} tok/s "
+        f"(B/A={big_swarm / big_local:.2f})"
     )
     elapsed = time.monotonic() - started
     print(f"benchmark took {elapsed:.0f} s")
 
     if args.out is not None:
         report = {
-            "model": "demo llama: 8 blocks, hidden 512, vocab 4096, float32",
+            "model": "demo llama: 8 blocks, hidden 512, vocab 4096 (and 32000), float32",
+            "torch_threads": torch.get_num_threads(),
             "prompt_tokens": len(PROMPT),
             "new_tokens": n,
             "reps": args.reps,
@@ -561,6 +617,12 @@ def bench(args: argparse.Namespace, workdir: Path) -> int:
                 "local_tokens_per_s": local_tps,
                 "swarm_tokens_per_s": swarm_tps,
                 "swarm_over_local": ratio,
+                "vocab_32000": {
+                    "local_tokens_per_s": big_local,
+                    "swarm_tokens_per_s": big_swarm,
+                    "swarm_over_local": big_swarm / big_local,
+                    "prompt_tokens": len(BIG_PROMPT),
+                },
                 "compute_s_per_token": compute_s,
                 "killed_tokens_per_s": killed.tokens_per_s,
                 "killed_extra_s_vs_swarm": extra_s,
@@ -571,10 +633,12 @@ def bench(args: argparse.Namespace, workdir: Path) -> int:
             },
             "targets": {
                 "swarm_over_local": RATIO_TARGET,
+                "vocab_32000_swarm_over_local": BIG_RATIO_TARGET,
                 "killed_extra_s": EXTRA_TARGET_S,
                 "wan_over_bound": RATIO_TARGET,
                 "met": {
                     "swarm_over_local": ratio >= RATIO_TARGET,
+                    "vocab_32000_swarm_over_local": big_swarm / big_local >= BIG_RATIO_TARGET,
                     "killed_extra_s": extra_s < EXTRA_TARGET_S,
                     "wan_over_bound": wan.ratio >= RATIO_TARGET if wan.ran else None,
                 },

@@ -204,6 +204,7 @@ class ComputeWorker:
         self._turn = 0
         self._cond = threading.Condition()
         self._closed = False
+        self._busy = False  # a batch is running (on the worker, or inline on the event loop)
         self._thread = threading.Thread(target=self._serve, name="swarm-compute", daemon=True)
         self._thread.start()
 
@@ -223,10 +224,34 @@ class ComputeWorker:
         with self._cond:
             if self._closed:
                 raise BackendClosed("this node is shutting down; send the request to another node")
-            self._queues[kind].append(task)
-            self._cond.notify()
+            # An inference step that finds the device idle runs right here, on the event loop: a
+            # person waits for this token, and the two thread hand-offs it saves (to the worker and
+            # back, each a wake-up) cost more than the step of a small span. The loop is blocked
+            # meanwhile, but the device is busy with this step anyway; anything else queues.
+            inline = kind == INFERENCE and self.slowdown == 1 and not self._busy and not any(self._queues)
+            if inline:
+                self._busy = True
+            else:
+                self._queues[kind].append(task)
+                self._cond.notify()
+        if inline:
+            return self._run_inline(task)
         task.future.add_done_callback(lambda f: self._discard(task) if f.cancelled() else None)
         return await task.future
+
+    def _run_inline(self, task: _Task) -> Result:
+        try:
+            if self.on_batch is not None:
+                _report(self.on_batch, [task], task.enqueued)
+            began = time.monotonic()
+            out = self._compute([task])[0]
+            self.tokens_done += task.tokens
+            self.busy_seconds += time.monotonic() - began
+            return out
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify()  # work queued meanwhile is the worker's now
 
     @property
     def alive(self) -> bool:
@@ -265,14 +290,18 @@ class ComputeWorker:
                 log.exception("compute worker failed")
                 for task in batch:
                     task.resolve(e)
+            finally:
+                with self._cond:
+                    self._busy = False
 
     def _take(self) -> list[_Task] | None:
         """Block until there is work; return the next batch, or None once closed."""
         with self._cond:
-            while not self._closed and not any(self._queues):
+            while not self._closed and (self._busy or not any(self._queues)):
                 self._cond.wait()
             if self._closed:
                 return None
+            self._busy = True
             queue = next(q for q in self._queues if q)
             head = self._fair_head(queue)
             if not self.batching or head.key is None:

@@ -303,12 +303,13 @@ def exported_held_out_loss(export: Path, data: DataConfig) -> float:
     return held_out_loss(parts, blocks, ByteDataset(data))
 
 
-def build_checkpoint(path: Path, seed: int = 0) -> Path:
-    """The inference demo's random-weight model saved in transformers' format (bench/inference.py)."""
+def build_checkpoint(path: Path, seed: int = 0, vocab_size: int = 4096) -> Path:
+    """The inference demo's random-weight model saved in transformers' format (bench/inference.py);
+    `vocab_size` 32000 gives the Llama-2-sized head the benchmark's second case uses."""
     if (path / "config.json").exists():
         return path
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**DEMO_CONFIG))  # type: ignore[arg-type]
+    model = LlamaForCausalLM(LlamaConfig(**{**DEMO_CONFIG, "vocab_size": vocab_size}))  # type: ignore[arg-type]
     with torch.no_grad():  # wider weights than the default init: random text that does not loop at once
         for p in model.parameters():
             if p.dim() == 2:

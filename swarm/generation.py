@@ -66,42 +66,67 @@ def select_next_token(
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
+class Decoder:
+    """The state of one decoding loop, driven by a sync (`generate_tokens`) or async loop alike.
+
+    The output buffer is allocated once for the whole generation: a token costs no allocation here.
+    Like transformers, a sequence that produced an EOS token is padded afterwards, and decoding
+    is `done` once every sequence has finished.
+    """
+
+    def __init__(self, input_ids: torch.Tensor, cfg: SamplingConfig) -> None:
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ConfigError(f"input_ids must be [batch, length>0], got shape {list(input_ids.shape)}")
+        self.cfg = cfg
+        self.generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+        self.eos = torch.tensor(cfg.eos_token_ids, dtype=torch.long)
+        self.pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_ids or (0,))[0]
+        batch, prompt = input_ids.shape
+        self.finished = torch.zeros(batch, dtype=torch.bool)
+        self._out = torch.empty(batch, prompt + cfg.max_new_tokens, dtype=input_ids.dtype)
+        self._out[:, :prompt] = input_ids
+        self.length = prompt  # tokens in `out` so far
+        self.new_ids = input_ids  # what the next step feeds
+        self.position = 0  # where new_ids start
+        self._all_finished = False
+
+    @property
+    def out(self) -> torch.Tensor:
+        """Prompt + the tokens so far [batch, total]."""
+        return self._out[:, : self.length]
+
+    @property
+    def done(self) -> bool:
+        return self._all_finished or self.length >= self._out.shape[1]
+
+    def advance(self, logits: torch.Tensor) -> torch.Tensor:
+        """Take the step's logits [batch, vocab] for the last fed token; return the chosen tokens [batch]."""
+        token = select_next_token(logits, self.cfg, self.generator)
+        if self.eos.numel():
+            token = torch.where(self.finished, torch.full_like(token, self.pad), token)
+        self._out[:, self.length] = token
+        self.position += self.new_ids.shape[1]
+        self.new_ids = self._out[:, self.length : self.length + 1]
+        self.length += 1
+        if self.eos.numel():
+            self.finished |= torch.isin(token, self.eos)
+            self._all_finished = bool(self.finished.all())
+        return token
+
+
 def generate_tokens(
     step: StepFn,
     input_ids: torch.Tensor,
     cfg: SamplingConfig,
     on_tokens: TokenCallback | None = None,
 ) -> torch.Tensor:
-    """Decode up to `cfg.max_new_tokens` tokens; returns prompt + new tokens [batch, total].
-
-    Like transformers, a sequence that produced an EOS token is padded afterwards, and the
-    loop stops early once every sequence has finished.
-    """
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ConfigError(f"input_ids must be [batch, length>0], got shape {list(input_ids.shape)}")
-    generator = None
-    if cfg.seed is not None:
-        generator = torch.Generator().manual_seed(cfg.seed)
-    eos = torch.tensor(cfg.eos_token_ids, dtype=torch.long)
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_ids or (0,))[0]
-    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
-
-    out = input_ids
-    new_ids, position = input_ids, 0
-    for _ in range(cfg.max_new_tokens):
-        logits = step(new_ids, position)
-        token = select_next_token(logits, cfg, generator)
-        token = torch.where(finished, torch.full_like(token, pad), token)
-        out = torch.cat([out, token[:, None]], dim=1)
+    """Decode up to `cfg.max_new_tokens` tokens; returns prompt + new tokens [batch, total]."""
+    decoder = Decoder(input_ids, cfg)
+    while not decoder.done:
+        token = decoder.advance(step(decoder.new_ids, decoder.position))
         if on_tokens is not None:
             on_tokens(token)
-        position += new_ids.shape[1]
-        new_ids = token[:, None]
-        if eos.numel():
-            finished |= torch.isin(token, eos)
-            if bool(finished.all()):
-                break
-    return out
+    return decoder.out
 
 
 def eos_ids(values: Sequence[int] | int | None) -> tuple[int, ...]:

@@ -156,6 +156,30 @@ async def test_inference_step_overtakes_a_queued_large_forward(make_backend: Mak
     assert [kind for kind, _, _ in gate.batches] == ["forward", "inference", "forward"]
 
 
+async def test_a_step_on_an_idle_device_runs_inline_and_equals_the_worker_path(
+    make_backend: MakeBackend,
+) -> None:
+    """Idle: the step runs on the event loop's thread (no hand-offs). Busy: it queues for the worker.
+    Both give the same outputs, and never two computations at once."""
+    threads: list[str] = []
+    backend = make_backend(on_batch=lambda *_: threads.append(threading.current_thread().name))
+    inline_session = backend.open_session(0, 4, batch_size=1, max_length=8)
+    queued_session = backend.open_session(0, 4, batch_size=1, max_length=8)
+    x = hidden(1, 3)
+    inline = await backend.step(inline_session, x, 0)
+    assert threads == [threading.current_thread().name]
+
+    gate = Gate()
+    backend.worker.on_batch = gate
+    first = await occupy(backend, gate)
+    step = asyncio.create_task(backend.step(queued_session, x, 0))
+    await until_queued(backend, inference=1)  # the worker is busy: no inline run beside it
+    gate.open()
+    await first
+    torch.testing.assert_close(await step, inline, rtol=0, atol=0)
+    assert [kind for kind, _, _ in gate.batches] == ["forward", "inference"]
+
+
 async def test_priority_order_inference_forward_backward(make_backend: MakeBackend) -> None:
     gate = Gate()
     backend = make_backend(on_batch=gate)

@@ -259,3 +259,42 @@ def test_weighted_routes_are_contiguous_and_avoid_banned(
     for hop in route:
         assert hop.peer_id not in banned and hop.server.state == ServerState.ONLINE
         assert hop.server.start <= hop.start < hop.end <= hop.server.end
+
+
+def test_equal_costs_go_to_fewer_hops_then_the_smaller_peer_id() -> None:
+    free = {"a": 0.0, "b": 0.0, "c": 0.0, "d": 0.0}  # no RTT: one hop or two cost the same compute
+    swarm_map = SwarmMap("m", 4, (server("c", 0, 2), server("d", 2, 4), server("b", 0, 4), server("a", 0, 4)))
+    assert spans(min_latency_route(swarm_map, rtt=free)) == [("a", 0, 4)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(_swarms, st.data())
+def test_min_latency_costs_equal_brute_force_on_sub_ranges_with_bans(
+    specs: list[tuple[tuple[int, int], float, ServerState]], data: st.DataObject
+) -> None:
+    """The vectorized sweep against exhaustive search: any span, bans, RTTs, unmeasured servers."""
+    servers = [
+        server(f"p{i}", a, min(b, 6), t + 1, state) for i, ((a, b), t, state) in enumerate(specs) if a < 6
+    ]
+    swarm_map = SwarmMap("m", 6, tuple(servers))
+    banned = frozenset(data.draw(st.sets(st.sampled_from([s.peer_id for s in servers] or ["x"]))))
+    rtt = {s.peer_id: data.draw(st.floats(0.0, 0.3)) for s in servers}
+    start = data.draw(st.integers(0, 5))
+    end = data.draw(st.integers(start + 1, 6))
+    usable = [s for s in servers if s.state == ServerState.ONLINE and s.peer_id not in banned]
+    clipped = [s.model_copy(update={"start": max(s.start, start), "end": min(s.end, end)}) for s in usable]
+    clipped = [
+        s.model_copy(update={"start": s.start - start, "end": s.end - start})
+        for s in clipped
+        if s.start < s.end
+    ]
+    expected = _brute_force_best(clipped, end - start, rtt)
+    if expected == float("inf"):
+        with pytest.raises(MissingBlocksError):
+            min_latency_route(swarm_map, start, end, banned=banned, rtt=rtt)
+        return
+    route = min_latency_route(swarm_map, start, end, banned=banned, rtt=rtt)
+    assert route[0].start == start and route[-1].end == end
+    assert all(a.end == b.start for a, b in itertools.pairwise(route))
+    assert all(h.server in usable and h.server.start <= h.start < h.end <= h.server.end for h in route)
+    assert _route_cost(route, rtt) == pytest.approx(expected, rel=1e-9, abs=1e-12)

@@ -32,7 +32,7 @@ from swarm.coordinator.routing import min_latency_route, throughput_weighted_rou
 from swarm.coordinator.rtt import RttTable
 from swarm.coordinator.swarm_map import SwarmMapCache
 from swarm.errors import ConfigError, MissingBlocksError
-from swarm.generation import SamplingConfig, eos_ids, generate_tokens
+from swarm.generation import Decoder, SamplingConfig, eos_ids
 from swarm.models.llama import ClientParts, LlamaConfig
 
 IGNORE_INDEX = -100  # label value that contributes no loss, as in transformers
@@ -238,12 +238,8 @@ class DistributedModelForCausalLM:
         )
         max_length = input_ids.shape[1] + max_new_tokens
         with self.inference_session(max_length, batch_size=input_ids.shape[0]) as session:
-
-            def step(new_ids: torch.Tensor, start: int) -> torch.Tensor:
-                return self.next_token_logits(session, self.parts.embed(new_ids))
-
             if streamer is None:
-                return generate_tokens(step, input_ids, cfg, on_tokens)
+                return run_sync(self._decode(session, input_ids, cfg, on_tokens))
             streamer.put(input_ids.cpu())
 
             def stream(tokens: torch.Tensor) -> None:
@@ -252,9 +248,34 @@ class DistributedModelForCausalLM:
                     on_tokens(tokens)
 
             try:
-                return generate_tokens(step, input_ids, cfg, stream)
+                return run_sync(self._decode(session, input_ids, cfg, stream))
             finally:
                 streamer.end()
+
+    async def _decode(
+        self,
+        session: InferenceSession,
+        input_ids: torch.Tensor,
+        cfg: SamplingConfig,
+        on_tokens: Callable[[torch.Tensor], None] | None,
+    ) -> torch.Tensor:
+        """The token loop, all on the client's event loop: a token costs no hop between the caller's
+        thread and the loop (each would cost a task, a wake-up and a future), only the network's.
+
+        Embedding, LM head and sampling run here too, between awaits (inference mode is per thread,
+        so it is entered on this one). Callbacks run on the loop thread.
+        """
+        decoder = Decoder(input_ids, cfg)
+        while not decoder.done:
+            with torch.inference_mode():
+                hidden = self.parts.embed(decoder.new_ids)
+            out = await session.step(hidden)
+            with torch.inference_mode():
+                # nodes answer in their own compute dtype; the local head runs in ours
+                token = decoder.advance(self.parts.logits(out[:, -1:].to(hidden.dtype))[:, -1])
+            if on_tokens is not None:
+                on_tokens(token)
+        return decoder.out
 
     def sampling_config(
         self,

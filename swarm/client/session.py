@@ -60,7 +60,7 @@ class InferenceSession:
     async def _route(self, start: int = 0, end: int | None = None) -> list[Hop]:
         """The fastest route by measured RTT, over servers with room for this session's cache."""
         snapshot = await self.swarm_map.get(refresh=start != 0 or end is not None)
-        rtt = await self.rtts.measure(snapshot.online(), self.pool.stub)
+        rtt = await self.rtts.measure(snapshot.index.servers, self.pool.stub)  # the online ones
         avoid = self._avoid()
         try:
             return min_latency_route(
