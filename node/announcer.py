@@ -30,8 +30,12 @@ class Announcer:
         identity: NodeIdentity,
         period: float,
         refresh: Callable[[ServerRecord], ServerRecord] = lambda r: r,
+        num_blocks: int | None = None,
     ) -> None:
         self.dht, self.identity, self.period = dht, identity, period
+        # The model's block count: with it, the node's model registry entry (what `swarm monitor`
+        # discovers models by) is refreshed with its records and left to expire with them.
+        self.num_blocks = num_blocks
         self.refresh = refresh  # fills in what changes between announcements (free cache)
         self.record: ServerRecord | None = None
         self.failures = 0  # consecutive periods in which the DHT refused or did not answer
@@ -113,4 +117,5 @@ class Announcer:
             expiration_time=get_dht_time() + self.ttl,
             supersede=supersede,
             timeout=max(5.0, self.period),
+            num_blocks=self.num_blocks,
         )

@@ -394,7 +394,7 @@ async def serve(
         dtype,
         dht,
         servicer,
-        Announcer(dht, identity, cfg.announce_period),
+        Announcer(dht, identity, cfg.announce_period, num_blocks=ckpt.config.num_hidden_layers),
         metrics,
         address,
         stop,

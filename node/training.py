@@ -348,6 +348,7 @@ async def _serve_stage(
         identity,
         cfg.announce_period,
         refresh=lambda r: r.model_copy(update={"throughput": throughput()}),
+        num_blocks=config.num_hidden_layers,
     )
     record = ServerRecord(
         state=ServerState.ONLINE,

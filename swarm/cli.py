@@ -10,7 +10,7 @@ Tokens are printed as they are generated.
     swarm export --model CONFIG_OR_CHECKPOINT --initial-peers MADDR --checkpoint-dir DIR --out DIR
 
     swarm serve --model PATH_OR_ID --initial-peers MADDR [--host 127.0.0.1] [--port 8000] [--ready-file PATH]
-    swarm monitor --initial-peers MADDR --model PATH_OR_ID... [--port 8001]   (status page only)
+    swarm monitor --initial-peers MADDR [--model PATH_OR_ID...] [--port 8001]   (status page, all models)
     swarm chat --model PATH_OR_ID --initial-peers MADDR
 """
 

@@ -10,6 +10,10 @@ public key; the node's DHT runs with that key, so `dht.peer_id` is the same id).
 does not stop a node from signing a record that *claims* another node's peer id, so readers also
 check `signed_by(subkey, record.peer_id)`: the key in the subkey must hash to the claimed id.
 
+Model registry: key ``"swarm.models"`` -> subkey = the node's owner marker -> value = `ModelEntry`
+(its peer id, model, number of blocks), stored with the node's records and expiring with them, so
+that a monitor can list the swarm's models without being told them (`fetch_models`).
+
 Compatibility: readers ignore unknown fields, so adding an optional field needs no version bump.
 `SCHEMA_VERSION` changes only for incompatible changes, and readers skip records of a newer version.
 """
@@ -42,12 +46,15 @@ from swarm.errors import ConfigError, DHTError
 T = TypeVar("T")
 
 __all__ = [
+    "MODELS_KEY",
     "SCHEMA_VERSION",
+    "ModelEntry",
     "NodeIdentity",
     "ServerRecord",
     "ServerState",
     "announce",
     "block_key",
+    "fetch_models",
     "fetch_records",
     "latest_per_peer",
     "meta_key",
@@ -72,6 +79,13 @@ def block_key(model: str, block: int) -> str:
 
 def meta_key(model: str) -> str:
     return f"{model}.meta"
+
+
+# The model registry: one key for the whole swarm, one entry per node (its subkey). No model name
+# can collide with it: block keys always end in ".{block}" or ".meta".
+MODELS_KEY: Final = "swarm.models"
+# Bounds what one (possibly hostile) entry can make a reader do: a monitor reads every block.
+MAX_BLOCKS: Final = 4096
 
 
 class ServerState(StrEnum):
@@ -130,6 +144,16 @@ class ServerRecord(pydantic.BaseModel):
     @property
     def blocks(self) -> range:
         return range(self.start, self.end)
+
+
+class ModelEntry(pydantic.BaseModel):
+    """A node's entry in the model registry: which model it serves, and how many blocks it has."""
+
+    model_config = pydantic.ConfigDict(extra="ignore", frozen=True)
+
+    peer_id: str = pydantic.Field(min_length=1)
+    model: str = pydantic.Field(min_length=1, max_length=256)
+    num_blocks: int = pydantic.Field(ge=1, le=MAX_BLOCKS)
 
 
 class NodeIdentity:
@@ -266,20 +290,27 @@ async def announce(
     expiration_time: float,
     timeout: float | None = DHT_TIMEOUT,
     supersede: bool = False,
+    num_blocks: int | None = None,
 ) -> None:
     """Store `record` under every block of its span, signed by `identity`, in one batched DHT call.
+
+    With `num_blocks` (the model's), the node's model registry entry is stored in the same call,
+    with the same expiration, so the registry lists the model exactly while its records live.
 
     `expiration_time` is absolute DHT time (`hivemind.utils.get_dht_time()` + TTL). The DHT keeps, per
     subkey, the value that expires last; with `supersede`, the record is stored to expire just after
     any value this node stored there before (an OFFLINE record of an earlier run, say), so a state
     change always takes. Raises DHTError if the DHT refused or failed to store it for some block.
     """
-    keys = [block_key(record.model, b) for b in record.blocks]
     value = record.model_dump(mode="json")
+    items = {block_key(record.model, b): value for b in record.blocks}
+    if num_blocks is not None:
+        entry = ModelEntry(peer_id=identity.peer_id, model=record.model, num_blocks=num_blocks)
+        items[MODELS_KEY] = entry.model_dump(mode="json")
+    keys = list(items)
     store = functools.partial(
         _store_many,
-        keys=keys,
-        value=value,
+        items=items,
         subkey=identity.subkey,
         expiration=expiration_time,
         supersede=supersede,
@@ -322,6 +353,36 @@ async def fetch_records(
     found = await _run(dht, functools.partial(_get_many, keys=list(keys)), timeout)
     now = get_dht_time()
     return {block: _parse_entries(found.get(key), model, block, now) for key, block in keys.items()}
+
+
+async def fetch_models(dht: DHT, *, timeout: float | None = DHT_TIMEOUT) -> dict[str, int]:
+    """Every model the swarm's nodes announce, with its number of blocks, in one DHT lookup.
+
+    Expired, unsigned, malformed and forged entries (signed by another key than the peer id they
+    name) are skipped. Should nodes disagree on a model's block count, the count most of them
+    announce wins (ties: the larger), so one wrong entry cannot shrink a model on the page.
+    """
+    found = await _run(dht, functools.partial(_get_many, keys=[MODELS_KEY]), timeout)
+    entry, now = found.get(MODELS_KEY), get_dht_time()
+    votes: dict[str, dict[int, int]] = {}
+    if entry is not None and isinstance(entry.value, dict):
+        for subkey, item in entry.value.items():
+            model = _parse_model_entry(subkey, item, now)
+            if model is not None:
+                counts = votes.setdefault(model.model, {})
+                counts[model.num_blocks] = counts.get(model.num_blocks, 0) + 1
+    return {m: max(counts, key=lambda n: (counts[n], n)) for m, counts in sorted(votes.items())}
+
+
+def _parse_model_entry(subkey: Any, item: Any, now: float) -> ModelEntry | None:
+    if item.expiration_time < now:
+        return None
+    try:
+        entry = ModelEntry.model_validate(item.value)
+    except pydantic.ValidationError:
+        logger.debug("skipping malformed model registry entry under %r: %r", subkey, item.value)
+        return None
+    return entry if signed_by(subkey, entry.peer_id, "model registry entry") else None
 
 
 async def _run(dht: DHT, fn: Callable[[Any, Any], Awaitable[T]], timeout: float | None) -> T:
@@ -379,16 +440,16 @@ async def _store_many(
     _dht: DHT,
     node: DHTNode,
     *,
-    keys: list[str],
-    value: dict[str, Any],
+    items: dict[str, dict[str, Any]],
     subkey: bytes,
     expiration: float,
     supersede: bool,
 ) -> dict[str, bool]:
+    keys = list(items)
     if supersede:
         expiration = max(expiration, await _own_latest_expiration(node, keys, subkey) + 1.0)
     # store_many answers per (key, subkey) when subkeys are given
-    stored = await node.store_many(keys, [value] * len(keys), expiration, subkeys=[subkey] * len(keys))
+    stored = await node.store_many(keys, list(items.values()), expiration, subkeys=[subkey] * len(keys))
     return {key: bool(stored.get((key, subkey))) for key in keys}
 
 

@@ -26,12 +26,14 @@ from hivemind.utils.serializer import MSGPackSerializer
 from swarm.dht import dht_call, start_dht, visible_maddrs
 from swarm.errors import ConfigError, DHTError
 from swarm.records import (
+    MODELS_KEY,
     SCHEMA_VERSION,
     NodeIdentity,
     ServerRecord,
     ServerState,
     announce,
     block_key,
+    fetch_models,
     fetch_records,
     meta_key,
     owner_peer_id,
@@ -288,6 +290,28 @@ async def test_a_record_under_another_peers_id_is_rejected_by_every_reader(
             assert found == {0: [genuine], 1: [genuine]}, name
     claims = [r.getMessage() for r in caplog.records if swarm.ids["A"].peer_id in r.getMessage()]
     assert claims and all(swarm.ids["B"].peer_id in c for c in claims)
+
+
+async def test_the_model_registry_lists_only_entries_signed_by_their_peer(swarm: Swarm) -> None:
+    """What `swarm monitor` discovers models by: A's announcement lists its model; B's entry that
+    claims to be A, C's malformed entry and an unsigned one list nothing."""
+    exp = get_dht_time() + TTL
+    record = swarm.record("A", model="m-registry", start=0, end=2)
+    await announce(swarm.dhts["A"], swarm.ids["A"], record, expiration_time=exp, num_blocks=6)
+    bad = [
+        (
+            "B",
+            swarm.ids["B"].subkey,
+            {"peer_id": swarm.ids["A"].peer_id, "model": "m-forged", "num_blocks": 3},
+        ),
+        ("C", swarm.ids["C"].subkey, {"peer_id": swarm.ids["C"].peer_id, "model": "m-bad", "num_blocks": 0}),
+        ("C", b"anonymous", {"peer_id": swarm.ids["C"].peer_id, "model": "m-unsigned", "num_blocks": 3}),
+    ]
+    for writer, subkey, value in bad:
+        future = swarm.dhts[writer].store(MODELS_KEY, value, exp, subkey=subkey, return_future=True)
+        assert await dht_call(future) is True  # the DHT takes them; readers must not
+    for name in "ABC":
+        assert await fetch_models(swarm.dhts[name], timeout=30) == {"m-registry": 6}, name
 
 
 async def test_forged_membership_entries_are_rejected_by_every_reader(swarm: Swarm) -> None:

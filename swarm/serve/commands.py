@@ -71,16 +71,23 @@ def serve(cfg: ServeConfig) -> int:
 
 def monitor(cfg: MonitorConfig) -> int:
     from swarm.dht import start_dht
+    from swarm.serve.status import Discover, discover_models
 
     models = {
         checkpoint.model_name(m): checkpoint.open_checkpoint(m).config.num_hidden_layers for m in cfg.model
     }
     dht = start_dht(initial_peers=cfg.initial_peers, client_mode=True)
     try:
-        board = StatusBoard(dht, models, cfg.status_interval)
+        # Without --model: every model the swarm's registry lists, followed as nodes come and go.
+        watch: dict[str, int] | Discover = models or discover_models(dht)
+        board = StatusBoard(dht, watch, cfg.status_interval)
 
         def info(url: str) -> dict[str, Any]:
-            return {"command": "swarm monitor", "url": url, "models": ",".join(models)}
+            # Discovering, the first refresh (before the server listens) has usually found them.
+            found = ",".join(board.maps) or "none-yet"
+            return {"command": "swarm monitor", "url": url, "models": found} | (
+                {"discovery": "on"} if board.discovering else {}
+            )
 
         asyncio.run(run_http(create_app(board), cfg.host, cfg.port, info, cfg.ready_file))
     finally:

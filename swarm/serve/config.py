@@ -35,7 +35,11 @@ class ServeConfig:
 class MonitorConfig:
     initial_peers: tuple[str, ...] = field(metadata={"help": "multiaddrs of swarm peers"})
     model: tuple[str, ...] = field(
-        metadata={"help": "models to watch (checkpoint directory or hub id)", "metavar": "PATH_OR_ID"}
+        default=(),
+        metadata={
+            "help": "models to watch (checkpoint directory or hub id); default: every model the swarm serves",
+            "metavar": "PATH_OR_ID",
+        },
     )
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
     port: int = field(default=8001, metadata={"help": "HTTP port (0: any free port)"})

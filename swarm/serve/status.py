@@ -2,7 +2,8 @@
 
 `summarize` is a pure function of one swarm-map snapshot, so what the page, `/api/status` and the
 swarm-wide Prometheus gauges show is unit-tested without a network. `StatusBoard` keeps the latest
-summary of every watched model fresh from the DHT in the background.
+summary of every watched model fresh from the DHT in the background: a fixed set of models, or
+every model the swarm's model registry lists (`fetch_models`), re-read at each refresh.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 
 from hivemind.dht import DHT
@@ -22,11 +23,14 @@ from swarm.client.loop import run_on_client_loop
 from swarm.coordinator.routing import SwarmMap
 from swarm.coordinator.swarm_map import SwarmMapCache
 from swarm.errors import ConfigError, SwarmError
-from swarm.records import ServerState
+from swarm.records import ServerState, fetch_models
 
 logger = logging.getLogger(__name__)
 
 STATES = [s.value for s in ServerState]
+
+# Which models to watch, asked at every refresh: model name -> number of blocks.
+Discover = Callable[[], Awaitable[Mapping[str, int]]]
 
 
 @dataclass(frozen=True)
@@ -140,29 +144,68 @@ def summarize(snapshot: SwarmMap) -> ModelStatus:
     return ModelStatus(snapshot.model, snapshot.num_blocks, servers, tuple(blocks), snapshot.taken_at)
 
 
+def discover_models(dht: DHT, timeout: float = 10.0) -> Discover:
+    """What `swarm monitor` watches without --model: the models the swarm's registry lists now."""
+    return lambda: fetch_models(dht, timeout=timeout)
+
+
 class StatusBoard(Collector):
     """The latest `ModelStatus` of each watched model, refreshed from the DHT every `interval` s.
 
-    Also a Prometheus collector: registered in a registry, it exports the swarm-wide gauges.
+    `models` is either fixed (name -> number of blocks) or a `Discover` callback, asked at every
+    refresh: a model that appears is watched from then on, one that no node lists any more is
+    dropped. Also a Prometheus collector: registered in a registry, it exports the swarm-wide gauges.
     """
 
-    def __init__(self, dht: DHT, models: Mapping[str, int], interval: float = 1.0) -> None:
-        if not models:
+    def __init__(self, dht: DHT, models: Mapping[str, int] | Discover, interval: float = 1.0) -> None:
+        if isinstance(models, Mapping) and not models:
             raise ConfigError("the status board needs at least one model to watch")
         if not interval > 0:
             raise ConfigError(f"status refresh interval must be > 0 s, got {interval}")
-        self.interval = interval
-        # ttl = 2 x interval: the cache's own refresher re-reads the DHT every `interval`.
-        self.maps = {m: SwarmMapCache(dht, m, n, ttl=2 * interval) for m, n in models.items()}
+        self.dht, self.interval = dht, interval
+        self._discover = None if isinstance(models, Mapping) else models
+        self.maps: dict[str, SwarmMapCache] = {}
+        self._blocks: dict[str, int] = {}
+        if isinstance(models, Mapping):
+            for model, num_blocks in models.items():
+                self._watch(model, num_blocks)
         self.latest: dict[str, ModelStatus] = {}
         self.error: str | None = None
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def discovering(self) -> bool:
+        return self._discover is not None
+
+    def _watch(self, model: str, num_blocks: int) -> None:
+        # ttl = 2 x interval: the cache's own refresher re-reads the DHT every `interval`.
+        self.maps[model] = SwarmMapCache(self.dht, model, num_blocks, ttl=2 * self.interval)
+        self._blocks[model] = num_blocks
+
+    async def _rediscover(self) -> None:
+        """Follow the registry: watch new models, drop gone ones (or ones whose block count changed)."""
+        assert self._discover is not None
+        found = await run_on_client_loop(_awaited(self._discover()))
+        for model in list(self.maps):
+            if found.get(model) != self._blocks[model]:
+                logger.info("status: %s is no longer announced with %d blocks", model, self._blocks[model])
+                cache = self.maps.pop(model)
+                del self._blocks[model]
+                self.latest.pop(model, None)
+                await run_on_client_loop(cache.close())
+        for model, num_blocks in found.items():
+            if model not in self.maps:
+                logger.info("status: watching %s (%d blocks)", model, num_blocks)
+                self._watch(model, num_blocks)
+
     async def refresh(self) -> None:
         """Read every model's map once (on the client loop, where the DHT lives)."""
-        for model, cache in self.maps.items():
+        if self._discover is not None:
+            await self._rediscover()
+        for model, cache in list(self.maps.items()):
             snapshot = await run_on_client_loop(cache.get())
-            self.latest[model] = summarize(snapshot)
+            if model in self.maps:  # not dropped meanwhile
+                self.latest[model] = summarize(snapshot)
 
     async def start(self) -> None:
         with contextlib.suppress(SwarmError):
@@ -189,6 +232,7 @@ class StatusBoard(Collector):
             await run_on_client_loop(cache.close())
 
     def to_json(self) -> dict[str, object]:
+        # An empty swarm (no model yet, when discovering) is no error: "models" is just empty.
         return {
             "updated_at": max((s.taken_at for s in self.latest.values()), default=0.0),
             "now": time.time(),
@@ -224,3 +268,7 @@ class StatusBoard(Collector):
             throughput.add_metric([model], status.throughput)
             pipeline.add_metric([model], status.pipeline_throughput)
         yield from (covered, total, servers, replicas, throughput, pipeline)
+
+
+async def _awaited(awaitable: Awaitable[Mapping[str, int]]) -> Mapping[str, int]:
+    return await awaitable  # run_on_client_loop takes a coroutine; a Discover may return any awaitable

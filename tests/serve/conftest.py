@@ -2,8 +2,9 @@
 
 Starting node processes is the slow part of these tests, so they share one swarm of a tiny chat
 model: a DHT peer, node-a (blocks 0:2, its only server), node-b and node-c (both 2:4), plus one
-`swarm serve` and one `swarm monitor` process, all stopped after the package's last test. Tests
-that stop a node run last (at the end of test_status_page.py, after test_api.py).
+`swarm serve` and two `swarm monitor` processes (one told the model, one discovering it), all
+stopped after the package's last test. Tests that stop a node run last (at the end of
+test_status_page.py, after test_api.py).
 """
 
 from __future__ import annotations
@@ -68,6 +69,30 @@ def monitor_url(
     assert "Traceback" not in log and "ERROR" not in log, log
 
 
+@pytest.fixture(scope="package")
+def discovery_monitor_url(tmp_path_factory: pytest.TempPathFactory, chat_swarm: LocalSwarm) -> Iterator[str]:
+    """`swarm monitor` without --model: it finds the swarm's models in the DHT's model registry."""
+    args = [
+        "monitor",
+        "--initial-peers",
+        *chat_swarm.initial_peers,
+        "--port",
+        "0",
+        "--status-interval",
+        "0.5",
+    ]
+    with swarm_command(tmp_path_factory.mktemp("monitor-discovery"), "monitor", args) as ready:
+        url = str(ready["url"])
+        assert ready["discovery"] == "on" and ready["models"] in (MODEL, "none-yet"), ready
+        assert f"swarm monitor ready: url={url} models={ready['models']} discovery=on " in (
+            Path(ready["log"]).read_text()
+        )
+        wait_for(lambda: online_servers(url) == 3 or None, "the monitor to discover the 3 nodes", timeout=60)
+        yield url
+        log = Path(ready["log"]).read_text()
+    assert "Traceback" not in log and "ERROR" not in log, log
+
+
 def online_servers(url: str) -> int:
-    (model,) = httpx.get(f"{url}/api/status", timeout=10).json()["models"]
-    return int(model["servers_by_state"]["online"])
+    models = httpx.get(f"{url}/api/status", timeout=10).json()["models"]
+    return int(models[0]["servers_by_state"]["online"]) if len(models) == 1 else 0

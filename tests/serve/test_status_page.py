@@ -122,6 +122,33 @@ def test_metrics_has_swarm_wide_gauges(monitor: str) -> None:
     assert values['swarm_throughput_tokens_per_second{model="tiny-chat"}'] > 0
 
 
+def test_monitor_without_model_discovers_the_served_model(discovery_monitor_url: str) -> None:
+    status = httpx.get(f"{discovery_monitor_url}/api/status", timeout=10).json()
+    (model,) = status["models"]
+    assert model["model"] == "tiny-chat" and model["num_blocks"] == 4 and status["error"] is None
+    assert [b["health"] for b in model["blocks"]] == ["single", "single", "ok", "ok"]
+    assert model["blocks_covered"] == 4 and model["servers_by_state"]["online"] == 3
+    values = scrape(f"{discovery_monitor_url}/metrics")
+    assert values['swarm_blocks{model="tiny-chat"}'] == 4
+    assert values['swarm_blocks_covered{model="tiny-chat"}'] == 4
+
+
+async def test_a_discovering_board_of_an_empty_swarm_is_empty_not_an_error() -> None:
+    found: dict[str, int] = {}
+
+    async def discover() -> dict[str, int]:
+        return found
+
+    board = StatusBoard(dht=None, models=discover)  # no model yet: no map to read either
+    await board.refresh()
+    assert board.discovering and board.maps == {}
+    body = board.to_json()
+    assert body["models"] == [] and body["error"] is None
+    registry = CollectorRegistry()
+    registry.register(board)
+    assert "swarm_blocks_covered" in generate_latest(registry).decode()  # /metrics still answers
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
