@@ -44,12 +44,14 @@ def chat(cfg: ChatConfig) -> int:
         raise ConfigError(f"{cfg.model} has no chat template (tokenizer_config.json); swarm chat needs one")
     history: list[dict[str, str]] = [{"role": "system", "content": cfg.system}] if cfg.system else []
     # Ctrl-C in the terminal signals the whole process group; the DHT process forked here must
-    # not die of it, so it is started ignoring SIGINT (the disposition survives the fork).
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # not die of it, so it is started ignoring SIGINT (the disposition survives the fork). The chat
+    # itself then takes Ctrl-C as KeyboardInterrupt even when it was started ignoring SIGINT (as
+    # `cmd &` in a script starts it): stopping an answer is what Ctrl-C is for here.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         model = DistributedModelForCausalLM.from_pretrained(cfg.model, cfg.initial_peers)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     with model:
         print(f"swarm chat: {model.model_name} ({model.config.num_hidden_layers} blocks in the swarm). "
               "Ctrl-C stops an answer, Ctrl-D quits.", flush=True)  # fmt: skip
