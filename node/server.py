@@ -78,7 +78,9 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
         # weight fingerprints, for GetState; read on the compute thread along with the weights.
         self.training_status: Callable[[], tuple[int, dict[int, list[float]]]] = lambda: (0, {})
         # Training nodes: wait (bounded) until the stage has reached an epoch (RequestHeader.min_epoch).
-        self.await_epoch: Callable[[int], Awaitable[None]] | None = None
+        # The second argument is the caller's time left (None: no deadline): the wait leaves half of
+        # it for the computation, so a stage that lags makes a request stale, never late.
+        self.await_epoch: Callable[[int, float | None], Awaitable[None]] | None = None
         # Requests and sessions in progress; draining waits for `idle`.
         self.active = 0
         self.idle = asyncio.Event()
@@ -213,7 +215,7 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
                 hidden = self._decode_hidden(request.hidden_states)
                 prompts = self._decode_prompts(request, (start, end))
                 if request.header.min_epoch and self.await_epoch is not None:
-                    await self.await_epoch(request.header.min_epoch)
+                    await self.await_epoch(request.header.min_epoch, context.time_remaining())
                 deadline = deadline_after(context.time_remaining())
                 out = await self._backend().forward(
                     hidden, start, end, adapter=adapter, prompts=prompts, deadline=deadline
@@ -235,7 +237,7 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
                 grad_out = self._decode_hidden(request.grad_outputs, "grad_outputs")
                 prompts = self._decode_prompts(request, (start, end))
                 if request.header.min_epoch and self.await_epoch is not None:
-                    await self.await_epoch(request.header.min_epoch)
+                    await self.await_epoch(request.header.min_epoch, context.time_remaining())
                 deadline = deadline_after(context.time_remaining())
                 step = request.header.step if request.header.HasField("step") else None
                 result = await self._backend().backward(

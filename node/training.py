@@ -307,8 +307,8 @@ async def _serve_stage(
     servicer = BlockServicer(backend, model, me, limits, metrics=metrics)
     servicer.training_status = lambda: (state.epoch, dict(state.fingerprints))
 
-    async def await_epoch(epoch: int) -> None:
-        await collab.wait_for_epoch(epoch)
+    async def await_epoch(epoch: int, time_left: float | None) -> None:
+        await collab.wait_for_epoch(epoch, None if time_left is None else time_left / 2)
 
     servicer.await_epoch = await_epoch
     estimate = cfg.throughput

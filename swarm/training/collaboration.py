@@ -153,11 +153,13 @@ class Collaboration:
                 await asyncio.wait_for(self._stepped.wait(), left)
         return True
 
-    async def wait_for_epoch(self, epoch: int) -> bool:
+    async def wait_for_epoch(self, epoch: int, limit: float | None = None) -> bool:
         """Until this peer has reached `epoch`, for at most round_timeout + leader_timeout (a round
         that cannot close, say because a peer died holding some of its gradients, must not stop
-        training); False if it had not."""
-        if await self.reached(epoch, self.cfg.round_timeout + self.cfg.leader_timeout):
+        training), or `limit` seconds if that is sooner (a caller's deadline: a request computed a
+        step stale beats one that times out and gets this peer banned); False if it had not."""
+        bound = self.cfg.round_timeout + self.cfg.leader_timeout
+        if await self.reached(epoch, bound if limit is None else max(0.0, min(bound, limit))):
             return True
         if self.leader() != self.me and self.leader_epoch >= epoch:
             # The stage is there and we are not (a catch-up is due): let another peer serve.
