@@ -375,16 +375,7 @@ async def serve(
     )
     servicer = BlockServicer(None, model, str(dht.peer_id), limits, quant=cfg.quant, metrics=metrics)
     server, port, health = await start_grpc_server(servicer, cfg.host, cfg.port, cfg.max_message_bytes)
-    stop_metrics: Callable[[], None] = lambda: None  # noqa: E731
-    metrics_port = None
-    if cfg.metrics_port is not None:
-        try:
-            metrics_port, stop_metrics = start_metrics_server(metrics, cfg.host, cfg.metrics_port)
-        except OSError as e:
-            await server.stop(grace=None)
-            raise ConfigError(
-                f"could not serve metrics on {cfg.host}:{cfg.metrics_port} ({e}); --metrics-port"
-            ) from e
+    metrics_port, stop_metrics = await serve_metrics(cfg, metrics, server)
     address = f"{announce_host(cfg)}:{cfg.announce_port or port}"
     node = Node(
         cfg,
@@ -429,6 +420,21 @@ async def serve(
         stop_metrics()
     if node.failure is not None:  # exit non-zero, so a supervisor restarts the node
         raise SwarmError(f"the node stopped itself: {node.failure}") from node.failure
+
+
+async def serve_metrics(
+    cfg: NodeConfig, metrics: NodeMetrics, server: grpc.aio.Server
+) -> tuple[int | None, Callable[[], None]]:
+    """/metrics on --metrics-port (serving and training nodes alike): (bound port or None, stop).
+    A port that cannot be bound stops the gRPC server already started and says which flag to fix."""
+    if cfg.metrics_port is None:
+        return None, lambda: None
+    try:
+        return start_metrics_server(metrics, cfg.host, cfg.metrics_port)
+    except OSError as e:
+        await server.stop(grace=None)
+        where = f"{cfg.host}:{cfg.metrics_port}"
+        raise ConfigError(f"could not serve metrics on {where} ({e}); --metrics-port") from e
 
 
 async def start_serving(node: Node) -> None:

@@ -33,9 +33,9 @@ from swarm.node import device as devices
 from swarm.node.announcer import Announcer
 from swarm.node.backend import BlockBackend
 from swarm.node.config import NodeConfig
-from swarm.node.metrics import NodeMetrics, start_metrics_server
+from swarm.node.metrics import NodeMetrics
 from swarm.node.reachability import announce_host
-from swarm.node.runtime import stop_on_signals
+from swarm.node.runtime import serve_metrics, stop_on_signals
 from swarm.node.server import SERVICE_NAME, BlockServicer, ServerLimits, start_grpc_server
 from swarm.records import NodeIdentity, ServerRecord, ServerState, fetch_records, latest_per_peer
 from swarm.training.averaging import AveragingConfig, LocalState
@@ -325,15 +325,7 @@ async def _serve_stage(
     server, port, health = await start_grpc_server(
         servicer, cfg.host, cfg.port, cfg.max_message_bytes, averaging=averaging
     )
-    metrics_port, stop_metrics = None, lambda: None
-    if cfg.metrics_port is not None:
-        try:
-            metrics_port, stop_metrics = start_metrics_server(metrics, cfg.host, cfg.metrics_port)
-        except OSError as e:
-            await server.stop(grace=None)
-            raise ConfigError(
-                f"could not serve metrics on {cfg.host}:{cfg.metrics_port} ({e}); --metrics-port"
-            ) from e
+    metrics_port, stop_metrics = await serve_metrics(cfg, metrics, server)
     address = f"{announce_host(cfg)}:{cfg.announce_port or port}"
     collab.membership = DHTMembership(dht, identity, collab.run_id, me, address)
     if mates:  # others train this stage already: start from where they are
