@@ -124,6 +124,7 @@ import grpc
 import torch
 
 import swarm
+from swarm import tls
 from swarm._proto import swarm_pb2, swarm_pb2_grpc
 from swarm.client.loop import run_sync
 from swarm.coordinator.routing import SwarmMap, throughput_weighted_route
@@ -491,8 +492,8 @@ class EpochProbe:
     no samples at epoch 0 from PROBE_SENDER: the node answers on its event loop; a leader files
     the report, which no round counts (rounds count members only), a follower just answers."""
 
-    def __init__(self, address: str, collaboration: str) -> None:
-        self.channel = grpc.insecure_channel(address)
+    def __init__(self, info: dict[str, Any], collaboration: str) -> None:
+        self.channel = tls.sync_channel(info["grpc_address"], info.get("tls_cert_sha256"))
         self.stub = swarm_pb2_grpc.AveragingServiceStub(self.channel)
         header = swarm_pb2.AveragingHeader(
             protocol_version=swarm.PROTOCOL_VERSION, run_id=collaboration, sender=PROBE_SENDER, epoch=0
@@ -596,7 +597,7 @@ class StageOne:
         self.starts += 1
         extra = ("--slowdown", f"{SLOWDOWN:g}") if kind == "slow" else ()
         node = self.bench.start_node(1, f"stalls-s1-{kind}-{self.starts}", *extra)
-        self.probes[node.name] = EpochProbe(self.bench.info(node)["grpc_address"], self.collaboration)
+        self.probes[node.name] = EpochProbe(self.bench.info(node), self.collaboration)
         if kind == "slow":
             self.slow = node
         else:

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import grpc
 
 from swarm._proto import swarm_pb2, swarm_pb2_grpc
+from swarm.errors import PeerUnavailable
 from swarm.records import ServerRecord
 
-StubFor = Callable[[str], swarm_pb2_grpc.BlockServiceStub]
+# The client's ChannelPool.stub: dials the server as its record says (TLS pinned to its certificate).
+StubFor = Callable[[ServerRecord], Awaitable[swarm_pb2_grpc.BlockServiceStub]]
 
 
 @dataclass
@@ -42,7 +44,9 @@ class RttTable:
     async def _ping(self, server: ServerRecord, stub_for: StubFor) -> float:
         started = time.perf_counter()
         try:
-            await stub_for(server.grpc_address).Ping(swarm_pb2.PingRequest(), timeout=self.timeout)
-        except grpc.aio.AioRpcError:
+            async with asyncio.timeout(self.timeout):  # dialling may take a TLS handshake first
+                stub = await stub_for(server)
+            await stub.Ping(swarm_pb2.PingRequest(), timeout=self.timeout)
+        except (grpc.aio.AioRpcError, PeerUnavailable, TimeoutError):  # PeerUnavailable: a wrong certificate
             return self.timeout
         return time.perf_counter() - started

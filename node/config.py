@@ -69,6 +69,13 @@ class NodeConfig:
     check_reachability: bool = field(
         default=True, metadata=_help("ask a peer to dial the announced address back before going online")
     )
+    tls: bool = field(
+        default=True,
+        metadata=_help(
+            "serve gRPC over TLS with a fresh certificate whose hash the signed DHT record pins "
+            "(--no-tls: plaintext, for benchmarks and older clients)"
+        ),
+    )
     dht_port: int = field(default=0, metadata=_help("DHT port; 0 picks a free one"))
     metrics_port: int | None = field(
         default=None, metadata=_help("serve Prometheus metrics on this port (0 picks a free one)")

@@ -12,8 +12,9 @@ import socket
 
 import grpc
 
+from swarm import tls
 from swarm._proto import swarm_pb2, swarm_pb2_grpc
-from swarm.errors import ConfigError
+from swarm.errors import ConfigError, PeerUnavailable
 from swarm.node.config import NodeConfig
 from swarm.records import ServerRecord
 
@@ -21,18 +22,27 @@ log = logging.getLogger("swarm.node")
 REACHABILITY_PEERS = 3  # peers asked to dial back before giving up on the check
 
 
-async def check_reachable(address: str, peer_id: str, peers: list[ServerRecord]) -> None:
-    """Ask a peer to dial our announced address; refuse to go online if it cannot."""
+async def check_reachable(
+    address: str, peer_id: str, peers: list[ServerRecord], cert_sha256: str | None = None
+) -> None:
+    """Ask a peer to dial our announced address (over TLS pinned to `cert_sha256`, when we serve
+    TLS); refuse to go online if it cannot."""
     if not peers:
         log.info("no other node yet: cannot check that %s is reachable from outside", address)
         return
-    request = swarm_pb2.ReachabilityRequest(address=address, expected_peer_id=peer_id)
+    request = swarm_pb2.ReachabilityRequest(
+        address=address, expected_peer_id=peer_id, tls_cert_sha256=cert_sha256 or ""
+    )
     for peer in peers[:REACHABILITY_PEERS]:
         try:
-            async with grpc.aio.insecure_channel(peer.grpc_address) as channel:
+            channel = await tls.open_channel(
+                peer.grpc_address, peer.tls_cert_sha256, peer=peer.peer_id, timeout=15
+            )
+            async with channel:
                 reply = await swarm_pb2_grpc.BlockServiceStub(channel).CheckReachability(request, timeout=15)
-        except grpc.aio.AioRpcError as e:
-            log.info("peer %s could not check reachability (%s); asking another", peer.peer_id, e.code().name)
+        except (grpc.aio.AioRpcError, PeerUnavailable) as e:
+            why = e.code().name if isinstance(e, grpc.aio.AioRpcError) else str(e)
+            log.info("peer %s could not check reachability (%s); asking another", peer.peer_id, why)
             continue
         if reply.reachable:
             log.info("peer %s reached this node at %s", peer.peer_id, address)

@@ -26,7 +26,7 @@ from hivemind.dht import DHT
 from rich.progress import Progress
 
 import swarm
-from swarm import checkpoint
+from swarm import checkpoint, tls
 from swarm.errors import ConfigError, SwarmError
 from swarm.models.llama import LayerCache, LlamaBlock, LlamaConfig
 from swarm.node import device as devices
@@ -91,6 +91,7 @@ class Node:
     throughput: Throughput | None = None
     cache_bytes: int = 0
     span: tuple[int, int] = (0, 0)
+    cert_sha256: str | None = None  # of the TLS certificate gRPC serves with; None: plaintext (--no-tls)
 
     @property
     def config(self) -> LlamaConfig:
@@ -128,6 +129,7 @@ class Node:
             dtype=str(self.dtype).removeprefix("torch."),
             quant=self.cfg.quant,
             software_version=swarm.__version__,
+            tls_cert_sha256=self.cert_sha256,
         )
 
     def free_cache_tokens(self) -> int:
@@ -251,6 +253,7 @@ async def measure(node: Node, peers: list[ServerRecord]) -> None:
             override=cfg.throughput,
             network_override=cfg.network_throughput,
             peer_address=online[0].grpc_address if online else None,
+            peer_cert_sha256=online[0].tls_cert_sha256 if online else None,
             default_network_bps=DEFAULT_NETWORK_BPS,
             block_factory=_probe_block(node) if cfg.quant != "none" else None,
         )
@@ -374,7 +377,11 @@ async def serve(
         cfg.max_batch, cfg.max_tokens, cfg.max_session_length, cfg.max_message_bytes, cfg.session_idle_timeout
     )
     servicer = BlockServicer(None, model, str(dht.peer_id), limits, quant=cfg.quant, metrics=metrics)
-    server, port, health = await start_grpc_server(servicer, cfg.host, cfg.port, cfg.max_message_bytes)
+    # A fresh certificate per start: the records announced below pin it, so nothing needs storing.
+    certificate = tls.NodeCertificate.generate(str(dht.peer_id)) if cfg.tls else None
+    server, port, health = await start_grpc_server(
+        servicer, cfg.host, cfg.port, cfg.max_message_bytes, certificate=certificate
+    )
     metrics_port, stop_metrics = await serve_metrics(cfg, metrics, server)
     address = f"{announce_host(cfg)}:{cfg.announce_port or port}"
     node = Node(
@@ -390,6 +397,7 @@ async def serve(
         address,
         stop,
         health,
+        cert_sha256=certificate.sha256 if certificate is not None else None,
     )
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)  # until ONLINE
     node.announcer.refresh = lambda r: r.model_copy(update={"free_cache_tokens": node.free_cache_tokens()})
@@ -401,6 +409,7 @@ async def serve(
             {
                 "peer_id": node.peer_id,
                 "grpc_address": node.address,
+                "tls_cert_sha256": node.cert_sha256,
                 "model": model,
                 "span": f"{node.span[0]}:{node.span[1]}",
                 "throughput": round(node.span_throughput(node.span[1] - node.span[0]), 3),
@@ -446,7 +455,7 @@ async def start_serving(node: Node) -> None:
     await node.enter(ServerState.JOINING, required=True)
     if node.cfg.check_reachability:
         online = [p for p in peers if p.state == ServerState.ONLINE]
-        await node.until_stopped(check_reachable(node.address, node.peer_id, online))
+        await node.until_stopped(check_reachable(node.address, node.peer_id, online, node.cert_sha256))
     await node.load(span)
     await node.enter(ServerState.ONLINE, required=True)
 

@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import swarm
-from swarm import wire
+from swarm import tls, wire
 from swarm._proto import swarm_pb2, swarm_pb2_grpc
 from swarm.adapters import encode_named
 from swarm.errors import (
@@ -202,7 +202,9 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
         self, request: swarm_pb2.ReachabilityRequest, context: grpc.aio.ServicerContext
     ) -> swarm_pb2.ReachabilityResponse:
         self.metrics.requests.labels(rpc="CheckReachability", code="OK").inc()
-        error = await dial_back(request.address, request.expected_peer_id, REACHABILITY_TIMEOUT)
+        error = await dial_back(
+            request.address, request.expected_peer_id, request.tls_cert_sha256, REACHABILITY_TIMEOUT
+        )
         return swarm_pb2.ReachabilityResponse(reachable=error is None, error=error or "")
 
     async def Forward(
@@ -406,16 +408,20 @@ async def _abort(context: grpc.aio.ServicerContext, error: BaseException) -> Non
     await context.abort(code, str(error) or type(error).__name__)
 
 
-async def dial_back(address: str, expected_peer_id: str, timeout: float) -> str | None:
-    """Call Info at `address`; None when it answers as `expected_peer_id`, else why not."""
+async def dial_back(address: str, expected_peer_id: str, cert_sha256: str, timeout: float) -> str | None:
+    """Call Info at `address` (over TLS pinned to `cert_sha256`, when given); None when it answers
+    as `expected_peer_id`, else why not."""
     try:
-        async with grpc.aio.insecure_channel(address) as channel:
+        channel = await tls.open_channel(address, cert_sha256, peer=expected_peer_id, timeout=timeout)
+        async with channel:
             stub = swarm_pb2_grpc.BlockServiceStub(channel)
             info = await stub.Info(
                 swarm_pb2.InfoRequest(protocol_version=swarm.PROTOCOL_VERSION), timeout=timeout
             )
     except grpc.aio.AioRpcError as e:
         return f"dialling {address} failed: {e.code().name} {e.details() or ''}".strip()
+    except SwarmError as e:  # no TLS there, or another certificate than the one to be announced
+        return f"dialling {address} failed: {e}"
     except Exception as e:  # a malformed address, say; the joining node gets the reason
         return f"dialling {address} failed: {e}"
     if expected_peer_id and info.peer_id != expected_peer_id:
@@ -450,9 +456,10 @@ async def start_grpc_server(
     max_message_bytes: int,
     *,
     averaging: swarm_pb2_grpc.AveragingServiceServicer | None = None,
+    certificate: tls.NodeCertificate | None = None,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """Start BlockService (+ AveragingService for a training node) + health + reflection; returns
-    (server, bound port, health servicer)."""
+    """Start BlockService (+ AveragingService for a training node) + health + reflection, over TLS
+    with `certificate` (plaintext without); returns (server, bound port, health servicer)."""
     # ParseRequests: bytes that are no protobuf get INVALID_ARGUMENT, on every service below.
     server = grpc.aio.server(options=grpc_options(max_message_bytes), interceptors=[ParseRequests()])
     swarm_pb2_grpc.add_BlockServiceServicer_to_server(servicer, server)
@@ -463,7 +470,10 @@ async def start_grpc_server(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*services, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if certificate is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        bound = server.add_secure_port(f"{host}:{port}", certificate.server_credentials())
     if bound == 0:
         raise ConfigError(f"could not bind the gRPC server to {host}:{port}: is the port in use? (--port)")
     await server.start()

@@ -27,6 +27,7 @@ import grpc
 import torch
 from torch import nn
 
+from swarm import tls
 from swarm._proto import swarm_pb2, swarm_pb2_grpc
 from swarm.errors import ConfigError, PeerUnavailable
 from swarm.models.llama import LayerCache, LlamaBlock, LlamaConfig
@@ -221,20 +222,28 @@ def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 
 async def measure_network(
-    address: str, *, payload_bytes: int = 4 << 20, timeout: float = 10.0, rounds: int = 3
+    address: str,
+    *,
+    payload_bytes: int = 4 << 20,
+    timeout: float = 10.0,
+    rounds: int = 3,
+    cert_sha256: str | None = None,
 ) -> float:
     """Bytes/s to the node at `address`: (bytes sent + received) / round-trip time of a Ping carrying
-    `payload_bytes` each way, best of `rounds` (the one least disturbed by other traffic). The whole
+    `payload_bytes` each way, best of `rounds` (the one least disturbed by other traffic), over TLS
+    pinned to `cert_sha256` when the peer announces one (as the data plane will run). The whole
     measurement is bounded by `timeout`; any failure raises PeerUnavailable."""
     if payload_bytes <= 0 or rounds <= 0:
         raise ValueError(f"payload_bytes and rounds must be > 0, got {payload_bytes}, {rounds}")
     payload = os.urandom(payload_bytes)  # incompressible, in case something on the path compresses
     try:
         options = _channel_options(payload_bytes + (1 << 20))
-        async with asyncio.timeout(timeout), grpc.aio.insecure_channel(address, options=options) as channel:
-            stub = swarm_pb2_grpc.BlockServiceStub(channel)
-            await stub.Ping(swarm_pb2.PingRequest(), timeout=timeout)  # connect first: setup is not bandwidth
-            return max([await _ping_bps(stub, payload, timeout) for _ in range(rounds)])
+        async with asyncio.timeout(timeout):
+            channel = await tls.open_channel(address, cert_sha256, options=options, timeout=timeout)
+            async with channel:
+                stub = swarm_pb2_grpc.BlockServiceStub(channel)
+                await stub.Ping(swarm_pb2.PingRequest(), timeout=timeout)  # setup is not bandwidth
+                return max([await _ping_bps(stub, payload, timeout) for _ in range(rounds)])
     except (grpc.aio.AioRpcError, TimeoutError) as e:
         reason = f"{e.code().name} {e.details()}" if isinstance(e, grpc.aio.AioRpcError) else "timed out"
         raise PeerUnavailable(f"could not measure the network to {address}: {reason}") from e
@@ -263,6 +272,7 @@ async def get_throughput(
     network_override: float | None = None,
     peer_address: str | None = None,
     default_network_bps: float = DEFAULT_NETWORK_BPS,
+    peer_cert_sha256: str | None = None,
     block_factory: Callable[[], nn.Module] | None = None,
     budget_s: float = 2.0,
 ) -> Throughput:
@@ -277,7 +287,7 @@ async def get_throughput(
         measure_compute, config, device, dtype, block_factory=block_factory, budget_s=budget_s
     )
     forward_tps, inference_rps = await _compute(key, cache_path, measure)
-    network_bps = await _network(peer_address, network_override, default_network_bps)
+    network_bps = await _network(peer_address, network_override, default_network_bps, peer_cert_sha256)
     return Throughput(forward_tps, inference_rps, network_bps)
 
 
@@ -299,11 +309,13 @@ async def _compute(
     return value
 
 
-async def _network(peer_address: str | None, override: float | None, default_bps: float) -> float:
+async def _network(
+    peer_address: str | None, override: float | None, default_bps: float, cert_sha256: str | None = None
+) -> float:
     if override is not None or peer_address is None:
         return default_bps if override is None else override
     try:
-        bps = await measure_network(peer_address)
+        bps = await measure_network(peer_address, cert_sha256=cert_sha256)
     except PeerUnavailable as e:
         log.warning("%s; assuming %.0f Mbit/s", e, default_bps * 8 / 1e6)
         return default_bps

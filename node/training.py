@@ -26,8 +26,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hivemind.dht import DHT
 
 import swarm
-from swarm import checkpoint
-from swarm.errors import ConfigError, SwarmError
+from swarm import checkpoint, tls
+from swarm.errors import ConfigError, PeerUnavailable, SwarmError
 from swarm.models.llama import LlamaBlock, LlamaConfig, init_weights
 from swarm.node import device as devices
 from swarm.node.announcer import Announcer
@@ -185,7 +185,11 @@ async def _train_stage(
     rid = run_id(model, stage)
     saved = Path(cfg.checkpoint_dir) / f"{rid}.pt" if cfg.checkpoint_dir else None
     state = LocalState([p for b in blocks for p in b.parameters()], averaging_config(cfg))
-    mates = {r.peer_id: r.grpc_address for r in peers if r.trainable_stage == stage}
+    mates = {
+        r.peer_id: tls.Endpoint(r.grpc_address, r.tls_cert_sha256)
+        for r in peers
+        if r.trainable_stage == stage
+    }
     if not mates and saved is not None and saved.is_file():
         load_stage_checkpoint(saved, blocks, state)
         log.info("resumed stage %d from %s at epoch %d", stage, saved, state.epoch)
@@ -199,12 +203,15 @@ async def _answering(records: list[ServerRecord], timeout: float = 3.0) -> list[
 
     async def serving(record: ServerRecord) -> bool:
         try:
-            async with grpc.aio.insecure_channel(record.grpc_address) as channel:
+            channel = await tls.open_channel(
+                record.grpc_address, record.tls_cert_sha256, peer=record.peer_id, timeout=timeout
+            )
+            async with channel:
                 reply = await health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout
                 )
             return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-        except grpc.aio.AioRpcError:
+        except (grpc.aio.AioRpcError, PeerUnavailable):  # PeerUnavailable: no TLS, or another certificate
             return False
 
     answers = await asyncio.gather(*(serving(r) for r in records))
@@ -246,7 +253,7 @@ async def _serve_stage(
     span: tuple[int, int],
     blocks: list[LlamaBlock],
     state: LocalState,
-    mates: dict[str, str],
+    mates: dict[str, tls.Endpoint],
     saved: Path | None,
 ) -> int | None:
     device = next(blocks[0].parameters()).device
@@ -322,12 +329,14 @@ async def _serve_stage(
             return estimate
         return worker.tokens_done / worker.busy_seconds
 
+    certificate = tls.NodeCertificate.generate(me) if cfg.tls else None
     server, port, health = await start_grpc_server(
-        servicer, cfg.host, cfg.port, cfg.max_message_bytes, averaging=averaging
+        servicer, cfg.host, cfg.port, cfg.max_message_bytes, averaging=averaging, certificate=certificate
     )
+    cert_sha256 = certificate.sha256 if certificate is not None else None
     metrics_port, stop_metrics = await serve_metrics(cfg, metrics, server)
     address = f"{announce_host(cfg)}:{cfg.announce_port or port}"
-    collab.membership = DHTMembership(dht, identity, collab.run_id, me, address)
+    collab.membership = DHTMembership(dht, identity, collab.run_id, me, address, cert_sha256)
     if mates:  # others train this stage already: start from where they are
         source = min(mates)  # the stage's leader, unless it is this node (then any mate will do)
         log.info("loading stage %d's state from %s (peers: %s)", stage, source, ", ".join(sorted(mates)))
@@ -352,6 +361,7 @@ async def _serve_stage(
         throughput=estimate,
         trainable_stage=stage,
         software_version=swarm.__version__,
+        tls_cert_sha256=cert_sha256,
     )
     leave = asyncio.Event()  # set by stop, or by a decision to move
     move: list[int] = []
@@ -364,6 +374,7 @@ async def _serve_stage(
             {
                 "peer_id": me,
                 "grpc_address": address,
+                "tls_cert_sha256": cert_sha256,
                 "model": model,
                 "span": f"{span[0]}:{span[1]}",
                 "stage": stage,

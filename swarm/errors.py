@@ -54,6 +54,11 @@ class PeerUnavailable(SwarmError):
     retryable = True
 
 
+class CertificateMismatch(PeerUnavailable):
+    """A node's TLS certificate is not the one its signed DHT record pins: it is refused, and
+    counts as a failed peer (banned, its work goes elsewhere)."""
+
+
 class MissingBlocksError(SwarmError):
     """No server in the swarm currently serves some blocks of the model."""
 

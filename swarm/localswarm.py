@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
+
+from swarm import tls
 from swarm.errors import SwarmError
 
 
@@ -32,6 +35,13 @@ class NodeProcess:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def channel(self, timeout: float = 10.0) -> grpc.Channel:
+        """A blocking gRPC channel to this node, as its ready line says to dial it (TLS pinned to
+        its certificate, or plaintext for a --no-tls node)."""
+        return tls.sync_channel(
+            self.info["grpc_address"], self.info.get("tls_cert_sha256"), peer=self.name, timeout=timeout
+        )
 
     def log_tail(self, lines: int = 30) -> str:
         try:

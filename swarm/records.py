@@ -123,6 +123,9 @@ class ServerRecord(pydantic.BaseModel):
     # Wall-clock time of the announcement. A node that moved still has records under its old
     # blocks until they expire; readers keep each peer's newest record (see `latest_per_peer`).
     announced_at: float = pydantic.Field(default=0.0, ge=0, allow_inf_nan=False)
+    # SHA-256 (lowercase hex) of the DER certificate the node serves gRPC TLS with: clients refuse
+    # any other certificate at this address (swarm.tls). None: the node serves plaintext.
+    tls_cert_sha256: str | None = pydantic.Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
     @pydantic.model_validator(mode="after")
     def _span_not_empty(self) -> ServerRecord:

@@ -107,7 +107,7 @@ def scrape(node: NodeProcess) -> str:
 
 
 def test_cache_budget_refuses_a_second_session_until_the_first_closes(small_node: NodeProcess) -> None:
-    with grpc.insecure_channel(small_node.info["grpc_address"]) as channel:
+    with small_node.channel() as channel:
         first = Session(channel)
         first.step(4)
         second = Session(channel)
@@ -125,7 +125,7 @@ def test_cache_budget_refuses_a_second_session_until_the_first_closes(small_node
 def test_metrics_endpoint_reports_requests_span_state_and_cache(
     small_node: NodeProcess, one_session_bytes: int
 ) -> None:
-    with grpc.insecure_channel(small_node.info["grpc_address"]) as channel:
+    with small_node.channel() as channel:
         before = scrape(small_node)
         forward(channel)
         forward(channel)
@@ -164,7 +164,7 @@ def test_sigterm_drains_open_sessions_then_exits(local_swarm: LocalSwarm, model_
     node = local_swarm.start_node(
         model_path, "0:2", "--drain-timeout", "60", "--announce-period", "2", name="draining"
     )
-    with grpc.insecure_channel(node.info["grpc_address"]) as channel:
+    with node.channel() as channel:
         session = Session(channel)
         session.step(3)
         node.proc.send_signal(signal.SIGTERM)

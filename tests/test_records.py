@@ -23,6 +23,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.serializer import MSGPackSerializer
 
+from swarm import tls
 from swarm.dht import dht_call, start_dht, visible_maddrs
 from swarm.errors import ConfigError, DHTError
 from swarm.records import (
@@ -319,7 +320,8 @@ async def test_forged_membership_entries_are_rejected_by_every_reader(swarm: Swa
     withdraw A, nor report an epoch for it; an unsigned entry counts for nobody."""
     model, stage = "m-members", 0
     run = run_id(model, stage)
-    a = DHTMembership(swarm.dhts["A"], swarm.ids["A"], run, swarm.ids["A"].peer_id, "127.0.0.1:1001")
+    pin = "ab" * 32  # A serves TLS: its signed entry pins its certificate
+    a = DHTMembership(swarm.dhts["A"], swarm.ids["A"], run, swarm.ids["A"].peer_id, "127.0.0.1:1001", pin)
     a.epoch = 3
     await a.publish(ttl=TTL)
     b = DHTMembership(swarm.dhts["B"], swarm.ids["B"], run, swarm.ids["B"].peer_id, "127.0.0.1:1002")
@@ -335,8 +337,11 @@ async def test_forged_membership_entries_are_rejected_by_every_reader(swarm: Swa
     for name in "ABC":
         me = swarm.ids[name].peer_id
         reader = DHTMembership(swarm.dhts[name], swarm.ids[name], run, me, "127.0.0.1:1")
-        expected = {swarm.ids["A"].peer_id: "127.0.0.1:1001", swarm.ids["B"].peer_id: "127.0.0.1:1002"}
-        assert await reader.members() == {p: addr for p, addr in expected.items() if p != me}, name
+        expected = {
+            swarm.ids["A"].peer_id: tls.Endpoint("127.0.0.1:1001", pin),
+            swarm.ids["B"].peer_id: tls.Endpoint("127.0.0.1:1002"),
+        }
+        assert await reader.members() == {p: e for p, e in expected.items() if p != me}, name
         epochs = await _reported_epochs(swarm.dhts[name], model, stage, timeout=30)
         assert epochs == {swarm.ids["A"].peer_id: 3, swarm.ids["B"].peer_id: 0}, name
 

@@ -45,7 +45,8 @@ async def test_rtts_are_measured_cached_and_silence_is_penalised(live_address: s
     channels: dict[str, grpc.aio.Channel] = {}
     pings: list[str] = []
 
-    def stub_for(address: str) -> swarm_pb2_grpc.BlockServiceStub:
+    async def stub_for(server: ServerRecord) -> swarm_pb2_grpc.BlockServiceStub:
+        address = server.grpc_address
         pings.append(address)
         channel = channels.setdefault(address, grpc.aio.insecure_channel(address))
         return swarm_pb2_grpc.BlockServiceStub(channel)

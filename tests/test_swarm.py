@@ -148,7 +148,7 @@ def test_uncovered_model_fails_fast_with_missing_blocks(local_swarm: LocalSwarm,
 
 @pytest.fixture(scope="module")
 def channel(local_swarm: LocalSwarm) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(node(local_swarm, "node-a").info["grpc_address"]) as ch:
+    with node(local_swarm, "node-a").channel() as ch:
         yield ch
 
 
@@ -367,7 +367,7 @@ def test_cli_generate_takes_text_when_the_model_has_a_tokenizer(
 def test_idle_inference_session_is_closed(local_swarm: LocalSwarm, model_path: Path) -> None:
     strict = local_swarm.start_node(model_path, "0:4", "--session-idle-timeout", "0.5", name="node-strict")
     try:
-        with grpc.insecure_channel(strict.info["grpc_address"]) as ch:
+        with strict.channel() as ch:
             stub = swarm_pb2_grpc.BlockServiceStub(ch)
             first = swarm_pb2.InferenceRequest(
                 header=header(), open=swarm_pb2.InferenceOpen(max_length=8, batch_size=1)

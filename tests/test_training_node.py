@@ -16,8 +16,8 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-import grpc
 import pytest
 import torch
 from hivemind.dht import DHT
@@ -25,7 +25,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import swarm
-from swarm import wire
+from swarm import tls, wire
 from swarm._proto import swarm_pb2, swarm_pb2_grpc
 from swarm.dht import start_dht
 from swarm.errors import ConfigError
@@ -154,9 +154,9 @@ def training_swarm(tmp_path_factory: pytest.TempPathFactory, config_dir: Path) -
         yield local
 
 
-def get_state(address: str) -> tuple[int, dict[str, torch.Tensor], dict[int, list[float]]]:
-    """(epoch, weights by name, weight fingerprints by epoch) of a training node."""
-    with grpc.insecure_channel(address) as channel:
+def get_state(info: dict[str, Any]) -> tuple[int, dict[str, torch.Tensor], dict[int, list[float]]]:
+    """(epoch, weights by name, weight fingerprints by epoch) of a training node (its ready line)."""
+    with tls.sync_channel(info["grpc_address"], info.get("tls_cert_sha256")) as channel:
         request = swarm_pb2.StateRequest(protocol_version=swarm.PROTOCOL_VERSION, model="byte-llama")
         chunks = list(swarm_pb2_grpc.BlockServiceStub(channel).GetState(request, timeout=60))
     weights = {t.name: wire.decode_tensor(t.tensor) for c in chunks for t in c.tensors}
@@ -209,7 +209,7 @@ def test_two_stages_of_two_peers_train_in_step(training_swarm: LocalSwarm, confi
     assert progress.recent_loss(5) < 0.85 * losses[0], losses
 
     config = LlamaConfig.from_hf_dict(HF_CONFIG)
-    states = [get_state(node.info["grpc_address"]) for node in nodes]
+    states = [get_state(node.info) for node in nodes]
     for (epoch, weights, _), span in zip(states, ((0, 2), (2, 4), (0, 2), (2, 4)), strict=True):
         assert epoch >= 3  # every peer's optimizer stepped with its stage
         names = {
@@ -267,7 +267,7 @@ def test_a_killed_peer_loses_nothing_and_its_replacement_takes_part(
             def stage_1_stepped() -> bool:  # the stages lag the trainer's own steps a little
                 if outcome or trainer.progress.step < 3:
                     return bool(outcome)
-                return get_state(nodes[1].info["grpc_address"])[0] >= 2
+                return get_state(nodes[1].info)[0] >= 2
 
             with progressed:  # train a few steps with all four peers
                 assert progressed.wait_for(stage_1_stepped, timeout=180)
@@ -280,7 +280,7 @@ def test_a_killed_peer_loses_nothing_and_its_replacement_takes_part(
             assert joined_at >= 1  # it loaded the stage's state, not fresh weights
 
             def took_part() -> bool:  # two steps with its mate since it joined
-                epoch, _, _ = get_state(replacement.info["grpc_address"])
+                epoch, _, _ = get_state(replacement.info)
                 return epoch >= joined_at + 2 or bool(outcome)
 
             deadline = time.monotonic() + 120
@@ -299,8 +299,8 @@ def test_a_killed_peer_loses_nothing_and_its_replacement_takes_part(
         print(f"faults: {progress.completed} micro-batches, {progress.resent} re-sent after the kill")
         assert progress.issued == progress.completed  # none lost, none counted twice
         assert progress.resent >= 1
-        _, _, mate = get_state(nodes[1].info["grpc_address"])
-        _, _, new = get_state(replacement.info["grpc_address"])
+        _, _, mate = get_state(nodes[1].info)
+        _, _, new = get_state(replacement.info)
         shared = assert_in_step(mate, new, at_least=2)
         assert max(shared) >= joined_at + 2
 
@@ -345,16 +345,16 @@ def test_a_peer_moves_to_the_stage_that_lost_its_peers_and_a_stage_resumes_from_
                 b.proc.wait(timeout=0.2)  # the poll interval
         moved = ready_info(local, b)
         assert moved["span"] == "2:4"
-        epoch_p1, weights_p1, _ = get_state(p1.info["grpc_address"])
-        epoch_b, weights_b, _ = get_state(str(moved["grpc_address"]))
+        epoch_p1, weights_p1, _ = get_state(p1.info)
+        epoch_b, weights_b, _ = get_state(moved)
         assert epoch_b == epoch_p1 >= 1  # it loaded the stage's state before serving
         assert all(torch.equal(weights_b[name], weights_p1[name]) for name in weights_p1)
 
         # stage 0's last peer stops (saving its state); a new one resumes from that checkpoint
-        epoch_p0, weights_p0, _ = get_state(p0.info["grpc_address"])
+        epoch_p0, weights_p0, _ = get_state(p0.info)
         assert local.stop(p0) == 0
         assert (saved / f"{run_id('byte-llama', 0)}.pt").is_file()
         again = local.start_node(config_dir, None, *TRAIN, "--stage", "0", *fixed, name="p0-again")
         assert again.info["epoch"] == epoch_p0 >= 1
-        _, weights_again, _ = get_state(again.info["grpc_address"])
+        _, weights_again, _ = get_state(again.info)
         assert all(torch.equal(weights_again[name], weights_p0[name]) for name in weights_p0)

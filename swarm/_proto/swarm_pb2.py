@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14swarm/v1/swarm.proto\x12\x08swarm.v1\"y\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x1e\n\x05\x64type\x18\x03 \x01(\x0e\x32\x0f.swarm.v1.DType\x12\x1e\n\x05\x63odec\x18\x04 \x01(\x0e\x32\x0f.swarm.v1.Codec\x12\x12\n\nblock_size\x18\x05 \x01(\r\"\"\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"\xbf\x01\n\rRequestHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1c\n\x04span\x18\x03 \x01(\x0b\x32\x0e.swarm.v1.Span\x12\'\n\x0eresponse_codec\x18\x04 \x01(\x0e\x32\x0f.swarm.v1.Codec\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\t\x12\x11\n\tmin_epoch\x18\x06 \x01(\x04\x12\x11\n\x04step\x18\x07 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_step\"\'\n\x0bInfoRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\"\xae\x02\n\x0cInfoResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1c\n\x04span\x18\x03 \x01(\x0b\x32\x0e.swarm.v1.Span\x12\x0f\n\x07peer_id\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x19\n\x11max_message_bytes\x18\x08 \x01(\x04\x12\x11\n\tmax_batch\x18\t \x01(\r\x12\x12\n\nmax_tokens\x18\n \x01(\r\x12\x1a\n\x12max_session_length\x18\x0b \x01(\r\x12\x1a\n\x12\x63ompute_throughput\x18\x0c \x01(\x02\x12\r\n\x05state\x18\r \x01(\t\x12\r\n\x05quant\x18\x0e \x01(\t\"\x85\x01\n\x0e\x46orwardRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.swarm.v1.RequestHeader\x12\'\n\rhidden_states\x18\x02 \x01(\x0b\x32\x10.swarm.v1.Tensor\x12!\n\x07prompts\x18\x03 \x01(\x0b\x32\x10.swarm.v1.Tensor\":\n\x0f\x46orwardResponse\x12\'\n\rhidden_states\x18\x01 \x01(\x0b\x32\x10.swarm.v1.Tensor\"\xae\x01\n\x0f\x42\x61\x63kwardRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.swarm.v1.RequestHeader\x12\'\n\rhidden_states\x18\x02 \x01(\x0b\x32\x10.swarm.v1.Tensor\x12&\n\x0cgrad_outputs\x18\x03 \x01(\x0b\x32\x10.swarm.v1.Tensor\x12!\n\x07prompts\x18\x04 \x01(\x0b\x32\x10.swarm.v1.Tensor\"\x91\x01\n\x10\x42\x61\x63kwardResponse\x12%\n\x0bgrad_inputs\x18\x01 \x01(\x0b\x32\x10.swarm.v1.Tensor\x12&\n\x0cgrad_prompts\x18\x02 \x01(\x0b\x32\x10.swarm.v1.Tensor\x12.\n\radapter_grads\x18\x03 \x03(\x0b\x32\x17.swarm.v1.AdapterTensor\"7\n\rInferenceOpen\x12\x12\n\nmax_length\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\"~\n\rInferenceStep\x12\'\n\rhidden_states\x18\x01 \x01(\x0b\x32\x10.swarm.v1.Tensor\x12\x10\n\x08position\x18\x02 \x01(\r\x12\x0f\n\x07step_id\x18\x03 \x01(\x04\x12!\n\x07prompts\x18\x04 \x01(\x0b\x32\x10.swarm.v1.Tensor\"\x89\x01\n\x10InferenceRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.swarm.v1.RequestHeader\x12%\n\x04open\x18\x02 \x01(\x0b\x32\x17.swarm.v1.InferenceOpen\x12%\n\x04step\x18\x03 \x01(\x0b\x32\x17.swarm.v1.InferenceStep\"]\n\x11InferenceResponse\x12\'\n\rhidden_states\x18\x01 \x01(\x0b\x32\x10.swarm.v1.Tensor\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\r\"3\n\x0bPingRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x13\n\x0breply_bytes\x18\x02 \x01(\r\"\x1f\n\x0cPingResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"@\n\x13ReachabilityRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x18\n\x10\x65xpected_peer_id\x18\x02 \x01(\t\"8\n\x14ReachabilityResponse\x12\x11\n\treachable\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"?\n\rAdapterTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x06tensor\x18\x02 \x01(\x0b\x32\x10.swarm.v1.Tensor\"\x86\x01\n\x12LoadAdapterRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04hash\x18\x03 \x01(\t\x12\x0f\n\x07scaling\x18\x04 \x01(\x01\x12(\n\x07tensors\x18\x05 \x03(\x0b\x32\x17.swarm.v1.AdapterTensor\"A\n\x13LoadAdapterResponse\x12\x14\n\x0c\x63\x61\x63hed_bytes\x18\x01 \x01(\x04\x12\x14\n\x0c\x62udget_bytes\x18\x02 \x01(\x04\"7\n\x0cStateRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05model\x18\x02 \x01(\t\"=\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x06tensor\x18\x02 \x01(\x0b\x32\x10.swarm.v1.Tensor\"\x93\x01\n\nStateChunk\x12&\n\x07tensors\x18\x01 \x03(\x0b\x32\x15.swarm.v1.NamedTensor\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x1c\n\x04span\x18\x03 \x01(\x0b\x32\x0e.swarm.v1.Span\x12\x30\n\x0c\x66ingerprints\x18\x04 \x03(\x0b\x32\x1a.swarm.v1.EpochFingerprint\"9\n\x10\x45pochFingerprint\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x16\n\x0esum_of_squares\x18\x02 \x03(\x01\"Z\n\x0f\x41veragingHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0e\n\x06sender\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\"K\n\rReportRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.swarm.v1.AveragingHeader\x12\x0f\n\x07samples\x18\x02 \x01(\x04\"/\n\x0eReportResponse\x12\x0e\n\x06leader\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\";\n\x0e\x43ollectRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.swarm.v1.AveragingHeader\"t\n\x0f\x43ollectResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0e\n\x06leader\x18\x03 \x01(\t\x12\x0f\n\x07samples\x18\x04 \x01(\x04\x12\x1f\n\x05grads\x18\x05 \x03(\x0b\x32\x10.swarm.v1.Tensor\"\x80\x01\n\x0c\x41pplyRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.swarm.v1.AveragingHeader\x12\x0f\n\x07samples\x18\x02 \x01(\x04\x12\x1f\n\x05grads\x18\x03 \x03(\x0b\x32\x10.swarm.v1.Tensor\x12\x13\n\x0b\x66ingerprint\x18\x04 \x03(\x01\"@\n\rApplyResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0e\n\x06leader\x18\x03 \x01(\t\"A\n\x14\x44ownloadStateRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.swarm.v1.AveragingHeader\"K\n\x12\x44ownloadStateChunk\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12&\n\x07tensors\x18\x02 \x03(\x0b\x32\x15.swarm.v1.NamedTensor*\xab\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x0e\n\nDTYPE_INT8\x10\x06\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x07\x12\x0e\n\nDTYPE_BOOL\x10\x08*X\n\x05\x43odec\x12\x0e\n\nCODEC_NONE\x10\x00\x12\x11\n\rCODEC_FLOAT16\x10\x01\x12\x12\n\x0e\x43ODEC_BFLOAT16\x10\x02\x12\x18\n\x14\x43ODEC_INT8_BLOCKWISE\x10\x03\x32\xa5\x04\n\x0c\x42lockService\x12\x35\n\x04Info\x12\x15.swarm.v1.InfoRequest\x1a\x16.swarm.v1.InfoResponse\x12\x35\n\x04Ping\x12\x15.swarm.v1.PingRequest\x1a\x16.swarm.v1.PingResponse\x12R\n\x11\x43heckReachability\x12\x1d.swarm.v1.ReachabilityRequest\x1a\x1e.swarm.v1.ReachabilityResponse\x12>\n\x07\x46orward\x12\x18.swarm.v1.ForwardRequest\x1a\x19.swarm.v1.ForwardResponse\x12\x41\n\x08\x42\x61\x63kward\x12\x19.swarm.v1.BackwardRequest\x1a\x1a.swarm.v1.BackwardResponse\x12J\n\x0bLoadAdapter\x12\x1c.swarm.v1.LoadAdapterRequest\x1a\x1d.swarm.v1.LoadAdapterResponse\x12:\n\x08GetState\x12\x16.swarm.v1.StateRequest\x1a\x14.swarm.v1.StateChunk0\x01\x12H\n\tInference\x12\x1a.swarm.v1.InferenceRequest\x1a\x1b.swarm.v1.InferenceResponse(\x01\x30\x01\x32\x9a\x02\n\x10\x41veragingService\x12;\n\x06Report\x12\x17.swarm.v1.ReportRequest\x1a\x18.swarm.v1.ReportResponse\x12>\n\x07\x43ollect\x12\x18.swarm.v1.CollectRequest\x1a\x19.swarm.v1.CollectResponse\x12\x38\n\x05\x41pply\x12\x16.swarm.v1.ApplyRequest\x1a\x17.swarm.v1.ApplyResponse\x12O\n\rDownloadState\x12\x1e.swarm.v1.DownloadStateRequest\x1a\x1c.swarm.v1.DownloadStateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14swarm/v1/swarm.proto\x12\x08swarm.v1\"y\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x1e\n\x05\x64type\x18\x03 \x01(\x0e\x32\x0f.swarm.v1.DType\x12\x1e\n\x05\x63odec\x18\x04 \x01(\x0e\x32\x0f.swarm.v1.Codec\x12\x12\n\nblock_size\x18\x05 \x01(\r\"\"\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\r\x12\x0b\n\x03\x65nd\x18\x02 \x01(\r\"\xbf\x01\n\rRequestHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1c\n\x04span\x18\x03 \x01(\x0b\x32\x0e.swarm.v1.Span\x12\'\n\x0eresponse_codec\x18\x04 \x01(\x0e\x32\x0f.swarm.v1.Codec\x12\x0f\n\x07\x61\x64\x61pter\x18\x05 \x01(\t\x12\x11\n\tmin_epoch\x18\x06 \x01(\x04\x12\x11\n\x04step\x18\x07 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_step\"\'\n\x0bInfoRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\"\xae\x02\n\x0cInfoResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1c\n\x04span\x18\x03 \x01(\x0b\x32\x0e.swarm.v1.Span\x12\x0f\n\x07peer_id\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\x19\n\x11max_message_bytes\x18\x08 \x01(\x04\x12\x11\n\tmax_batch\x18\t \x01(\r\x12\x12\n\nmax_tokens\x18\n \x01(\r\x12\x1a\n\x12max_session_length\x18\x0b \x01(\r\x12\x1a\n\x12\x63ompute_throughput\x18\x0c \x01(\x02\x12\r\n\x05state\x18\r \x01(\t\x12\r\n\x05quant\x18\x0e \x01(\t\"\x85\x01\n\x0e\x46orwardRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.swarm.v1.RequestHeader\x12\'\n\rhidden_states\x18\x02 \x01(\x0b\x32\x10.swarm.v1.Tensor\x12!\n\x07prompts\x18\x03 \x01(\x0b\x32\x10.swarm.v1.Tensor\":\n\x0f\x46orwardResponse\x12\'\n\rhidden_states\x18\x01 \x01(\x0b\x32\x10.swarm.v1.Tensor\"\xae\x01\n\x0f\x42\x61\x63kwardRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.swarm.v1.RequestHeader\x12\'\n\rhidden_states\x18\x02 \x01(\x0b\x32\x10.swarm.v1.Tensor\x12&\n\x0cgrad_outputs\x18\x03 \x01(\x0b\x32\x10.swarm.v1.Tensor\x12!\n\x07prompts\x18\x04 \x01(\x0b\x32\x10.swarm.v1.Tensor\"\x91\x01\n\x10\x42\x61\x63kwardResponse\x12%\n\x0bgrad_inputs\x18\x01 \x01(\x0b\x32\x10.swarm.v1.Tensor\x12&\n\x0cgrad_prompts\x18\x02 \x01(\x0b\x32\x10.swarm.v1.Tensor\x12.\n\radapter_grads\x18\x03 \x03(\x0b\x32\x17.swarm.v1.AdapterTensor\"7\n\rInferenceOpen\x12\x12\n\nmax_length\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\"~\n\rInferenceStep\x12\'\n\rhidden_states\x18\x01 \x01(\x0b\x32\x10.swarm.v1.Tensor\x12\x10\n\x08position\x18\x02 \x01(\r\x12\x0f\n\x07step_id\x18\x03 \x01(\x04\x12!\n\x07prompts\x18\x04 \x01(\x0b\x32\x10.swarm.v1.Tensor\"\x89\x01\n\x10InferenceRequest\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.swarm.v1.RequestHeader\x12%\n\x04open\x18\x02 \x01(\x0b\x32\x17.swarm.v1.InferenceOpen\x12%\n\x04step\x18\x03 \x01(\x0b\x32\x17.swarm.v1.InferenceStep\"]\n\x11InferenceResponse\x12\'\n\rhidden_states\x18\x01 \x01(\x0b\x32\x10.swarm.v1.Tensor\x12\x0f\n\x07step_id\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\r\"3\n\x0bPingRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x13\n\x0breply_bytes\x18\x02 \x01(\r\"\x1f\n\x0cPingResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"Y\n\x13ReachabilityRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x18\n\x10\x65xpected_peer_id\x18\x02 \x01(\t\x12\x17\n\x0ftls_cert_sha256\x18\x1e \x01(\t\"8\n\x14ReachabilityResponse\x12\x11\n\treachable\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"?\n\rAdapterTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x06tensor\x18\x02 \x01(\x0b\x32\x10.swarm.v1.Tensor\"\x86\x01\n\x12LoadAdapterRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04hash\x18\x03 \x01(\t\x12\x0f\n\x07scaling\x18\x04 \x01(\x01\x12(\n\x07tensors\x18\x05 \x03(\x0b\x32\x17.swarm.v1.AdapterTensor\"A\n\x13LoadAdapterResponse\x12\x14\n\x0c\x63\x61\x63hed_bytes\x18\x01 \x01(\x04\x12\x14\n\x0c\x62udget_bytes\x18\x02 \x01(\x04\"7\n\x0cStateRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05model\x18\x02 \x01(\t\"=\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x06tensor\x18\x02 \x01(\x0b\x32\x10.swarm.v1.Tensor\"\x93\x01\n\nStateChunk\x12&\n\x07tensors\x18\x01 \x03(\x0b\x32\x15.swarm.v1.NamedTensor\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x1c\n\x04span\x18\x03 \x01(\x0b\x32\x0e.swarm.v1.Span\x12\x30\n\x0c\x66ingerprints\x18\x04 \x03(\x0b\x32\x1a.swarm.v1.EpochFingerprint\"9\n\x10\x45pochFingerprint\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x16\n\x0esum_of_squares\x18\x02 \x03(\x01\"Z\n\x0f\x41veragingHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0e\n\x06sender\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\"K\n\rReportRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.swarm.v1.AveragingHeader\x12\x0f\n\x07samples\x18\x02 \x01(\x04\"/\n\x0eReportResponse\x12\x0e\n\x06leader\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\";\n\x0e\x43ollectRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.swarm.v1.AveragingHeader\"t\n\x0f\x43ollectResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0e\n\x06leader\x18\x03 \x01(\t\x12\x0f\n\x07samples\x18\x04 \x01(\x04\x12\x1f\n\x05grads\x18\x05 \x03(\x0b\x32\x10.swarm.v1.Tensor\"\x80\x01\n\x0c\x41pplyRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.swarm.v1.AveragingHeader\x12\x0f\n\x07samples\x18\x02 \x01(\x04\x12\x1f\n\x05grads\x18\x03 \x03(\x0b\x32\x10.swarm.v1.Tensor\x12\x13\n\x0b\x66ingerprint\x18\x04 \x03(\x01\"@\n\rApplyResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x0e\n\x06leader\x18\x03 \x01(\t\"A\n\x14\x44ownloadStateRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.swarm.v1.AveragingHeader\"K\n\x12\x44ownloadStateChunk\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12&\n\x07tensors\x18\x02 \x03(\x0b\x32\x15.swarm.v1.NamedTensor*\xab\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x0e\n\nDTYPE_INT8\x10\x06\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x07\x12\x0e\n\nDTYPE_BOOL\x10\x08*X\n\x05\x43odec\x12\x0e\n\nCODEC_NONE\x10\x00\x12\x11\n\rCODEC_FLOAT16\x10\x01\x12\x12\n\x0e\x43ODEC_BFLOAT16\x10\x02\x12\x18\n\x14\x43ODEC_INT8_BLOCKWISE\x10\x03\x32\xa5\x04\n\x0c\x42lockService\x12\x35\n\x04Info\x12\x15.swarm.v1.InfoRequest\x1a\x16.swarm.v1.InfoResponse\x12\x35\n\x04Ping\x12\x15.swarm.v1.PingRequest\x1a\x16.swarm.v1.PingResponse\x12R\n\x11\x43heckReachability\x12\x1d.swarm.v1.ReachabilityRequest\x1a\x1e.swarm.v1.ReachabilityResponse\x12>\n\x07\x46orward\x12\x18.swarm.v1.ForwardRequest\x1a\x19.swarm.v1.ForwardResponse\x12\x41\n\x08\x42\x61\x63kward\x12\x19.swarm.v1.BackwardRequest\x1a\x1a.swarm.v1.BackwardResponse\x12J\n\x0bLoadAdapter\x12\x1c.swarm.v1.LoadAdapterRequest\x1a\x1d.swarm.v1.LoadAdapterResponse\x12:\n\x08GetState\x12\x16.swarm.v1.StateRequest\x1a\x14.swarm.v1.StateChunk0\x01\x12H\n\tInference\x12\x1a.swarm.v1.InferenceRequest\x1a\x1b.swarm.v1.InferenceResponse(\x01\x30\x01\x32\x9a\x02\n\x10\x41veragingService\x12;\n\x06Report\x12\x17.swarm.v1.ReportRequest\x1a\x18.swarm.v1.ReportResponse\x12>\n\x07\x43ollect\x12\x18.swarm.v1.CollectRequest\x1a\x19.swarm.v1.CollectResponse\x12\x38\n\x05\x41pply\x12\x16.swarm.v1.ApplyRequest\x1a\x17.swarm.v1.ApplyResponse\x12O\n\rDownloadState\x12\x1e.swarm.v1.DownloadStateRequest\x1a\x1c.swarm.v1.DownloadStateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'swarm.v1.swarm_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=3221
-  _globals['_DTYPE']._serialized_end=3392
-  _globals['_CODEC']._serialized_start=3394
-  _globals['_CODEC']._serialized_end=3482
+  _globals['_DTYPE']._serialized_start=3246
+  _globals['_DTYPE']._serialized_end=3417
+  _globals['_CODEC']._serialized_start=3419
+  _globals['_CODEC']._serialized_end=3507
   _globals['_TENSOR']._serialized_start=34
   _globals['_TENSOR']._serialized_end=155
   _globals['_SPAN']._serialized_start=157
@@ -67,43 +67,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PINGRESPONSE']._serialized_start=1727
   _globals['_PINGRESPONSE']._serialized_end=1758
   _globals['_REACHABILITYREQUEST']._serialized_start=1760
-  _globals['_REACHABILITYREQUEST']._serialized_end=1824
-  _globals['_REACHABILITYRESPONSE']._serialized_start=1826
-  _globals['_REACHABILITYRESPONSE']._serialized_end=1882
-  _globals['_ADAPTERTENSOR']._serialized_start=1884
-  _globals['_ADAPTERTENSOR']._serialized_end=1947
-  _globals['_LOADADAPTERREQUEST']._serialized_start=1950
-  _globals['_LOADADAPTERREQUEST']._serialized_end=2084
-  _globals['_LOADADAPTERRESPONSE']._serialized_start=2086
-  _globals['_LOADADAPTERRESPONSE']._serialized_end=2151
-  _globals['_STATEREQUEST']._serialized_start=2153
-  _globals['_STATEREQUEST']._serialized_end=2208
-  _globals['_NAMEDTENSOR']._serialized_start=2210
-  _globals['_NAMEDTENSOR']._serialized_end=2271
-  _globals['_STATECHUNK']._serialized_start=2274
-  _globals['_STATECHUNK']._serialized_end=2421
-  _globals['_EPOCHFINGERPRINT']._serialized_start=2423
-  _globals['_EPOCHFINGERPRINT']._serialized_end=2480
-  _globals['_AVERAGINGHEADER']._serialized_start=2482
-  _globals['_AVERAGINGHEADER']._serialized_end=2572
-  _globals['_REPORTREQUEST']._serialized_start=2574
-  _globals['_REPORTREQUEST']._serialized_end=2649
-  _globals['_REPORTRESPONSE']._serialized_start=2651
-  _globals['_REPORTRESPONSE']._serialized_end=2698
-  _globals['_COLLECTREQUEST']._serialized_start=2700
-  _globals['_COLLECTREQUEST']._serialized_end=2759
-  _globals['_COLLECTRESPONSE']._serialized_start=2761
-  _globals['_COLLECTRESPONSE']._serialized_end=2877
-  _globals['_APPLYREQUEST']._serialized_start=2880
-  _globals['_APPLYREQUEST']._serialized_end=3008
-  _globals['_APPLYRESPONSE']._serialized_start=3010
-  _globals['_APPLYRESPONSE']._serialized_end=3074
-  _globals['_DOWNLOADSTATEREQUEST']._serialized_start=3076
-  _globals['_DOWNLOADSTATEREQUEST']._serialized_end=3141
-  _globals['_DOWNLOADSTATECHUNK']._serialized_start=3143
-  _globals['_DOWNLOADSTATECHUNK']._serialized_end=3218
-  _globals['_BLOCKSERVICE']._serialized_start=3485
-  _globals['_BLOCKSERVICE']._serialized_end=4034
-  _globals['_AVERAGINGSERVICE']._serialized_start=4037
-  _globals['_AVERAGINGSERVICE']._serialized_end=4319
+  _globals['_REACHABILITYREQUEST']._serialized_end=1849
+  _globals['_REACHABILITYRESPONSE']._serialized_start=1851
+  _globals['_REACHABILITYRESPONSE']._serialized_end=1907
+  _globals['_ADAPTERTENSOR']._serialized_start=1909
+  _globals['_ADAPTERTENSOR']._serialized_end=1972
+  _globals['_LOADADAPTERREQUEST']._serialized_start=1975
+  _globals['_LOADADAPTERREQUEST']._serialized_end=2109
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=2111
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=2176
+  _globals['_STATEREQUEST']._serialized_start=2178
+  _globals['_STATEREQUEST']._serialized_end=2233
+  _globals['_NAMEDTENSOR']._serialized_start=2235
+  _globals['_NAMEDTENSOR']._serialized_end=2296
+  _globals['_STATECHUNK']._serialized_start=2299
+  _globals['_STATECHUNK']._serialized_end=2446
+  _globals['_EPOCHFINGERPRINT']._serialized_start=2448
+  _globals['_EPOCHFINGERPRINT']._serialized_end=2505
+  _globals['_AVERAGINGHEADER']._serialized_start=2507
+  _globals['_AVERAGINGHEADER']._serialized_end=2597
+  _globals['_REPORTREQUEST']._serialized_start=2599
+  _globals['_REPORTREQUEST']._serialized_end=2674
+  _globals['_REPORTRESPONSE']._serialized_start=2676
+  _globals['_REPORTRESPONSE']._serialized_end=2723
+  _globals['_COLLECTREQUEST']._serialized_start=2725
+  _globals['_COLLECTREQUEST']._serialized_end=2784
+  _globals['_COLLECTRESPONSE']._serialized_start=2786
+  _globals['_COLLECTRESPONSE']._serialized_end=2902
+  _globals['_APPLYREQUEST']._serialized_start=2905
+  _globals['_APPLYREQUEST']._serialized_end=3033
+  _globals['_APPLYRESPONSE']._serialized_start=3035
+  _globals['_APPLYRESPONSE']._serialized_end=3099
+  _globals['_DOWNLOADSTATEREQUEST']._serialized_start=3101
+  _globals['_DOWNLOADSTATEREQUEST']._serialized_end=3166
+  _globals['_DOWNLOADSTATECHUNK']._serialized_start=3168
+  _globals['_DOWNLOADSTATECHUNK']._serialized_end=3243
+  _globals['_BLOCKSERVICE']._serialized_start=3510
+  _globals['_BLOCKSERVICE']._serialized_end=4059
+  _globals['_AVERAGINGSERVICE']._serialized_start=4062
+  _globals['_AVERAGINGSERVICE']._serialized_end=4344
 # @@protoc_insertion_point(module_scope)

@@ -211,12 +211,14 @@ class PingResponse(_message.Message):
     def __init__(self, payload: _Optional[bytes] = ...) -> None: ...
 
 class ReachabilityRequest(_message.Message):
-    __slots__ = ("address", "expected_peer_id")
+    __slots__ = ("address", "expected_peer_id", "tls_cert_sha256")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    TLS_CERT_SHA256_FIELD_NUMBER: _ClassVar[int]
     address: str
     expected_peer_id: str
-    def __init__(self, address: _Optional[str] = ..., expected_peer_id: _Optional[str] = ...) -> None: ...
+    tls_cert_sha256: str
+    def __init__(self, address: _Optional[str] = ..., expected_peer_id: _Optional[str] = ..., tls_cert_sha256: _Optional[str] = ...) -> None: ...
 
 class ReachabilityResponse(_message.Message):
     __slots__ = ("reachable", "error")

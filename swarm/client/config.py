@@ -33,6 +33,10 @@ class ClientConfig:
     ban_base: float = 5.0  # seconds a failed peer is avoided; doubles with each further failure
     ban_limit: float = 300.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # Nodes whose signed record pins a TLS certificate are always dialled over TLS, pinned. With
+    # require_tls, a node that announces none (a --no-tls node) counts as failed instead of being
+    # dialled in plaintext.
+    require_tls: bool = False
 
     def __post_init__(self) -> None:
         wire.parse_codec(self.codec)

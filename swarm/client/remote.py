@@ -19,12 +19,13 @@ import grpc
 import torch
 
 import swarm
-from swarm import wire
+from swarm import tls, wire
 from swarm._proto import swarm_pb2, swarm_pb2_grpc
 from swarm.adapters import AdapterPayload, decode_named
 from swarm.client.config import ClientConfig
 from swarm.coordinator.routing import Hop
 from swarm.errors import PeerUnavailable, ProtocolError, RemoteError
+from swarm.records import ServerRecord
 
 T = TypeVar("T")
 
@@ -45,25 +46,53 @@ def translate_rpc_error(peer: str, error: grpc.aio.AioRpcError) -> RemoteError:
 
 
 class ChannelPool:
-    """One channel per node address, reused by every call of this client."""
+    """One channel per node (address and pinned certificate), reused by every call of this client.
+
+    Every call to a node goes through `stub`, so every one runs over TLS pinned to the certificate
+    hash of the node's signed record (swarm.tls), or in plaintext where the record pins none.
+    """
 
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels: dict[tls.Endpoint, grpc.aio.Channel] = {}
+        self._opening: dict[tls.Endpoint, asyncio.Task[grpc.aio.Channel]] = {}
         # (address, adapter hash) pairs this client has sent; a node may still have dropped one.
         self._adapters_sent: OrderedDict[tuple[str, str], None] = OrderedDict()
 
-    def stub(self, address: str) -> swarm_pb2_grpc.BlockServiceStub:
-        channel = self._channels.get(address)
+    async def stub(self, server: ServerRecord) -> swarm_pb2_grpc.BlockServiceStub:
+        """A stub for `server`; the first call per node takes its certificate (one TLS handshake)
+        and raises CertificateMismatch, a PeerUnavailable, if it is not the one the record pins."""
+        endpoint = tls.Endpoint(server.grpc_address, server.tls_cert_sha256)
+        channel = self._channels.get(endpoint)
         if channel is None:
-            options = [
-                ("grpc.max_receive_message_length", self.config.max_message_bytes),
-                ("grpc.max_send_message_length", self.config.max_message_bytes),
-                ("grpc.keepalive_time_ms", 10_000),
-                ("grpc.keepalive_timeout_ms", 5_000),
-            ]
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=options)
+            opening = self._opening.get(endpoint)
+            if opening is None:  # concurrent hops to one node share one dial
+                opening = self._opening[endpoint] = asyncio.ensure_future(
+                    self._open(endpoint, server.peer_id)
+                )
+            try:
+                channel = await asyncio.shield(opening)
+            finally:
+                if opening.done():
+                    self._opening.pop(endpoint, None)
+            self._channels[endpoint] = channel
         return swarm_pb2_grpc.BlockServiceStub(channel)
+
+    async def _open(self, endpoint: tls.Endpoint, peer: str) -> grpc.aio.Channel:
+        options = [
+            ("grpc.max_receive_message_length", self.config.max_message_bytes),
+            ("grpc.max_send_message_length", self.config.max_message_bytes),
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 5_000),
+        ]
+        return await tls.open_channel(
+            endpoint.address,
+            endpoint.cert_sha256,
+            peer=peer,
+            options=options,
+            timeout=self.config.connect_timeout,
+            require_tls=self.config.require_tls,
+        )
 
     async def ensure_adapter(
         self, model: str, hop: Hop, payload: AdapterPayload, *, again: bool = False
@@ -74,7 +103,7 @@ class ChannelPool:
             self._adapters_sent.move_to_end(key)
             return
         request = payload.to_request(swarm.PROTOCOL_VERSION, model)
-        stub = self.stub(hop.server.grpc_address)
+        stub = await self.stub(hop.server)
         await _unary(hop, stub.LoadAdapter(request, timeout=self.config.request_timeout))
         self._adapters_sent[key] = None
         if len(self._adapters_sent) > 4096:  # training makes a new adapter every step
@@ -158,7 +187,7 @@ async def remote_forward(
     )
     if tuning.prompts is not None:
         request.prompts.CopyFrom(wire.encode_tensor(tuning.prompts, config.codec))
-    stub = pool.stub(hop.server.grpc_address)
+    stub = await pool.stub(hop.server)
 
     async def call() -> swarm_pb2.ForwardResponse:
         return await _unary(hop, stub.Forward(request, timeout=config.request_timeout))
@@ -191,7 +220,7 @@ async def remote_backward(
     )
     if tuning.prompts is not None:
         request.prompts.CopyFrom(wire.encode_tensor(tuning.prompts, config.codec))
-    stub = pool.stub(hop.server.grpc_address)
+    stub = await pool.stub(hop.server)
 
     async def call() -> swarm_pb2.BackwardResponse:
         return await _unary(hop, stub.Backward(request, timeout=config.request_timeout))
@@ -262,7 +291,8 @@ class InferenceStream:
         if prompts is not None and self.position < prompts.shape[2]:  # this step reaches into the prefix
             request.step.prompts.CopyFrom(wire.encode_tensor(prompts, self.config.codec))
         if self._call is None:
-            self._call = self.pool.stub(self.hop.server.grpc_address).Inference()
+            # PeerUnavailable if the node shows another certificate than its record pins
+            self._call = (await self.pool.stub(self.hop.server)).Inference()
             request.header.CopyFrom(
                 request_header(self.model, self.hop, self.config.codec, self.tuning.adapter)
             )

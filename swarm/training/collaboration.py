@@ -19,7 +19,7 @@ import grpc
 import torch
 
 import swarm
-from swarm import wire
+from swarm import tls, wire
 from swarm._proto import swarm_pb2, swarm_pb2_grpc
 from swarm.errors import PeerUnavailable, SwarmError
 from swarm.retry import RetryPolicy
@@ -80,7 +80,7 @@ class Collaboration:
         self.run_id, self.me, self.state, self.cfg = run_id, me, state, cfg
         self.exclusive, self.membership, self.on_step = exclusive, membership, on_step
         self.accumulator = Accumulator()
-        self.members: dict[str, str] = {}
+        self.members: dict[str, tls.Endpoint] = {}  # peer id -> where it serves (TLS pinned)
         self.suspected: dict[str, float] = {}
         self.follow: tuple[str, float] | None = None
         self.reports: dict[str, tuple[int, int, float]] = {}  # mate -> (epoch, samples, when)
@@ -89,7 +89,7 @@ class Collaboration:
         self._catch_up_from: str | None = None
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels: dict[tls.Endpoint, grpc.aio.Channel] = {}
         self._reported: tuple[int, int, float] = (-1, -1, 0.0)
         self._leader_ok = time.monotonic()
         self._followed: str | None = None
@@ -247,9 +247,11 @@ class Collaboration:
         for peer in silent:
             self._probed[peer] = now
         request = swarm_pb2.ReportRequest(header=self._header(self.epoch), samples=self.accumulator.counted)
-        replies = await asyncio.gather(
-            *(self._stub(peer).Report(request, timeout=1.0) for peer in silent), return_exceptions=True
-        )
+
+        async def report(peer: str) -> swarm_pb2.ReportResponse:
+            return await (await self._stub(peer)).Report(request, timeout=1.0)
+
+        replies = await asyncio.gather(*(report(peer) for peer in silent), return_exceptions=True)
         for peer, reply in zip(silent, replies, strict=True):
             if isinstance(reply, swarm_pb2.ReportResponse) and reply.leader not in ("", self.me):
                 self._refused(peer, int(reply.epoch), reply.leader)
@@ -301,16 +303,16 @@ class Collaboration:
     async def _collect(self, peer: str, epoch: int) -> tuple[list[torch.Tensor] | None, int] | None:
         """A mate's sums for `epoch` (None for either part when it has none / did not take part)."""
         try:
-            stub = self._stub(peer)
+            stub = await self._stub(peer)
             reply = await stub.Collect(
                 swarm_pb2.CollectRequest(header=self._header(epoch)), timeout=self.cfg.round_timeout
             )
-        except grpc.aio.AioRpcError as e:
+        except (grpc.aio.AioRpcError, PeerUnavailable) as e:
             log.info(
                 "%s: %s did not hand over its gradients (%s): closing the round without them",
                 self.run_id,
                 peer,
-                e.code().name,
+                _why(e),
             )
             self.reports.pop(peer, None)
             return None
@@ -330,14 +332,14 @@ class Collaboration:
         )
         self.stats.sent_bytes += request.ByteSize()
         try:
-            reply = await self._stub(peer).Apply(request, timeout=self.cfg.round_timeout)
-        except grpc.aio.AioRpcError as e:  # it reports again later, sees it is behind, catches up
+            reply = await (await self._stub(peer)).Apply(request, timeout=self.cfg.round_timeout)
+        except (grpc.aio.AioRpcError, PeerUnavailable) as e:  # it reports again, sees it lags, catches up
             log.info(
                 "%s: %s did not apply epoch %d (%s); it will catch up",
                 self.run_id,
                 peer,
                 epoch,
-                e.code().name,
+                _why(e),
             )
             self.reports.pop(peer, None)
             return
@@ -365,7 +367,8 @@ class Collaboration:
             return
         request = swarm_pb2.ReportRequest(header=self._header(self.epoch), samples=samples)
         try:
-            reply = await self._stub(leader).Report(request, timeout=min(1.0, self.cfg.leader_timeout))
+            stub = await self._stub(leader)
+            reply = await stub.Report(request, timeout=min(1.0, self.cfg.leader_timeout))
         except (grpc.aio.AioRpcError, PeerUnavailable) as e:
             if time.monotonic() - self._leader_ok > self.cfg.leader_timeout:
                 self.suspected[leader] = time.monotonic() + self.cfg.suspect_seconds
@@ -423,7 +426,8 @@ class Collaboration:
         request = swarm_pb2.DownloadStateRequest(header=self._header(self.epoch))
         tensors: dict[str, torch.Tensor] = {}
         epoch = -1
-        async for chunk in self._stub(peer).DownloadState(request, timeout=self.cfg.state_timeout):
+        stub = await self._stub(peer)
+        async for chunk in stub.DownloadState(request, timeout=self.cfg.state_timeout):
             epoch = int(chunk.epoch)
             self.stats.received_bytes += chunk.ByteSize()
             for named in chunk.tensors:
@@ -506,13 +510,21 @@ class Collaboration:
             protocol_version=swarm.PROTOCOL_VERSION, run_id=self.run_id, sender=self.me, epoch=epoch
         )
 
-    def _stub(self, peer: str) -> swarm_pb2_grpc.AveragingServiceStub:
-        address = self.members.get(peer)
-        if address is None:
+    async def _stub(self, peer: str) -> swarm_pb2_grpc.AveragingServiceStub:
+        """A stub for `peer`'s AveragingService, over TLS pinned to the hash its signed entry
+        announces (CertificateMismatch, a PeerUnavailable, when it shows another certificate)."""
+        endpoint = self.members.get(peer)
+        if endpoint is None:
             raise PeerUnavailable(f"{peer} is not a member of {self.run_id} (any more)")
-        channel = self._channels.get(address)
+        channel = self._channels.get(endpoint)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = await tls.open_channel(
+                endpoint.address, endpoint.cert_sha256, peer=peer, options=CHANNEL_OPTIONS, timeout=5.0
+            )
+            # Two callers may have dialled at once: keep the first channel, close the other.
+            if endpoint in self._channels:
+                await channel.close()
+            channel = self._channels.setdefault(endpoint, channel)
         return swarm_pb2_grpc.AveragingServiceStub(channel)
 
 

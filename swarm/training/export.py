@@ -171,7 +171,8 @@ async def _fetch_peer(
     tensors: dict[str, Tensor] = {}
     epoch = 0
     try:
-        async for chunk in pool.stub(record.grpc_address).GetState(request, timeout=timeout):
+        stub = await pool.stub(record)
+        async for chunk in stub.GetState(request, timeout=timeout):
             epoch = chunk.epoch  # every chunk carries the epoch its weights were copied at
             for named in chunk.tensors:
                 tensors[named.name] = wire.decode_tensor(named.tensor)

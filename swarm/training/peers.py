@@ -12,6 +12,7 @@ from hivemind.dht import DHT
 from hivemind.utils import get_dht_time
 
 import swarm
+from swarm import tls
 from swarm._proto import swarm_pb2, swarm_pb2_grpc
 from swarm.dht import dht_call
 from swarm.errors import SwarmError
@@ -30,13 +31,24 @@ def membership_key(run_id: str) -> str:
 class DHTMembership:
     """Who belongs to a collaboration: `{run_id}.peers` in the DHT, one signed entry per peer."""
 
-    def __init__(self, dht: DHT, identity: NodeIdentity, run_id: str, me: str, address: str) -> None:
+    def __init__(
+        self,
+        dht: DHT,
+        identity: NodeIdentity,
+        run_id: str,
+        me: str,
+        address: str,
+        cert_sha256: str | None = None,
+    ) -> None:
         self.dht, self.identity, self.me, self.address = dht, identity, me, address
+        self.cert_sha256 = cert_sha256  # of the TLS certificate this peer serves with (None: plaintext)
         self.key = membership_key(run_id)
         self.epoch = 0  # published along (swarm export orders a stage's peers by it)
 
     async def publish(self, ttl: float = MEMBERSHIP_TTL, *, left: bool = False) -> None:
         value = {"peer_id": self.me, "address": self.address, "epoch": self.epoch, "left": left}
+        if self.cert_sha256 is not None:
+            value["tls_cert_sha256"] = self.cert_sha256
         future = self.dht.store(
             self.key, value, get_dht_time() + ttl, subkey=self.identity.subkey, return_future=True
         )
@@ -47,16 +59,18 @@ class DHTMembership:
         with contextlib.suppress(SwarmError):  # best effort: the entry expires on its own anyway
             await self.publish(ttl=MEMBERSHIP_TTL + 1, left=True)
 
-    async def members(self) -> dict[str, str]:
-        """peer id -> gRPC address of every other member with a live entry."""
+    async def members(self) -> dict[str, tls.Endpoint]:
+        """peer id -> gRPC address (and pinned certificate) of every other member with a live entry."""
         found = await dht_call(self.dht.get(self.key, latest=True, return_future=True), timeout=10)
-        out: dict[str, str] = {}
+        out: dict[str, tls.Endpoint] = {}
         if found is None or not isinstance(found.value, dict):
             return out
         for peer, value in signed_entries(found, f"a membership of {self.key}").items():
-            address = value.get("address")
+            address, cert = value.get("address"), value.get("tls_cert_sha256")
+            if cert is not None and not (isinstance(cert, str) and tls.SHA256_RE.fullmatch(cert)):
+                continue  # malformed pin: dialling it in plaintext instead would defeat the pin
             if not value.get("left") and isinstance(address, str) and peer != self.me:
-                out[peer] = address
+                out[peer] = tls.Endpoint(address, cert)
         return out
 
 

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from hivemind.dht import DHT
 
-from swarm import checkpoint
+from swarm import checkpoint, tls
 from swarm._proto import swarm_pb2_grpc
 from swarm.client.autograd import RemotePipeline
 from swarm.client.config import ClientConfig
@@ -89,6 +89,9 @@ class TrainerConfig:
     checkpoint_dir: Path | None = None  # trainer.pt here: saved every checkpoint_every steps, resumed
     checkpoint_every: int = 10
     host: str = "127.0.0.1"  # where the head's AveragingService listens (other trainers call it)
+    # That service over TLS with a fresh certificate, pinned by the hash in the signed membership
+    # entry (as nodes do); --no-tls: plaintext.
+    tls: bool = True
     # Each step's micro-batches computed with that step's weights everywhere (one process's
     # semantics; the pipeline drains at every step). Off: micro-batches run on, a step stale at most.
     synchronous: bool = True
@@ -519,11 +522,20 @@ class Trainer:
             servicer.collaborations[collab.run_id] = collab
             self._server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[ParseRequests()])
             swarm_pb2_grpc.add_AveragingServiceServicer_to_server(servicer, self._server)
-            port = self._server.add_insecure_port(f"{self.cfg.host}:0")
-            await self._server.start()
             me = str(self.dht.peer_id)
+            certificate = tls.NodeCertificate.generate(me) if self.cfg.tls else None
+            if certificate is None:
+                port = self._server.add_insecure_port(f"{self.cfg.host}:0")
+            else:
+                port = self._server.add_secure_port(f"{self.cfg.host}:0", certificate.server_credentials())
+            await self._server.start()
             collab.membership = DHTMembership(
-                self.dht, self.identity, collab.run_id, me, f"{self.cfg.host}:{port}"
+                self.dht,
+                self.identity,
+                collab.run_id,
+                me,
+                f"{self.cfg.host}:{port}",
+                certificate.sha256 if certificate is not None else None,
             )
         assert collab.membership is not None
         try:
