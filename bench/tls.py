@@ -1,0 +1,181 @@
+"""What TLS on the data plane costs on loopback: the same swarm with and without it, side by side.
+
+    python bench/tls.py [--new-tokens 64] [--reps 5] [--batch 8 --length 128] [--out bench/results/tls.json]
+
+Two local swarms start together, each a DHT peer and 2 nodes (blocks 0:4 and 4:8) of the demo
+model (swarm/demo.py: random 8-block Llama, hidden 512, vocab 4096, float32 on the CPU):
+`tls` with the nodes' default (gRPC over TLS, pinned by the hash in the signed records; its
+client requires TLS) and `plain` with `--no-tls`. The two are measured alternately, `--reps`
+times each, so machine load hits both alike; medians are reported, and their ratio:
+
+(a) generate  greedy tokens/s of DistributedModelForCausalLM.generate (an inference stream per
+              hop, one small message per token per hop: TLS's per-message cost);
+(b) forward   tokens/s of a no-grad forward of a training-size batch (`--batch` x `--length`
+              tokens: float32 activations of batch x length x 512 x 4 bytes per hop, each way:
+              TLS's per-byte cost);
+(c) dial      seconds to open a channel to a node and get the first Ping answer (TLS: one
+              handshake to take the certificate and check its hash, then gRPC's own).
+
+Every generation must give the same tokens in both swarms (same seed, same weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from swarm import tls
+from swarm._proto import swarm_pb2, swarm_pb2_grpc
+from swarm.client.config import ClientConfig
+from swarm.client.model import DistributedModelForCausalLM
+from swarm.demo import build_checkpoint
+from swarm.localswarm import LocalSwarm, NodeProcess
+
+PROMPT = [1, 17, 230, 981, 44, 7, 3051, 12]
+SPANS = ("0:4", "4:8")
+# Announced figures instead of measuring them: faster start, same routing in both swarms.
+NODE_ARGS = ["--throughput", "1000", "--network-throughput", "1e9"]
+MODES = {"tls": [], "plain": ["--no-tls"]}
+
+
+def start_swarm(workdir: Path, path: Path, extra: list[str]) -> tuple[LocalSwarm, list[NodeProcess]]:
+    local = LocalSwarm(workdir)
+    local.start_dht()
+    with ThreadPoolExecutor(len(SPANS)) as pool:
+        futures = [
+            pool.submit(
+                local.start_node, path, span, *NODE_ARGS, *extra, name=f"node-{span.replace(':', '-')}"
+            )
+            for span in SPANS
+        ]
+        return local, [f.result() for f in futures]
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    began = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - began, out
+
+
+async def dial_seconds(node: NodeProcess, rounds: int) -> float:
+    """Median seconds to dial `node` as clients do and get a Ping answered on the new channel."""
+    times = []
+    for _ in range(rounds):
+        began = time.perf_counter()
+        channel = await tls.open_channel(node.info["grpc_address"], node.info["tls_cert_sha256"], timeout=10)
+        async with channel:
+            await swarm_pb2_grpc.BlockServiceStub(channel).Ping(swarm_pb2.PingRequest(), timeout=10)
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
+def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    path = build_checkpoint(workdir / "model")
+    prompt = torch.tensor([PROMPT])
+    batch = torch.randint(0, 4096, (args.batch, args.length), generator=torch.Generator().manual_seed(0))
+    swarms: dict[str, LocalSwarm] = {}
+    clients: dict[str, DistributedModelForCausalLM] = {}
+    nodes: dict[str, list[NodeProcess]] = {}
+    results: dict[str, dict[str, list[float]]] = {m: {"generate": [], "forward": []} for m in MODES}
+    try:
+        for mode, extra in MODES.items():
+            swarms[mode], nodes[mode] = start_swarm(workdir / mode, path, extra)
+            config = ClientConfig(require_tls=mode == "tls")
+            clients[mode] = DistributedModelForCausalLM.from_pretrained(
+                path, swarms[mode].initial_peers, client_config=config
+            )
+        assert all(n.info["tls_cert_sha256"] for n in nodes["tls"]), "a tls node announced no certificate"
+        assert not any(n.info["tls_cert_sha256"] for n in nodes["plain"]), "a --no-tls node announced one"
+        outputs: dict[str, torch.Tensor] = {}
+        for client in clients.values():  # warm-up: channels, allocations
+            client.generate(prompt, max_new_tokens=2, eos_token_id=[])
+            client.forward(batch)
+        print(f"{'rep':>3} {'mode':6} {'generate tok/s':>15} {'forward tok/s':>14}", flush=True)
+        for rep in range(args.reps):
+            for mode, client in clients.items():
+                seconds, out = timed(
+                    lambda c=client: c.generate(prompt, max_new_tokens=args.new_tokens, eos_token_id=[])
+                )
+                if mode in outputs and not torch.equal(out, outputs[mode]):
+                    raise AssertionError(f"{mode}: generation {rep} differs from the first")
+                outputs[mode] = out
+                results[mode]["generate"].append(args.new_tokens / seconds)
+                seconds, _ = timed(lambda c=client: c.forward(batch))
+                results[mode]["forward"].append(batch.numel() / seconds)
+                got = results[mode]
+                print(
+                    f"{rep:>3} {mode:6} {got['generate'][-1]:>15.1f} {got['forward'][-1]:>14.0f}", flush=True
+                )
+        if not torch.equal(outputs["tls"], outputs["plain"]):
+            raise AssertionError("TLS and plaintext swarms generated different tokens")
+        dial = {mode: asyncio.run(dial_seconds(nodes[mode][0], args.dial_rounds)) for mode in MODES}
+    finally:
+        for client in clients.values():
+            client.shutdown()
+        for local in swarms.values():
+            local.close()
+    med = {m: {k: statistics.median(v) for k, v in r.items()} for m, r in results.items()}
+    return {
+        "model": "demo Llama: 8 blocks, hidden 512, vocab 4096, float32, 2 nodes x 4 blocks, CPU",
+        "new_tokens": args.new_tokens,
+        "forward_batch": [args.batch, args.length],
+        "reps": args.reps,
+        "cpus": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "load_before": os.getloadavg(),
+        "runs": results,
+        "median": med,
+        "dial_seconds": dial,
+        "ratio_generate": med["tls"]["generate"] / med["plain"]["generate"],
+        "ratio_forward": med["tls"]["forward"] / med["plain"]["forward"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per generation")
+    parser.add_argument("--reps", type=int, default=5, help="alternating tls/plain repetitions (median)")
+    parser.add_argument("--batch", type=int, default=8, help="sequences of the forward batch")
+    parser.add_argument("--length", type=int, default=128, help="tokens per sequence of the forward batch")
+    parser.add_argument("--dial-rounds", type=int, default=20, help="dials per mode for (c)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    load = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="swarm-bench-tls-") as tmp:
+        result = bench(args, Path(tmp))
+    result["load_before"] = load
+    result["load_after"] = os.getloadavg()
+    med = result["median"]
+    print(
+        f"\ngenerate: tls {med['tls']['generate']:.1f} tok/s, plain {med['plain']['generate']:.1f} tok/s, "
+        f"ratio {result['ratio_generate']:.3f}\n"
+        f"forward {args.batch}x{args.length}: tls {med['tls']['forward']:.0f} tok/s, "
+        f"plain {med['plain']['forward']:.0f} tok/s, ratio {result['ratio_forward']:.3f}\n"
+        f"dial + first Ping: tls {result['dial_seconds']['tls'] * 1e3:.1f} ms, "
+        f"plain {result['dial_seconds']['plain'] * 1e3:.1f} ms\n"
+        f"load average before/after: {load[0]:.2f} / {result['load_after'][0]:.2f}",
+        flush=True,
+    )
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
