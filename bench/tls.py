@@ -14,15 +14,21 @@ times each, so machine load hits both alike; medians are reported, and their rat
               tokens: float32 activations of batch x length x 512 x 4 bytes per hop, each way:
               TLS's per-byte cost);
 (c) dial      seconds to open a channel to a node and get the first Ping answer (TLS: one
-              handshake to take the certificate and check its hash, then gRPC's own).
+              handshake to take the certificate and check its hash, then gRPC's own);
+(d) transport the transport alone, no compute: median round trip of an empty Ping, and bytes/s
+              of 4 MiB Pings each way (node.throughput.measure_network, what nodes announce).
 
-Every generation must give the same tokens in both swarms (same seed, same weights).
+Within each repetition the order of the two swarms alternates; ratios are tls / plain, and
+for (a) and (b) the median of the per-repetition ratios (paired: both ran under the same load)
+is reported next to the ratio of the medians. Every generation must give the same tokens in
+both swarms (same seed, same weights).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import platform
@@ -43,6 +49,7 @@ from swarm.client.config import ClientConfig
 from swarm.client.model import DistributedModelForCausalLM
 from swarm.demo import build_checkpoint
 from swarm.localswarm import LocalSwarm, NodeProcess
+from swarm.node.throughput import measure_network
 
 PROMPT = [1, 17, 230, 981, 44, 7, 3051, 12]
 SPANS = ("0:4", "4:8")
@@ -68,6 +75,22 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     began = time.perf_counter()
     out = fn()
     return time.perf_counter() - began, out
+
+
+async def transport(node: NodeProcess, pings: int) -> dict[str, float]:
+    """Median empty-Ping round trip (s) and 4 MiB Ping bytes/s to `node`, on a pinned channel."""
+    address, pin = node.info["grpc_address"], node.info["tls_cert_sha256"]
+    channel = await tls.open_channel(address, pin, timeout=10)
+    async with channel:
+        stub = swarm_pb2_grpc.BlockServiceStub(channel)
+        await stub.Ping(swarm_pb2.PingRequest(), timeout=10)
+        rtts = []
+        for _ in range(pings):
+            began = time.perf_counter()
+            await stub.Ping(swarm_pb2.PingRequest(), timeout=10)
+            rtts.append(time.perf_counter() - began)
+    bps = await measure_network(address, cert_sha256=pin, payload_bytes=4 << 20, rounds=5, timeout=60)
+    return {"ping_rtt_s": statistics.median(rtts), "bytes_per_s": bps}
 
 
 async def dial_seconds(node: NodeProcess, rounds: int) -> float:
@@ -105,15 +128,18 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             client.forward(batch)
         print(f"{'rep':>3} {'mode':6} {'generate tok/s':>15} {'forward tok/s':>14}", flush=True)
         for rep in range(args.reps):
-            for mode, client in clients.items():
+            order = list(clients.items()) if rep % 2 == 0 else list(reversed(clients.items()))
+            for mode, client in order:
                 seconds, out = timed(
-                    lambda c=client: c.generate(prompt, max_new_tokens=args.new_tokens, eos_token_id=[])
+                    functools.partial(
+                        client.generate, prompt, max_new_tokens=args.new_tokens, eos_token_id=[]
+                    )
                 )
                 if mode in outputs and not torch.equal(out, outputs[mode]):
                     raise AssertionError(f"{mode}: generation {rep} differs from the first")
                 outputs[mode] = out
                 results[mode]["generate"].append(args.new_tokens / seconds)
-                seconds, _ = timed(lambda c=client: c.forward(batch))
+                seconds, _ = timed(functools.partial(client.forward, batch))
                 results[mode]["forward"].append(batch.numel() / seconds)
                 got = results[mode]
                 print(
@@ -122,12 +148,17 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         if not torch.equal(outputs["tls"], outputs["plain"]):
             raise AssertionError("TLS and plaintext swarms generated different tokens")
         dial = {mode: asyncio.run(dial_seconds(nodes[mode][0], args.dial_rounds)) for mode in MODES}
+        wire = {mode: asyncio.run(transport(nodes[mode][0], args.pings)) for mode in MODES}
     finally:
         for client in clients.values():
             client.shutdown()
         for local in swarms.values():
             local.close()
     med = {m: {k: statistics.median(v) for k, v in r.items()} for m, r in results.items()}
+    paired = {
+        k: statistics.median(t / p for t, p in zip(results["tls"][k], results["plain"][k], strict=True))
+        for k in ("generate", "forward")
+    }
     return {
         "model": "demo Llama: 8 blocks, hidden 512, vocab 4096, float32, 2 nodes x 4 blocks, CPU",
         "new_tokens": args.new_tokens,
@@ -139,8 +170,11 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "runs": results,
         "median": med,
         "dial_seconds": dial,
+        "transport": wire,
         "ratio_generate": med["tls"]["generate"] / med["plain"]["generate"],
         "ratio_forward": med["tls"]["forward"] / med["plain"]["forward"],
+        "paired_ratio_generate": paired["generate"],
+        "paired_ratio_forward": paired["forward"],
     }
 
 
@@ -149,10 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per generation")
-    parser.add_argument("--reps", type=int, default=5, help="alternating tls/plain repetitions (median)")
+    parser.add_argument("--reps", type=int, default=7, help="alternating tls/plain repetitions (median)")
     parser.add_argument("--batch", type=int, default=8, help="sequences of the forward batch")
     parser.add_argument("--length", type=int, default=128, help="tokens per sequence of the forward batch")
     parser.add_argument("--dial-rounds", type=int, default=20, help="dials per mode for (c)")
+    parser.add_argument("--pings", type=int, default=200, help="empty Pings per mode for (d)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     load = os.getloadavg()
@@ -160,14 +195,20 @@ def main(argv: list[str] | None = None) -> int:
         result = bench(args, Path(tmp))
     result["load_before"] = load
     result["load_after"] = os.getloadavg()
-    med = result["median"]
+    med, wire = result["median"], result["transport"]
     print(
         f"\ngenerate: tls {med['tls']['generate']:.1f} tok/s, plain {med['plain']['generate']:.1f} tok/s, "
-        f"ratio {result['ratio_generate']:.3f}\n"
+        f"ratio of medians {result['ratio_generate']:.3f}, median paired ratio "
+        f"{result['paired_ratio_generate']:.3f}\n"
         f"forward {args.batch}x{args.length}: tls {med['tls']['forward']:.0f} tok/s, "
-        f"plain {med['plain']['forward']:.0f} tok/s, ratio {result['ratio_forward']:.3f}\n"
+        f"plain {med['plain']['forward']:.0f} tok/s, ratio of medians {result['ratio_forward']:.3f}, "
+        f"median paired ratio {result['paired_ratio_forward']:.3f}\n"
         f"dial + first Ping: tls {result['dial_seconds']['tls'] * 1e3:.1f} ms, "
         f"plain {result['dial_seconds']['plain'] * 1e3:.1f} ms\n"
+        f"empty Ping round trip: tls {wire['tls']['ping_rtt_s'] * 1e3:.2f} ms, "
+        f"plain {wire['plain']['ping_rtt_s'] * 1e3:.2f} ms\n"
+        f"4 MiB Pings: tls {wire['tls']['bytes_per_s'] * 8 / 1e9:.2f} Gbit/s, "
+        f"plain {wire['plain']['bytes_per_s'] * 8 / 1e9:.2f} Gbit/s\n"
         f"load average before/after: {load[0]:.2f} / {result['load_after'][0]:.2f}",
         flush=True,
     )

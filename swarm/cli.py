@@ -135,6 +135,10 @@ class TrainCommand:
         default=10.0, metadata={"help": "seconds one averaging call between trainers may take"}
     )
     host: str = field(default="127.0.0.1", metadata={"help": "address this trainer's DHT peer listens on"})
+    tls: bool = field(
+        default=True,
+        metadata={"help": "serve this trainer's averaging over TLS, pinned by its signed DHT entry"},
+    )
 
 
 def train(cmd: TrainCommand) -> int:
@@ -163,6 +167,7 @@ def train(cmd: TrainCommand) -> int:
         weight_decay=cmd.weight_decay,
         request_timeout=cmd.request_timeout,
         averaging_timeout=cmd.averaging_timeout,
+        tls=cmd.tls,
         data=DataConfig(data=Path(cmd.data) if cmd.data else None, seq_len=cmd.seq_len + 1, shard=shard),
     )
     identity = NodeIdentity.generate()

@@ -128,6 +128,30 @@ async def test_a_plaintext_client_fails_cleanly_and_the_node_keeps_serving(
         assert await ping(channel) == bytes(3)
 
 
+async def test_the_reachability_dial_back_pins_the_joining_nodes_certificate(
+    tls_node: tuple[str, tls.NodeCertificate],
+) -> None:
+    """A peer asked to dial a joining node back does so over TLS pinned to the hash the joiner
+    will announce: the right hash reaches it, another one is reported as a mismatch."""
+    joiner, cert = tls_node
+    limits = ServerLimits(1, 1, 1, 1 << 20, 1.0)
+    server, port, _ = await start_grpc_server(
+        BlockServicer(None, "m", "peer-b", limits), "127.0.0.1", 0, 1 << 20
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = swarm_pb2_grpc.BlockServiceStub(channel)
+            for pin, reachable in ((cert.sha256, True), ("ab" * 32, False)):
+                request = swarm_pb2.ReachabilityRequest(
+                    address=joiner, expected_peer_id="peer-a", tls_cert_sha256=pin
+                )
+                reply = await stub.CheckReachability(request, timeout=15)
+                assert reply.reachable is reachable, reply.error
+            assert "its signed record pins abababab" in reply.error
+    finally:
+        await server.stop(grace=None)
+
+
 async def test_a_tls_client_against_a_plaintext_node_and_require_tls() -> None:
     limits = ServerLimits(1, 1, 1, 1 << 20, 1.0)
     server, port, _ = await start_grpc_server(

@@ -126,6 +126,9 @@ class ChannelPool:
         return await call()
 
     async def close(self) -> None:
+        opening, self._opening = self._opening, {}
+        for task in opening.values():  # a dial still taking a certificate: its channel is not wanted
+            task.cancel()
         channels, self._channels = self._channels, {}
         for channel in channels.values():
             await channel.close()

@@ -37,7 +37,7 @@ def serve(cfg: ServeConfig) -> int:
     from swarm.serve.openai_api import OpenAIServer, install_error_handlers
 
     text_model = text_model_for(cfg.model)
-    client_config = ClientConfig(wait_for_blocks=cfg.wait_for_blocks)
+    client_config = ClientConfig(wait_for_blocks=cfg.wait_for_blocks, require_tls=cfg.require_tls)
     with DistributedModelForCausalLM.from_pretrained(
         cfg.model, cfg.initial_peers, client_config=client_config
     ) as model:

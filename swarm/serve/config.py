@@ -22,6 +22,12 @@ class ServeConfig:
         default=60.0, metadata={"help": "seconds to wait at start for every block to be served"}
     )
     status_interval: float = field(default=1.0, metadata={"help": "seconds between status page refreshes"})
+    require_tls: bool = field(
+        default=False,
+        metadata={
+            "help": "use only nodes that serve TLS pinned by their signed records (skip --no-tls nodes)"
+        },
+    )
 
     def __post_init__(self) -> None:
         _check_common(self.port, self.status_interval)
