@@ -373,7 +373,16 @@ async def serve(
     limits = ServerLimits(
         cfg.max_batch, cfg.max_tokens, cfg.max_session_length, cfg.max_message_bytes, cfg.session_idle_timeout
     )
-    servicer = BlockServicer(None, model, str(dht.peer_id), limits, quant=cfg.quant, metrics=metrics)
+    servicer = BlockServicer(
+        None,
+        model,
+        str(dht.peer_id),
+        limits,
+        quant=cfg.quant,
+        metrics=metrics,
+        signer=identity.private_key,
+        corrupt_rate=cfg.corrupt_rate,
+    )
     server, port, health = await start_grpc_server(servicer, cfg.host, cfg.port, cfg.max_message_bytes)
     metrics_port, stop_metrics = await serve_metrics(cfg, metrics, server)
     address = f"{announce_host(cfg)}:{cfg.announce_port or port}"

@@ -14,13 +14,16 @@ import time
 
 import torch
 
+from swarm import wire
 from swarm.client.config import ClientConfig
 from swarm.client.lora import RemoteLora
-from swarm.client.remote import ChannelPool, InferenceStream, Tuning
+from swarm.client.remote import ChannelPool, InferenceStream, Tuning, call_forward, forward_request
+from swarm.client.verify import Rerun, SpotChecker
 from swarm.coordinator.bans import BanList
 from swarm.coordinator.routing import Hop, min_latency_route
 from swarm.coordinator.rtt import RttTable
 from swarm.coordinator.swarm_map import SwarmMapCache
+from swarm.coordinator.trust import first_disagreement
 from swarm.errors import MissingBlocksError, PeerUnavailable, SwarmError
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,7 @@ class InferenceSession:
         rtts: RttTable | None = None,
         adapter: RemoteLora | None = None,
         prompts: torch.Tensor | None = None,
+        checker: SpotChecker | None = None,
     ) -> None:
         self.pool, self.swarm_map, self.config = pool, swarm_map, config
         # Tuning of every hop: the client's LoRA, and deep prompts [num_blocks, batch or 1, prefix,
@@ -48,6 +52,15 @@ class InferenceSession:
         self.batch_size, self.max_length = batch_size, max_length
         self.streams: list[InferenceStream] = []
         self.history: list[list[torch.Tensor]] = []  # inputs sent to each stream, in order
+        self.outputs: list[list[torch.Tensor]] = []  # what each stream answered, in order
+        # Spot checks: a check re-runs a stream's whole input so far on another server, without
+        # cache, and compares every position it answered. Checks run beside the token loop; one
+        # that convicts the stream's server records the first wrong position in `rollback`, and
+        # generate() redoes the tokens from there (`restart`).
+        self.checker = checker
+        self.verified: dict[InferenceStream, int] = {}  # positions of each stream checked right
+        self._checks: dict[InferenceStream, asyncio.Task[None]] = {}
+        self.rollback: int | None = None
         self.step_seconds: list[float | None] = []  # each stream's usual single-token step time
         self.banned: set[str] = set()  # never again in this session
         self.bans = bans if bans is not None else BanList(config.ban_base, config.ban_limit)
@@ -74,6 +87,7 @@ class InferenceSession:
     async def open(self) -> None:
         self.streams = [self._stream(hop) for hop in await self._route()]
         self.history = [[] for _ in self.streams]
+        self.outputs = [[] for _ in self.streams]
         self.step_seconds = [None for _ in self.streams]
 
     def _stream(self, hop: Hop) -> InferenceStream:
@@ -108,6 +122,15 @@ class InferenceSession:
 
             hidden = await self.config.retry.run(attempt)
             self.history[i].append(x)
+            self.outputs[i].append(hidden)
+            stream = self.streams[i]
+            checker = self.checker
+            if (
+                checker is not None
+                and stream not in self._checks
+                and checker.sample_stream(stream.hop.peer_id)
+            ):
+                self._schedule_check(i)
             i += 1
         self.position += new_tokens
         return hidden
@@ -153,10 +176,13 @@ class InferenceSession:
         )
         replacements = [self._stream(hop) for hop in hops]
         histories: list[list[torch.Tensor]] = []
+        outputs: list[list[torch.Tensor]] = []
         past = torch.cat(self.history[i], dim=1) if self.history[i] else None
         for stream in replacements:
             histories.append([past] if past is not None else [])
-            if past is not None:
+            if past is None:
+                outputs.append([])
+            else:
                 try:
                     past = await stream.step(past)
                 except SwarmError:
@@ -165,11 +191,85 @@ class InferenceSession:
                     for s in replacements:
                         await s.close()
                     raise
+                outputs.append([past])
         self.streams[i : i + 1] = replacements
         self.history[i : i + 1] = histories
+        self.outputs[i : i + 1] = outputs
         self.step_seconds[i : i + 1] = [None] * len(replacements)
 
-    async def close(self) -> None:
+    # ---- spot checks -----------------------------------------------------------------------
+
+    def _schedule_check(self, i: int) -> None:
+        stream = self.streams[i]  # what it was sent and answered so far: a snapshot, as lists grow
+        task = self._check(stream, list(self.history[i]), list(self.outputs[i]))
+        self._checks[stream] = asyncio.create_task(task)
+
+    async def _check(
+        self, stream: InferenceStream, history: list[torch.Tensor], outputs: list[torch.Tensor]
+    ) -> None:
+        """Re-run a stream's inputs so far on another server of its span; on a conviction, record
+        the first position it answered wrong in `rollback`."""
+        assert self.checker is not None  # only scheduled with a checker
+        checker = self.checker
+        try:
+            inputs = torch.cat(history, dim=1)
+            answered = torch.cat(outputs, dim=1)
+            model, config, hop = self.swarm_map.model, self.config, stream.hop
+
+            async def rerun(other: Hop) -> Rerun[None]:
+                request = forward_request(model, other, inputs, config, stream.tuning)
+                request.header.check = True
+                response = await call_forward(self.pool, model, other, request, config, stream.tuning.adapter)
+                return Rerun(other.server, wire.decode_tensor(response.hidden_states), None)
+
+            judged = await checker.judge(hop, answered, rerun, codec=config.codec)
+            if judged.checked_lied:
+                tol = checker.tolerance([hop.server], config.codec)
+                bad = first_disagreement(answered, judged.output, tol)
+                bad = 0 if bad is None else bad
+                self.rollback = bad if self.rollback is None else min(self.rollback, bad)
+            else:
+                checker.policy.passed(hop.peer_id, max(0, len(history) - 1))
+                self.verified[stream] = max(self.verified.get(stream, 0), answered.shape[1])
+        except SwarmError as e:  # a check that cannot run is no verdict
+            log.debug("spot check of %s failed: %s", stream.hop.peer_id, e)
+        finally:
+            self._checks.pop(stream, None)
+
+    async def verify(self) -> None:
+        """Check every stream's answers not yet checked (called once a generation is complete)."""
+        if self.checker is None:
+            return
+        await asyncio.gather(*self._checks.values(), return_exceptions=True)
+        for i, stream in enumerate(self.streams):
+            held = sum(x.shape[1] for x in self.history[i])
+            if held > self.verified.get(stream, 0) and stream not in self._checks:
+                self._schedule_check(i)
+        await asyncio.gather(*self._checks.values(), return_exceptions=True)
+
+    def take_rollback(self) -> int | None:
+        """The first position a convicted server answered wrong since the last call, if any."""
+        bad, self.rollback = self.rollback, None
+        return bad
+
+    async def restart(self) -> None:
+        """Drop every stream and open a new route (convicted servers are banned): the caller feeds
+        the session again from position 0."""
+        await self._cancel_checks()
         for stream in self.streams:
             await stream.close()
-        self.streams, self.history = [], []
+        self.position = 0
+        self.verified = {}
+        await self.open()
+
+    async def _cancel_checks(self) -> None:
+        checks, self._checks = list(self._checks.values()), {}
+        for task in checks:
+            task.cancel()
+        await asyncio.gather(*checks, return_exceptions=True)
+
+    async def close(self) -> None:
+        await self._cancel_checks()
+        for stream in self.streams:
+            await stream.close()
+        self.streams, self.history, self.outputs = [], [], []
