@@ -59,7 +59,9 @@ def test_a_liar_corrupting_a_tenth_of_answers_is_caught_within_50_requests() -> 
 def test_tolerance_separates_float_noise_from_a_lie() -> None:
     torch.manual_seed(0)
     honest = torch.randn(2, 7, 64)
-    assert tolerance(["float32"], "none") < tolerance(["bfloat16"], "none") <= tolerance(["float32"], "int8") + 1
+    assert (
+        tolerance(["float32"], "none") < tolerance(["bfloat16"], "none") <= tolerance(["float32"], "int8") + 1
+    )
     noisy = honest + 1e-6 * torch.randn_like(honest)
     assert agree(honest, noisy, tolerance(["float32"], "none"))
     bf16 = honest.to(torch.bfloat16).float()
@@ -74,11 +76,11 @@ def test_tolerance_separates_float_noise_from_a_lie() -> None:
 
 
 def test_client_config_validates_the_spot_check_knobs() -> None:
-    with pytest.raises(ConfigError, match="verify_rate must be in \\[0, 1\\].*got 1.5"):
+    with pytest.raises(ConfigError, match=r"verify_rate must be in \[0, 1\].*got 1.5"):
         ClientConfig(verify_rate=1.5)
-    with pytest.raises(ConfigError, match="verify_probation must be >= 0 answers, got -1"):
+    with pytest.raises(ConfigError, match=r"verify_probation must be >= 0 answers, got -1"):
         ClientConfig(verify_probation=-1)
-    with pytest.raises(ConfigError, match="verify_tolerance must be in \\(0, 1\\), got 0"):
+    with pytest.raises(ConfigError, match=r"verify_tolerance must be in \(0, 1\), got 0"):
         ClientConfig(verify_tolerance=0.0)
 
 
@@ -150,11 +152,17 @@ def test_a_lying_node_changes_no_token_and_ends_banned(tmp_path: Path) -> None:
         for i in range(2):
             local.start_node(model_path, "2:4", "--throughput", "10", name=f"honest-{i}")
         off = ClientConfig(verify_rate=0.0)
-        with DistributedModelForCausalLM.from_pretrained(model_path, local.initial_peers, client_config=off) as c:
+        with DistributedModelForCausalLM.from_pretrained(
+            model_path, local.initial_peers, client_config=off
+        ) as c:
             expected = c.generate(PROMPT, max_new_tokens=NEW_TOKENS)
-        liar = local.start_node(model_path, "2:4", "--throughput", "100000", "--corrupt-rate", "1", name="liar")
+        liar = local.start_node(
+            model_path, "2:4", "--throughput", "100000", "--corrupt-rate", "1", name="liar"
+        )
         liar_id = liar.info["peer_id"]
-        with DistributedModelForCausalLM.from_pretrained(model_path, local.initial_peers, client_config=off) as c:
+        with DistributedModelForCausalLM.from_pretrained(
+            model_path, local.initial_peers, client_config=off
+        ) as c:
             with c.inference_session(max_length=PROMPT.shape[1] + NEW_TOKENS) as session:
                 assert liar_id in {s.hop.peer_id for s in session.streams}  # routes do take the liar
             unchecked = c.generate(PROMPT, max_new_tokens=NEW_TOKENS)

@@ -75,6 +75,7 @@ class SpotChecker:
         self.rng = random.Random()
         self.convicted: list[str] = []  # in the order caught (tests, benchmarks)
         self.checks = 0  # re-runs done
+        self.disagreements = 0  # checks whose second server answered otherwise (a referee was asked)
         self._reviewed: set[str] = set()  # evidence digests already judged
         self._last_review = -float("inf")
         self._background: set[asyncio.Task[None]] = set()
@@ -130,6 +131,7 @@ class SpotChecker:
             self.policy.passed(hop.peer_id)
             self.policy.passed(second.server.peer_id)
             return Judgement(output, None, False)
+        self.disagreements += 1
         third = await self._first_answer(hop, candidates, rerun)
         tol = self.tolerance([hop.server, second.server, *([third.server] if third else [])], codec)
         decided = verdict(output, second.output, third.output if third else None, tol)
