@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import partial
 
 import torch
 
@@ -23,7 +24,7 @@ from swarm.coordinator.bans import BanList
 from swarm.coordinator.routing import Hop, min_latency_route
 from swarm.coordinator.rtt import RttTable
 from swarm.coordinator.swarm_map import SwarmMapCache
-from swarm.coordinator.trust import first_disagreement
+from swarm.coordinator.trust import agree, first_disagreement
 from swarm.errors import MissingBlocksError, PeerUnavailable, SwarmError
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class InferenceSession:
         self.checker = checker
         self.verified: dict[InferenceStream, int] = {}  # positions of each stream checked right
         self._checks: dict[InferenceStream, asyncio.Task[None]] = {}
+        self._shadows: dict[InferenceStream, InferenceStream] = {}  # each stream's checker, once needed
         self.rollback: int | None = None
         self.step_seconds: list[float | None] = []  # each stream's usual single-token step time
         self.banned: set[str] = set()  # never again in this session
@@ -207,34 +209,76 @@ class InferenceSession:
     async def _check(
         self, stream: InferenceStream, history: list[torch.Tensor], outputs: list[torch.Tensor]
     ) -> None:
-        """Re-run a stream's inputs so far on another server of its span; on a conviction, record
-        the first position it answered wrong in `rollback`."""
+        """Check a stream's answers since its last check against a *shadow* stream: a session of its
+        own on another server of the span, fed the same inputs (only the new ones each time, so a
+        check costs one batched step there). On a mismatch a referee recomputes the whole input
+        without cache; if the stream's server is convicted, its first wrong position goes to
+        `rollback`."""
         assert self.checker is not None  # only scheduled with a checker
-        checker = self.checker
+        checker, config, hop = self.checker, self.config, stream.hop
         try:
-            inputs = torch.cat(history, dim=1)
-            answered = torch.cat(outputs, dim=1)
-            model, config, hop = self.swarm_map.model, self.config, stream.hop
-
-            async def rerun(other: Hop) -> Rerun[None]:
-                request = forward_request(model, other, inputs, config, stream.tuning)
-                request.header.check = True
-                response = await call_forward(self.pool, model, other, request, config, stream.tuning.adapter)
-                return Rerun(other.server, wire.decode_tensor(response.hidden_states), None)
-
-            judged = await checker.judge(hop, answered, rerun, codec=config.codec)
+            inputs, answered = torch.cat(history, dim=1), torch.cat(outputs, dim=1)
+            shadow = self._shadows.get(stream) or await self._open_shadow(stream)
+            if shadow is None:
+                return  # no other server of the span: nothing to compare with
+            fed = shadow.position
+            try:
+                second = Rerun(shadow.hop.server, await shadow.step(inputs[:, fed:]), None)
+            except SwarmError as e:  # a failing checker is no verdict on the checked server
+                log.debug("shadow of %s on %s failed: %s", hop.peer_id, shadow.hop.peer_id, e)
+                await self._drop_shadow(stream)
+                return
+            rerun = partial(self._fresh_forward, stream, inputs, fed)
+            candidates = await checker.others(hop.start, hop.end, {hop.peer_id, shadow.hop.peer_id})
+            judged = await checker.settle(
+                hop, answered[:, fed:], second, rerun, candidates, codec=config.codec
+            )
             if judged.checked_lied:
                 tol = checker.tolerance([hop.server], config.codec)
-                bad = first_disagreement(answered, judged.output, tol)
-                bad = 0 if bad is None else bad
+                bad = first_disagreement(answered[:, fed:], judged.output, tol)
+                bad = fed + (bad or 0)
                 self.rollback = bad if self.rollback is None else min(self.rollback, bad)
+            elif checker.bans.convicted(shadow.hop.peer_id) or not agree(
+                answered[:, fed:],
+                second.output,
+                checker.tolerance([hop.server, shadow.hop.server], config.codec),
+            ):
+                await self._drop_shadow(stream)  # the shadow lied, or nobody could tell: a new one
             else:
                 checker.policy.passed(hop.peer_id, max(0, len(history) - 1))
                 self.verified[stream] = max(self.verified.get(stream, 0), answered.shape[1])
         except SwarmError as e:  # a check that cannot run is no verdict
-            log.debug("spot check of %s failed: %s", stream.hop.peer_id, e)
+            log.debug("spot check of %s failed: %s", hop.peer_id, e)
         finally:
             self._checks.pop(stream, None)
+
+    async def _open_shadow(self, stream: InferenceStream) -> InferenceStream | None:
+        assert self.checker is not None
+        others = await self.checker.others(stream.hop.start, stream.hop.end, {stream.hop.peer_id})
+        if not others:
+            return None
+        hop = Hop(others[0], stream.hop.start, stream.hop.end)
+        shadow = InferenceStream(
+            self.pool, self.swarm_map.model, hop, self.config, self.batch_size, self.max_length, stream.tuning
+        )
+        self._shadows[stream] = shadow
+        return shadow
+
+    async def _drop_shadow(self, stream: InferenceStream) -> None:
+        shadow = self._shadows.pop(stream, None)
+        if shadow is not None:
+            await shadow.close()
+
+    async def _fresh_forward(
+        self, stream: InferenceStream, inputs: torch.Tensor, since: int, referee: Hop
+    ) -> Rerun[None]:
+        """The referee's answer: the stream's whole input recomputed without cache (one Forward),
+        from position `since` on."""
+        model, config = self.swarm_map.model, self.config
+        request = forward_request(model, referee, inputs, config, stream.tuning)
+        request.header.check = True
+        response = await call_forward(self.pool, model, referee, request, config, stream.tuning.adapter)
+        return Rerun(referee.server, wire.decode_tensor(response.hidden_states)[:, since:], None)
 
     async def verify(self) -> None:
         """Check every stream's answers not yet checked (called once a generation is complete)."""
@@ -267,6 +311,8 @@ class InferenceSession:
         for task in checks:
             task.cancel()
         await asyncio.gather(*checks, return_exceptions=True)
+        for stream in list(self._shadows):
+            await self._drop_shadow(stream)
 
     async def close(self) -> None:
         await self._cancel_checks()

@@ -126,6 +126,21 @@ class SpotChecker:
         second = await self._first_answer(hop, candidates, rerun)
         if second is None:
             return Judgement(output, None, False)
+        return await self.settle(hop, output, second, rerun, candidates, codec=codec, evidence=evidence)
+
+    async def settle(
+        self,
+        hop: Hop,
+        output: torch.Tensor,
+        second: Rerun[A],
+        rerun: Callable[[Hop], Awaitable[Rerun[A]]],
+        candidates: list[ServerRecord],
+        *,
+        codec: str,
+        evidence: Callable[[Rerun[A] | None], receipts.Evidence | None] = lambda r: None,
+    ) -> Judgement[A]:
+        """Compare hop's `output` with a `second` server's; on a mismatch, `rerun` on a referee taken
+        from `candidates` decides."""
         tol = self.tolerance([hop.server, second.server], codec)
         if agree(output, second.output, tol):
             self.policy.passed(hop.peer_id)
