@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from swarm.client.autograd import RemotePipeline
 from swarm.client.config import ClientConfig
 from swarm.client.loop import run_sync
 from swarm.client.model import DistributedModelForCausalLM
@@ -127,17 +128,19 @@ def overhead(
     }
 
 
-async def _honest_requests(model: DistributedModelForCausalLM, count: int, seed: int) -> None:
+async def _honest_requests(
+    model: DistributedModelForCausalLM, pipelines: list[RemotePipeline], count: int, seed: int
+) -> None:
     rng = torch.Generator().manual_seed(seed)
     hidden = model.config.hidden_size
 
-    async def one() -> None:
+    async def one(pipeline: RemotePipeline) -> None:
         length = int(torch.randint(4, 25, (), generator=rng))
         x = torch.randn(1, length, hidden, generator=rng)
-        await model.remote_pipeline(randomized=True).forward(x)
+        await pipeline.forward(x)
 
-    for _ in range(count // 4):
-        await asyncio.gather(*(one() for _ in range(4)))
+    for k in range(count // 4):
+        await asyncio.gather(*(one(pipelines[(4 * k + j) % len(pipelines)]) for j in range(4)))
 
 
 def false_positives(
@@ -145,7 +148,9 @@ def false_positives(
 ) -> dict[str, Any]:
     fresh_checker(model)
     started = time.perf_counter()
-    run_sync(_honest_requests(model, count, seed))
+    # routes drawn by throughput (both servers of each span take part), four requests at a time
+    pipelines = [model.remote_pipeline(randomized=True) for _ in range(16)]
+    run_sync(_honest_requests(model, pipelines, count, seed))
     for _ in range(generations):
         model.generate(PROMPT, 24)
     checker = model.checker

@@ -39,6 +39,7 @@ from swarm.models.llama import ClientParts, LlamaConfig
 
 log = logging.getLogger(__name__)
 
+REVIEW_PERIOD = 30.0  # seconds between reads of the evidence other clients publish (a DHT lookup)
 IGNORE_INDEX = -100  # label value that contributes no loss, as in transformers
 
 
@@ -406,8 +407,9 @@ class DistributedModelForCausalLM:
 
     async def review_reports(self) -> list[str]:
         """Ban the servers that other clients published signed wrong answers of, once this client
-        has reproduced the mismatch (at most once per swarm map refresh); returns those banned now."""
-        return await self.checker.review_reports(every=self.client_config.swarm_map_ttl)
+        has reproduced the mismatch (the first call, then at most every REVIEW_PERIOD seconds);
+        returns those banned now."""
+        return await self.checker.review_reports(every=max(REVIEW_PERIOD, self.client_config.swarm_map_ttl))
 
     def to(self, dtype: torch.dtype) -> DistributedModelForCausalLM:
         """Run the local parts (and send activations) in `dtype`, like `nn.Module.to`."""

@@ -238,14 +238,10 @@ class SpotChecker:
         ) -> receipts.Evidence | None:
             if adapter is not None:  # nobody else holds the client's adapter: it could not re-run
                 return None
-            accused, (sent, answer) = (
-                (hop.peer_id, (request, response))
-                if lying is None
-                else (
-                    lying.server.peer_id,
-                    lying.answer,
-                )
-            )
+            if lying is None:
+                accused, (sent, answer) = hop.peer_id, (request, response)
+            else:
+                accused, (sent, answer) = lying.server.peer_id, lying.answer
             if not receipts.verify_receipt(accused, "Forward", receipts.message_digest(sent), answer):
                 log.info("%s did not sign its wrong answer; it stays a local ban", accused)
                 return None
