@@ -228,6 +228,7 @@ class InferenceSession:
                 log.debug("shadow of %s on %s failed: %s", hop.peer_id, shadow.hop.peer_id, e)
                 await self._drop_shadow(stream)
                 return
+            checker.checks += 1
             rerun = partial(self._fresh_forward, stream, inputs, fed)
             candidates = await checker.others(hop.start, hop.end, {hop.peer_id, shadow.hop.peer_id})
             judged = await checker.settle(
