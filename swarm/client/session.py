@@ -230,10 +230,8 @@ class InferenceSession:
                 return
             checker.checks += 1
             rerun = partial(self._fresh_forward, stream, inputs, fed)
-            candidates = await checker.others(hop.start, hop.end, {hop.peer_id, shadow.hop.peer_id})
-            judged = await checker.settle(
-                hop, answered[:, fed:], second, rerun, candidates, codec=config.codec
-            )
+            referees = partial(checker.others, hop.start, hop.end, {hop.peer_id, shadow.hop.peer_id})
+            judged = await checker.settle(hop, answered[:, fed:], second, rerun, referees, codec=config.codec)
             if judged.checked_lied:
                 tol = checker.tolerance([hop.server], config.codec)
                 bad = first_disagreement(answered[:, fed:], judged.output, tol)

@@ -126,7 +126,9 @@ class SpotChecker:
         second = await self._first_answer(hop, candidates, rerun)
         if second is None:
             return Judgement(output, None, False)
-        return await self.settle(hop, output, second, rerun, candidates, codec=codec, evidence=evidence)
+        return await self.settle(
+            hop, output, second, rerun, lambda: _ready(candidates), codec=codec, evidence=evidence
+        )
 
     async def settle(
         self,
@@ -134,20 +136,20 @@ class SpotChecker:
         output: torch.Tensor,
         second: Rerun[A],
         rerun: Callable[[Hop], Awaitable[Rerun[A]]],
-        candidates: list[ServerRecord],
+        referees: Callable[[], Awaitable[list[ServerRecord]]],
         *,
         codec: str,
         evidence: Callable[[Rerun[A] | None], receipts.Evidence | None] = lambda r: None,
     ) -> Judgement[A]:
-        """Compare hop's `output` with a `second` server's; on a mismatch, `rerun` on a referee taken
-        from `candidates` decides."""
+        """Compare hop's `output` with a `second` server's; on a mismatch, `rerun` on a referee (the
+        first of `referees()` that answers) decides."""
         tol = self.tolerance([hop.server, second.server], codec)
         if agree(output, second.output, tol):
             self.policy.passed(hop.peer_id)
             self.policy.passed(second.server.peer_id)
             return Judgement(output, None, False)
         self.disagreements += 1
-        third = await self._first_answer(hop, candidates, rerun)
+        third = await self._first_answer(hop, await referees(), rerun)
         tol = self.tolerance([hop.server, second.server, *([third.server] if third else [])], codec)
         decided = verdict(output, second.output, third.output if third else None, tol)
         referee = third.server.peer_id if third else "nobody"
@@ -345,6 +347,10 @@ class SpotChecker:
             )
             return True
         return None
+
+
+async def _ready(servers: list[ServerRecord]) -> list[ServerRecord]:
+    return servers
 
 
 Req = TypeVar("Req", swarm_pb2.ForwardRequest, swarm_pb2.BackwardRequest)
