@@ -196,6 +196,7 @@ def only_overhead(args: argparse.Namespace) -> int:
                 row = overhead(checked, off, args.new_tokens, args.reps)
     row["load_before"], row["load_after"] = load_before, os.getloadavg()
     results["overhead"] = row
+    results.setdefault("overhead_runs", []).append({"run": f"--only-overhead --reps {args.reps}", **row})
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"trust: tokens/s checks on/off {row['ratio']:.3f} (medians of {args.reps} reps)")
     return 0
