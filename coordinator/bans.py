@@ -22,6 +22,8 @@ class BanList:
     clock: Callable[[], float] = time.monotonic
     _failures: dict[str, int] = field(default_factory=dict)
     _until: dict[str, float] = field(default_factory=dict)
+    # Caught returning wrong results (coordinator/trust.py): avoided for the client's whole life.
+    _convicted: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if not 0 < self.base <= self.limit:
@@ -40,6 +42,13 @@ class BanList:
         self._failures.pop(peer_id, None)
         self._until.pop(peer_id, None)
 
+    def convict(self, peer_id: str) -> None:
+        """The peer returned wrong results: never use it again (a success does not forgive it)."""
+        self._convicted.add(peer_id)
+
+    def convicted(self, peer_id: str) -> bool:
+        return peer_id in self._convicted
+
     def banned(self) -> frozenset[str]:
         now = self.clock()
-        return frozenset(p for p, until in self._until.items() if until > now)
+        return frozenset(p for p, until in self._until.items() if until > now) | self._convicted

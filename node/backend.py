@@ -646,10 +646,12 @@ class BlockBackend:
         prompts: Tensor | None = None,
         deadline: float | None = None,
         step: int | None = None,
+        accumulate: bool = True,
     ) -> BackwardResult:
         """Stateless backward: recompute the span's forward under autograd; gradients of the inputs,
         and of the prompts and adapter tensors when the request has them. `step`: a training
-        request's optimizer step tag, handed to on_gradients."""
+        request's optimizer step tag, handed to on_gradients. `accumulate=False` (a client's spot
+        check of another server): a training node computes but adds nothing to its stage's gradients."""
         blocks = self._blocks(start, end)
         self._check_hidden(hidden)
         self._check_hidden(grad_outputs, "grad_outputs")
@@ -663,7 +665,7 @@ class BlockBackend:
         alone = adapter is not None or prompts is not None or self.on_gradients is not None
         key = None if alone else (start, end, hidden.shape[1])
         compute = partial(_backward, blocks, start, self._loras(adapter, start, end))
-        if self.on_gradients is not None:
+        if self.on_gradients is not None and accumulate:
             if (start, end) != (self.start, self.end):
                 raise ProtocolError(
                     f"a training node runs its whole stage {self.start}:{self.end}, not {start}:{end}"

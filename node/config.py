@@ -167,6 +167,12 @@ class NodeConfig:
         default=1.0,
         metadata=_help("emulate a slower device for benchmarks: every batch takes this many times as long"),
     )
+    corrupt_rate: float = field(
+        default=0.0,
+        metadata=_help(
+            "fault injection for tests and benchmarks: perturb this fraction of answers (a dishonest node)"
+        ),
+    )
     session_idle_timeout: float = field(
         default=300.0, metadata=_help("seconds an inference session may wait for its next step")
     )
@@ -212,6 +218,8 @@ class NodeConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
         if self.slowdown < 1:
             raise ConfigError(f"--slowdown must be >= 1, got {self.slowdown}")
+        if not 0 <= self.corrupt_rate <= 1:
+            raise ConfigError(f"--corrupt-rate must be in [0, 1], got {self.corrupt_rate}")
         if self.balance_threshold < 0:
             raise ConfigError(f"--balance-threshold must be >= 0, got {self.balance_threshold}")
 

@@ -376,7 +376,16 @@ async def serve(
     limits = ServerLimits(
         cfg.max_batch, cfg.max_tokens, cfg.max_session_length, cfg.max_message_bytes, cfg.session_idle_timeout
     )
-    servicer = BlockServicer(None, model, str(dht.peer_id), limits, quant=cfg.quant, metrics=metrics)
+    servicer = BlockServicer(
+        None,
+        model,
+        str(dht.peer_id),
+        limits,
+        quant=cfg.quant,
+        metrics=metrics,
+        signer=identity.private_key,
+        corrupt_rate=cfg.corrupt_rate,
+    )
     # A fresh certificate per start: the records announced below pin it, so nothing needs storing.
     certificate = tls.NodeCertificate.generate(str(dht.peer_id)) if cfg.tls else None
     server, port, health = await start_grpc_server(

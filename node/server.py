@@ -11,17 +11,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 import torch
+from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from hivemind.utils.crypto import RSAPrivateKey
 
 import swarm
-from swarm import tls, wire
+from swarm import receipts, tls, wire
 from swarm._proto import swarm_pb2, swarm_pb2_grpc
 from swarm.adapters import encode_named
 from swarm.errors import (
@@ -40,6 +44,7 @@ from swarm.request_parsing import ParseRequests
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = swarm_pb2.DESCRIPTOR.services_by_name["BlockService"].full_name
+R = TypeVar("R", swarm_pb2.ForwardResponse, swarm_pb2.BackwardResponse, swarm_pb2.InferenceResponse)
 AVERAGING_SERVICE_NAME = swarm_pb2.DESCRIPTOR.services_by_name["AveragingService"].full_name
 MAX_PING_BYTES = 16 << 20  # a bandwidth probe needs a few MiB, not the whole message limit
 REACHABILITY_TIMEOUT = 5.0  # seconds to dial a joining node back
@@ -63,6 +68,9 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
         limits: ServerLimits,
         quant: str = "none",
         metrics: NodeMetrics | None = None,
+        *,
+        signer: RSAPrivateKey | None = None,
+        corrupt_rate: float = 0.0,
     ) -> None:
         self.backend = backend
         self.model = model
@@ -70,6 +78,11 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
         self.limits = limits
         self.quant = quant
         self.metrics = metrics or NodeMetrics()
+        # The node key signs every answer (a Receipt), so a client can prove to others what it got.
+        self.signer = signer
+        # Fault injection (--corrupt-rate, tests and benchmarks): perturb this fraction of answers.
+        self.corrupt_rate = corrupt_rate
+        self._corrupt_rng = random.Random()
         # Set by the runtime as the node's life goes on; reported by Info. A servicer built
         # around a ready backend (tests, benchmarks) is online from the start.
         self.state = "online" if backend is not None else "joining"
@@ -164,9 +177,18 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
         self.metrics.tokens.labels(rpc=rpc).inc(hidden.shape[0] * hidden.shape[1])
 
     def _encode(self, t: torch.Tensor, header: swarm_pb2.RequestHeader) -> swarm_pb2.Tensor:
+        if self.corrupt_rate and self._corrupt_rng.random() < self.corrupt_rate:
+            t = corrupt(t)
         msg = wire.encode_tensor(t, header.response_codec)
         self.metrics.observe_wire("sent", wire.raw_nbytes(t), wire.encoded_nbytes(msg))
         return msg
+
+    def _sign(self, method: str, request: Message | bytes, response: R) -> R:
+        """Attach the node's receipt; `request`: the request, or the stream's chained digest."""
+        if self.signer is not None:
+            digest = request if isinstance(request, bytes) else receipts.message_digest(request)
+            receipts.sign_response(self.signer, method, digest, response)
+        return response
 
     # ---- RPCs -------------------------------------------------------------------------------
 
@@ -223,7 +245,8 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
                     hidden, start, end, adapter=adapter, prompts=prompts, deadline=deadline
                 )
                 self._count_tokens("Forward", hidden)
-                return swarm_pb2.ForwardResponse(hidden_states=self._encode(out, request.header))
+                response = swarm_pb2.ForwardResponse(hidden_states=self._encode(out, request.header))
+                return self._sign("Forward", request, response)
             except Exception as e:
                 await _abort(context, e)
                 raise  # unreachable: abort raises
@@ -251,6 +274,7 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
                     prompts=prompts,
                     deadline=deadline,
                     step=step,
+                    accumulate=not request.header.check,
                 )
                 self._count_tokens("Backward", hidden)
                 response = swarm_pb2.BackwardResponse(
@@ -259,7 +283,7 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
                 )
                 if result.grad_prompts is not None:
                     response.grad_prompts.CopyFrom(self._encode(result.grad_prompts, request.header))
-                return response
+                return self._sign("Backward", request, response)
             except Exception as e:
                 await _abort(context, e)
                 raise
@@ -277,6 +301,7 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
         session: InferenceSession | None = None
         header = swarm_pb2.RequestHeader()
         requests = aiter(request_iterator)
+        chain = receipts.CHAIN_START  # digest of every request of the stream so far (Receipt)
         try:
             while True:
                 try:  # a client that stops sending must not pin its KV cache forever
@@ -290,6 +315,8 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
                         f"inference session idle for more than {self.limits.session_idle_timeout} s; "
                         "its KV cache was released"
                     ) from None
+                if self.signer is not None:
+                    chain = receipts.chain_digest(chain, request)
                 if session is None:
                     header = request.header
                     backend = self._backend()  # the session stays on it even if the node moves
@@ -305,9 +332,10 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
                 out = await backend.step(session, hidden, step.position, prompts=prompts, deadline=deadline)
                 self.metrics.step_seconds.observe(time.perf_counter() - started)
                 self._count_tokens("Inference", hidden)
-                yield swarm_pb2.InferenceResponse(
+                response = swarm_pb2.InferenceResponse(
                     hidden_states=self._encode(out, header), step_id=step.step_id, length=session.length
                 )
+                yield self._sign("Inference", chain, response)
         except Exception as e:
             await _abort(context, e)
         finally:
@@ -431,6 +459,13 @@ async def dial_back(address: str, expected_peer_id: str, cert_sha256: str, timeo
 
 class SessionIdle(SwarmError):
     """The client sent nothing on an open Inference stream for too long."""
+
+
+def corrupt(t: torch.Tensor) -> torch.Tensor:
+    """A dishonest answer for fault injection: noise as large as the values themselves, far above
+    any numeric noise (a client's spot checks must catch it)."""
+    scale = t.detach().float().std().clamp_min(1e-3)
+    return (t.float() + torch.randn(t.shape) * scale).to(t.dtype)
 
 
 class NotServing(SwarmError):

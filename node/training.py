@@ -311,7 +311,15 @@ async def _serve_stage(
     limits = ServerLimits(
         cfg.max_batch, cfg.max_tokens, cfg.max_session_length, cfg.max_message_bytes, cfg.session_idle_timeout
     )
-    servicer = BlockServicer(backend, model, me, limits, metrics=metrics)
+    servicer = BlockServicer(
+        backend,
+        model,
+        me,
+        limits,
+        metrics=metrics,
+        signer=identity.private_key,
+        corrupt_rate=cfg.corrupt_rate,
+    )
     servicer.training_status = lambda: (state.epoch, dict(state.fingerprints))
 
     async def await_epoch(epoch: int, time_left: float | None) -> None:

@@ -47,8 +47,16 @@ class GenerateConfig:
     adapter: str | None = field(
         default=None, metadata={"help": "peft LoRA adapter directory to apply", "metavar": "DIR"}
     )
+    verify_rate: float = field(
+        default=0.05,  # ClientConfig.verify_rate (not imported here: it pulls in torch)
+        metadata={
+            "help": "spot checks: chance that a trusted server's answer is re-run on another server (0: off)"
+        },
+    )
 
     def __post_init__(self) -> None:
+        if not 0 <= self.verify_rate <= 1:
+            raise ConfigError(f"--verify-rate must be in [0, 1] (0: no spot checks), got {self.verify_rate}")
         if bool(self.prompt_ids) == (self.prompt is not None):
             raise ConfigError("give exactly one of --prompt-ids or --prompt")
         if self.max_new_tokens < 1:
@@ -69,6 +77,7 @@ def _tokenizer(model: str) -> Any:
 def generate(cfg: GenerateConfig) -> int:
     import torch
 
+    from swarm.client.config import ClientConfig
     from swarm.client.model import DistributedModelForCausalLM
 
     tokenizer = _tokenizer(cfg.model) if cfg.prompt is not None else None
@@ -79,7 +88,10 @@ def generate(cfg: GenerateConfig) -> int:
         t = int(token[0])
         print(tokenizer.decode([t]) if tokenizer is not None else t, end="" if tokenizer else " ", flush=True)
 
-    with DistributedModelForCausalLM.from_pretrained(cfg.model, cfg.initial_peers) as model:
+    client_config = ClientConfig(verify_rate=cfg.verify_rate)
+    with DistributedModelForCausalLM.from_pretrained(
+        cfg.model, cfg.initial_peers, client_config=client_config
+    ) as model:
         if cfg.adapter is not None:
             model.load_adapter(cfg.adapter)
         model.generate(

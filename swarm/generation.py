@@ -85,6 +85,7 @@ class Decoder:
         self.finished = torch.zeros(batch, dtype=torch.bool)
         self._out = torch.empty(batch, prompt + cfg.max_new_tokens, dtype=input_ids.dtype)
         self._out[:, :prompt] = input_ids
+        self.prompt_length = prompt
         self.length = prompt  # tokens in `out` so far
         self.new_ids = input_ids  # what the next step feeds
         self.position = 0  # where new_ids start
@@ -98,6 +99,18 @@ class Decoder:
     @property
     def done(self) -> bool:
         return self._all_finished or self.length >= self._out.shape[1]
+
+    def rewind(self, length: int) -> int:
+        """Forget the tokens from index `length` on (never the prompt) and feed everything kept again
+        from position 0, as into a fresh session; returns the length kept."""
+        keep = max(self.prompt_length, min(length, self.length))
+        self.length = keep
+        self.new_ids = self._out[:, :keep]
+        self.position = 0
+        if self.eos.numel():
+            self.finished = torch.isin(self._out[:, self.prompt_length : keep], self.eos).any(dim=1)
+            self._all_finished = bool(self.finished.all())
+        return keep
 
     def advance(self, logits: torch.Tensor) -> torch.Tensor:
         """Take the step's logits [batch, vocab] for the last fed token; return the chosen tokens [batch]."""

@@ -63,7 +63,7 @@ class Span(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class RequestHeader(_message.Message):
-    __slots__ = ("protocol_version", "model", "span", "response_codec", "adapter", "min_epoch", "step")
+    __slots__ = ("protocol_version", "model", "span", "response_codec", "adapter", "min_epoch", "step", "check")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SPAN_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class RequestHeader(_message.Message):
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     MIN_EPOCH_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    CHECK_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     model: str
     span: Span
@@ -78,7 +79,16 @@ class RequestHeader(_message.Message):
     adapter: str
     min_epoch: int
     step: int
-    def __init__(self, protocol_version: _Optional[int] = ..., model: _Optional[str] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., response_codec: _Optional[_Union[Codec, str]] = ..., adapter: _Optional[str] = ..., min_epoch: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+    check: bool
+    def __init__(self, protocol_version: _Optional[int] = ..., model: _Optional[str] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., response_codec: _Optional[_Union[Codec, str]] = ..., adapter: _Optional[str] = ..., min_epoch: _Optional[int] = ..., step: _Optional[int] = ..., check: _Optional[bool] = ...) -> None: ...
+
+class Receipt(_message.Message):
+    __slots__ = ("public_key", "signature")
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    public_key: bytes
+    signature: bytes
+    def __init__(self, public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ("protocol_version",)
@@ -129,10 +139,12 @@ class ForwardRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("hidden_states",)
+    __slots__ = ("hidden_states", "receipt")
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
     hidden_states: Tensor
-    def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    receipt: Receipt
+    def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., receipt: _Optional[_Union[Receipt, _Mapping]] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
     __slots__ = ("header", "hidden_states", "grad_outputs", "prompts")
@@ -147,14 +159,16 @@ class BackwardRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., grad_outputs: _Optional[_Union[Tensor, _Mapping]] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class BackwardResponse(_message.Message):
-    __slots__ = ("grad_inputs", "grad_prompts", "adapter_grads")
+    __slots__ = ("grad_inputs", "grad_prompts", "adapter_grads", "receipt")
     GRAD_INPUTS_FIELD_NUMBER: _ClassVar[int]
     GRAD_PROMPTS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_GRADS_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
     grad_inputs: Tensor
     grad_prompts: Tensor
     adapter_grads: _containers.RepeatedCompositeFieldContainer[AdapterTensor]
-    def __init__(self, grad_inputs: _Optional[_Union[Tensor, _Mapping]] = ..., grad_prompts: _Optional[_Union[Tensor, _Mapping]] = ..., adapter_grads: _Optional[_Iterable[_Union[AdapterTensor, _Mapping]]] = ...) -> None: ...
+    receipt: Receipt
+    def __init__(self, grad_inputs: _Optional[_Union[Tensor, _Mapping]] = ..., grad_prompts: _Optional[_Union[Tensor, _Mapping]] = ..., adapter_grads: _Optional[_Iterable[_Union[AdapterTensor, _Mapping]]] = ..., receipt: _Optional[_Union[Receipt, _Mapping]] = ...) -> None: ...
 
 class InferenceOpen(_message.Message):
     __slots__ = ("max_length", "batch_size")
@@ -187,14 +201,16 @@ class InferenceRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., open: _Optional[_Union[InferenceOpen, _Mapping]] = ..., step: _Optional[_Union[InferenceStep, _Mapping]] = ...) -> None: ...
 
 class InferenceResponse(_message.Message):
-    __slots__ = ("hidden_states", "step_id", "length")
+    __slots__ = ("hidden_states", "step_id", "length", "receipt")
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
     hidden_states: Tensor
     step_id: int
     length: int
-    def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., step_id: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+    receipt: Receipt
+    def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., step_id: _Optional[int] = ..., length: _Optional[int] = ..., receipt: _Optional[_Union[Receipt, _Mapping]] = ...) -> None: ...
 
 class PingRequest(_message.Message):
     __slots__ = ("payload", "reply_bytes")

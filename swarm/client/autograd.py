@@ -19,10 +19,20 @@ from typing import Any, TypeVar
 import torch
 from torch.autograd.function import once_differentiable
 
+from swarm import wire
 from swarm.client.config import ClientConfig
 from swarm.client.loop import run_sync
 from swarm.client.lora import RemoteLora
-from swarm.client.remote import BackwardReply, ChannelPool, Tuning, remote_backward, remote_forward
+from swarm.client.remote import (
+    BackwardReply,
+    ChannelPool,
+    Tuning,
+    backward_request,
+    call_backward,
+    call_forward,
+    forward_request,
+)
+from swarm.client.verify import SpotChecker
 from swarm.coordinator.bans import BanList
 from swarm.coordinator.routing import Hop, span_throughput
 from swarm.coordinator.swarm_map import SwarmMapCache
@@ -49,6 +59,8 @@ class RemotePipeline:
     min_epoch: int = 0
     # Training: the optimizer step the micro-batch belongs to, on every Backward (RequestHeader.step).
     step: int | None = None
+    # Spot checks: re-runs a sample of the hops on other servers (None: no checks).
+    checker: SpotChecker | None = None
 
     def tunings(self, prompts: torch.Tensor | None = None) -> list[Tuning]:
         """Each hop's share of the adapter and of deep prompts [num_blocks, batch or 1, prefix, hidden].
@@ -72,16 +84,7 @@ class RemotePipeline:
         inputs: list[torch.Tensor] = []
         for i in range(len(self.route)):
             inputs.append(hidden)
-            call = partial(
-                remote_forward,
-                self.pool,
-                self.swarm_map.model,
-                hidden=hidden,
-                config=self.config,
-                tuning=tunings[i],
-                min_epoch=self.min_epoch,
-            )
-            hidden = await self._with_retry(i, call)
+            hidden = await self._with_retry(i, partial(self._forward_hop, hidden=hidden, tuning=tunings[i]))
         return hidden, inputs
 
     async def backward(
@@ -93,17 +96,7 @@ class RemotePipeline:
         grad_prompts: list[torch.Tensor] = []
         adapter_grads: dict[str, torch.Tensor] = {}
         for i in reversed(range(len(self.route))):
-            call = partial(
-                remote_backward,
-                self.pool,
-                self.swarm_map.model,
-                hidden=inputs[i],
-                grad_outputs=grad,
-                config=self.config,
-                tuning=tunings[i],
-                min_epoch=self.min_epoch,
-                step=self.step,
-            )
+            call = partial(self._backward_hop, hidden=inputs[i], grad=grad, tuning=tunings[i])
             reply = await self._with_retry(i, call)
             grad = reply.grad_inputs
             if reply.grad_prompts is not None:
@@ -111,6 +104,26 @@ class RemotePipeline:
             adapter_grads.update(reply.adapter_grads)
         prompts = torch.cat(grad_prompts) if grad_prompts else None
         return BackwardReply(grad, prompts, adapter_grads)
+
+    async def _forward_hop(self, hop: Hop, *, hidden: torch.Tensor, tuning: Tuning) -> torch.Tensor:
+        model, config = self.swarm_map.model, self.config
+        request = forward_request(model, hop, hidden, config, tuning, self.min_epoch)
+        response = await call_forward(self.pool, model, hop, request, config, tuning.adapter)
+        if self.checker is not None and self.checker.sample(hop.peer_id):
+            return await self.checker.check_forward(
+                model, hop, request, response, tuning.adapter, config.codec
+            )
+        return wire.decode_tensor(response.hidden_states)
+
+    async def _backward_hop(
+        self, hop: Hop, *, hidden: torch.Tensor, grad: torch.Tensor, tuning: Tuning
+    ) -> BackwardReply:
+        model, config = self.swarm_map.model, self.config
+        request = backward_request(model, hop, hidden, grad, config, tuning, self.min_epoch, self.step)
+        reply = await call_backward(self.pool, model, hop, request, config, tuning)
+        if self.checker is not None and self.checker.sample(hop.peer_id):
+            return await self.checker.check_backward(model, hop, request, reply, tuning, config.codec)
+        return reply
 
     async def _with_retry(self, i: int, call: Callable[[Hop], Awaitable[T]]) -> T:
         async def attempt(n: int) -> T:

@@ -38,6 +38,14 @@ class ClientConfig:
     # dialled in plaintext.
     require_tls: bool = False
 
+    # Spot checks (coordinator/trust.py): the chance that a trusted server's answer is re-run on
+    # another server of its blocks (0 turns checks off); a server is trusted once `verify_probation`
+    # of its answers were checked right (until then all are checked). `verify_tolerance`: relative
+    # error per token two honest answers may show (None: from the servers' dtypes and the codec).
+    verify_rate: float = 0.05
+    verify_probation: int = 50
+    verify_tolerance: float | None = None
+
     def __post_init__(self) -> None:
         wire.parse_codec(self.codec)
         wire.parse_codec(self.training_codec)
@@ -50,5 +58,11 @@ class ClientConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.verify_rate <= 1:
+            raise ConfigError(f"verify_rate must be in [0, 1] (0: no spot checks), got {self.verify_rate}")
+        if self.verify_probation < 0:
+            raise ConfigError(f"verify_probation must be >= 0 answers, got {self.verify_probation}")
+        if self.verify_tolerance is not None and not 0 < self.verify_tolerance < 1:
+            raise ConfigError(f"verify_tolerance must be in (0, 1), got {self.verify_tolerance}")
         if self.wait_for_blocks < 0:
             raise ConfigError(f"wait_for_blocks must be >= 0, got {self.wait_for_blocks}")

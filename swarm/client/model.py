@@ -8,6 +8,7 @@ transformers; all network I/O happens on the client's background event loop.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +28,7 @@ from swarm.client.loop import run_sync
 from swarm.client.lora import LoraConfig, RemoteLora
 from swarm.client.remote import ChannelPool
 from swarm.client.session import InferenceSession
+from swarm.client.verify import SpotChecker
 from swarm.coordinator.bans import BanList
 from swarm.coordinator.routing import min_latency_route, throughput_weighted_route
 from swarm.coordinator.rtt import RttTable
@@ -35,6 +37,9 @@ from swarm.errors import ConfigError, MissingBlocksError
 from swarm.generation import Decoder, SamplingConfig, eos_ids
 from swarm.models.llama import ClientParts, LlamaConfig
 
+log = logging.getLogger(__name__)
+
+REVIEW_PERIOD = 30.0  # seconds between reads of the evidence other clients publish (a DHT lookup)
 IGNORE_INDEX = -100  # label value that contributes no loss, as in transformers
 
 
@@ -86,6 +91,8 @@ class DistributedModelForCausalLM:
         # Peers that failed recently, avoided by every route and session of this client.
         self.bans = BanList(client_config.ban_base, client_config.ban_limit)
         self.rtts = RttTable()  # measured round trips, for the fastest routes
+        # Spot checks of the servers' work (verify_rate 0: none); it also reads others' evidence.
+        self.checker = SpotChecker(self.pool, self.swarm_map, client_config, self.bans, dht)
         self._rng = random.Random()  # draws training routes
         self._adapter: RemoteLora | None = None  # client-owned LoRA on the remote blocks
         self._adapter_enabled = True
@@ -197,7 +204,9 @@ class DistributedModelForCausalLM:
             rtts=self.rtts,
             adapter=self.adapter,
             prompts=prompts,
+            checker=self.checker if self.checker.enabled else None,
         )
+        run_sync(self.review_reports())
         run_sync(session.open())
         try:
             yield session
@@ -266,16 +275,33 @@ class DistributedModelForCausalLM:
         so it is entered on this one). Callbacks run on the loop thread.
         """
         decoder = Decoder(input_ids, cfg)
-        while not decoder.done:
-            with torch.inference_mode():
-                hidden = self.parts.embed(decoder.new_ids)
-            out = await session.step(hidden)
-            with torch.inference_mode():
-                # nodes answer in their own compute dtype; the local head runs in ours
-                token = decoder.advance(self.parts.logits(out[:, -1:].to(hidden.dtype))[:, -1])
-            if on_tokens is not None:
-                on_tokens(token)
-        return decoder.out
+        while True:
+            while not decoder.done:
+                with torch.inference_mode():
+                    hidden = self.parts.embed(decoder.new_ids)
+                out = await session.step(hidden)
+                with torch.inference_mode():
+                    # nodes answer in their own compute dtype; the local head runs in ours
+                    token = decoder.advance(self.parts.logits(out[:, -1:].to(hidden.dtype))[:, -1])
+                if on_tokens is not None:
+                    on_tokens(token)
+                await self._redo_if_caught(session, decoder)
+            # Spot checks: every answer not yet checked is, before the tokens are returned; a server
+            # caught lying makes the tokens from its first wrong position be decoded again.
+            await session.verify()
+            if not await self._redo_if_caught(session, decoder):
+                return decoder.out
+
+    async def _redo_if_caught(self, session: InferenceSession, decoder: Decoder) -> bool:
+        """If a check convicted a server of the session, rewind to its first wrong position and
+        rebuild the session without it; the loop then decodes those tokens again."""
+        bad = session.take_rollback()
+        if bad is None:
+            return False
+        keep = decoder.rewind(bad + 1)  # the token after position `bad` came from wrong logits
+        log.warning("re-decoding from token %d after a server was caught returning wrong results", keep)
+        await session.restart()
+        return True
 
     def sampling_config(
         self,
@@ -325,6 +351,7 @@ class DistributedModelForCausalLM:
         # With labels this is a training step: int8 on the wire by default. A plain forward keeps
         # the lossless codec, so its logits equal a local run's, as transformers users expect.
         codec = self.client_config.training_codec if labels is not None else None
+        run_sync(self.review_reports())
         pipeline = self.remote_pipeline(randomized=True, codec=codec)
         hidden = run_remote_blocks(self.parts.embed(input_ids), pipeline)
         logits = self.parts.logits(hidden)
@@ -354,6 +381,7 @@ class DistributedModelForCausalLM:
     @torch.inference_mode()
     def _inference_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.parts.embed(input_ids)
+        run_sync(self.review_reports())
         randomized = self.client_config.routing == "throughput_weighted"
         out, _ = run_sync(self.remote_pipeline(randomized=randomized).forward(hidden))
         return self.parts.logits(out.to(hidden.dtype))
@@ -372,7 +400,16 @@ class DistributedModelForCausalLM:
         else:
             route = min_latency_route(snapshot, banned=avoid)
         config = self.client_config if codec is None else replace(self.client_config, codec=codec)
-        return RemotePipeline(self.pool, self.swarm_map, config, route, bans=self.bans, adapter=self.adapter)
+        checker = self.checker if self.checker.enabled else None
+        return RemotePipeline(
+            self.pool, self.swarm_map, config, route, bans=self.bans, adapter=self.adapter, checker=checker
+        )
+
+    async def review_reports(self) -> list[str]:
+        """Ban the servers that other clients published signed wrong answers of, once this client
+        has reproduced the mismatch (the first call, then at most every REVIEW_PERIOD seconds);
+        returns those banned now."""
+        return await self.checker.review_reports(every=max(REVIEW_PERIOD, self.client_config.swarm_map_ttl))
 
     def to(self, dtype: torch.dtype) -> DistributedModelForCausalLM:
         """Run the local parts (and send activations) in `dtype`, like `nn.Module.to`."""

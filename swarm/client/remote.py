@@ -173,6 +173,40 @@ class BackwardReply:
     adapter_grads: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def forward_request(
+    model: str,
+    hop: Hop,
+    hidden: torch.Tensor,
+    config: ClientConfig,
+    tuning: Tuning = NO_TUNING,
+    min_epoch: int = 0,
+) -> swarm_pb2.ForwardRequest:
+    request = swarm_pb2.ForwardRequest(
+        header=request_header(model, hop, config.codec, tuning.adapter, min_epoch),
+        hidden_states=wire.encode_tensor(hidden, config.codec),
+    )
+    if tuning.prompts is not None:
+        request.prompts.CopyFrom(wire.encode_tensor(tuning.prompts, config.codec))
+    return request
+
+
+async def call_forward(
+    pool: ChannelPool,
+    model: str,
+    hop: Hop,
+    request: swarm_pb2.ForwardRequest,
+    config: ClientConfig,
+    adapter: AdapterPayload | None = None,
+) -> swarm_pb2.ForwardResponse:
+    """Send a built ForwardRequest to hop's server (its adapter loaded there first)."""
+    stub = await pool.stub(hop.server)
+
+    async def call() -> swarm_pb2.ForwardResponse:
+        return await _unary(hop, stub.Forward(request, timeout=config.request_timeout))
+
+    return await pool.with_adapter(model, hop, adapter, call)
+
+
 async def remote_forward(
     pool: ChannelPool,
     model: str,
@@ -184,19 +218,53 @@ async def remote_forward(
 ) -> torch.Tensor:
     """Outputs of blocks [hop.start, hop.end) on hop's server for `hidden` [batch, tokens, hidden]
     (training: with the stage's weights of at least `min_epoch`)."""
-    request = swarm_pb2.ForwardRequest(
-        header=request_header(model, hop, config.codec, tuning.adapter, min_epoch),
+    request = forward_request(model, hop, hidden, config, tuning, min_epoch)
+    response = await call_forward(pool, model, hop, request, config, tuning.adapter)
+    return wire.decode_tensor(response.hidden_states)
+
+
+def backward_request(
+    model: str,
+    hop: Hop,
+    hidden: torch.Tensor,
+    grad_outputs: torch.Tensor,
+    config: ClientConfig,
+    tuning: Tuning = NO_TUNING,
+    min_epoch: int = 0,
+    step: int | None = None,
+) -> swarm_pb2.BackwardRequest:
+    request = swarm_pb2.BackwardRequest(
+        header=request_header(model, hop, config.codec, tuning.adapter, min_epoch, step),
         hidden_states=wire.encode_tensor(hidden, config.codec),
+        grad_outputs=wire.encode_tensor(grad_outputs, config.codec),
     )
     if tuning.prompts is not None:
         request.prompts.CopyFrom(wire.encode_tensor(tuning.prompts, config.codec))
+    return request
+
+
+async def call_backward(
+    pool: ChannelPool,
+    model: str,
+    hop: Hop,
+    request: swarm_pb2.BackwardRequest,
+    config: ClientConfig,
+    tuning: Tuning = NO_TUNING,
+) -> BackwardReply:
+    """Send a built BackwardRequest to hop's server; its reply, checked for shape."""
     stub = await pool.stub(hop.server)
 
-    async def call() -> swarm_pb2.ForwardResponse:
-        return await _unary(hop, stub.Forward(request, timeout=config.request_timeout))
+    async def call() -> swarm_pb2.BackwardResponse:
+        return await _unary(hop, stub.Backward(request, timeout=config.request_timeout))
 
     response = await pool.with_adapter(model, hop, tuning.adapter, call)
-    return wire.decode_tensor(response.hidden_states)
+    grad_prompts = wire.decode_tensor(response.grad_prompts) if response.HasField("grad_prompts") else None
+    adapter_grads = decode_named(response.adapter_grads) if tuning.adapter is not None else {}
+    if tuning.adapter is not None and set(adapter_grads) != set(tuning.adapter.tensors):
+        raise ProtocolError(f"{hop.peer_id} returned gradients for other adapter tensors than it was sent")
+    if tuning.prompts is not None and (grad_prompts is None or grad_prompts.shape != tuning.prompts.shape):
+        raise ProtocolError(f"{hop.peer_id} returned no (or misshapen) prompt gradients")
+    return BackwardReply(wire.decode_tensor(response.grad_inputs), grad_prompts, adapter_grads)
 
 
 async def remote_backward(
@@ -216,26 +284,8 @@ async def remote_backward(
     Backward is stateless: the node recomputes the span's forward from `hidden`, so any server
     of the span can answer, not only the one that ran the forward pass.
     """
-    request = swarm_pb2.BackwardRequest(
-        header=request_header(model, hop, config.codec, tuning.adapter, min_epoch, step),
-        hidden_states=wire.encode_tensor(hidden, config.codec),
-        grad_outputs=wire.encode_tensor(grad_outputs, config.codec),
-    )
-    if tuning.prompts is not None:
-        request.prompts.CopyFrom(wire.encode_tensor(tuning.prompts, config.codec))
-    stub = await pool.stub(hop.server)
-
-    async def call() -> swarm_pb2.BackwardResponse:
-        return await _unary(hop, stub.Backward(request, timeout=config.request_timeout))
-
-    response = await pool.with_adapter(model, hop, tuning.adapter, call)
-    grad_prompts = wire.decode_tensor(response.grad_prompts) if response.HasField("grad_prompts") else None
-    adapter_grads = decode_named(response.adapter_grads) if tuning.adapter is not None else {}
-    if tuning.adapter is not None and set(adapter_grads) != set(tuning.adapter.tensors):
-        raise ProtocolError(f"{hop.peer_id} returned gradients for other adapter tensors than it was sent")
-    if tuning.prompts is not None and (grad_prompts is None or grad_prompts.shape != tuning.prompts.shape):
-        raise ProtocolError(f"{hop.peer_id} returned no (or misshapen) prompt gradients")
-    return BackwardReply(wire.decode_tensor(response.grad_inputs), grad_prompts, adapter_grads)
+    request = backward_request(model, hop, hidden, grad_outputs, config, tuning, min_epoch, step)
+    return await call_backward(pool, model, hop, request, config, tuning)
 
 
 async def _unary(hop: Hop, call: Awaitable[T]) -> T:

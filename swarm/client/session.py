@@ -11,16 +11,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import partial
 
 import torch
 
+from swarm import wire
 from swarm.client.config import ClientConfig
 from swarm.client.lora import RemoteLora
-from swarm.client.remote import ChannelPool, InferenceStream, Tuning
+from swarm.client.remote import ChannelPool, InferenceStream, Tuning, call_forward, forward_request
+from swarm.client.verify import Rerun, SpotChecker
 from swarm.coordinator.bans import BanList
 from swarm.coordinator.routing import Hop, min_latency_route
 from swarm.coordinator.rtt import RttTable
 from swarm.coordinator.swarm_map import SwarmMapCache
+from swarm.coordinator.trust import agree, first_disagreement
 from swarm.errors import MissingBlocksError, PeerUnavailable, SwarmError
 
 log = logging.getLogger(__name__)
@@ -39,6 +43,7 @@ class InferenceSession:
         rtts: RttTable | None = None,
         adapter: RemoteLora | None = None,
         prompts: torch.Tensor | None = None,
+        checker: SpotChecker | None = None,
     ) -> None:
         self.pool, self.swarm_map, self.config = pool, swarm_map, config
         # Tuning of every hop: the client's LoRA, and deep prompts [num_blocks, batch or 1, prefix,
@@ -48,6 +53,16 @@ class InferenceSession:
         self.batch_size, self.max_length = batch_size, max_length
         self.streams: list[InferenceStream] = []
         self.history: list[list[torch.Tensor]] = []  # inputs sent to each stream, in order
+        self.outputs: list[list[torch.Tensor]] = []  # what each stream answered, in order
+        # Spot checks: a check re-runs a stream's whole input so far on another server, without
+        # cache, and compares every position it answered. Checks run beside the token loop; one
+        # that convicts the stream's server records the first wrong position in `rollback`, and
+        # generate() redoes the tokens from there (`restart`).
+        self.checker = checker
+        self.verified: dict[InferenceStream, int] = {}  # positions of each stream checked right
+        self._checks: dict[InferenceStream, asyncio.Task[None]] = {}
+        self._shadows: dict[InferenceStream, InferenceStream] = {}  # each stream's checker, once needed
+        self.rollback: int | None = None
         self.step_seconds: list[float | None] = []  # each stream's usual single-token step time
         self.banned: set[str] = set()  # never again in this session
         self.bans = bans if bans is not None else BanList(config.ban_base, config.ban_limit)
@@ -74,6 +89,7 @@ class InferenceSession:
     async def open(self) -> None:
         self.streams = [self._stream(hop) for hop in await self._route()]
         self.history = [[] for _ in self.streams]
+        self.outputs = [[] for _ in self.streams]
         self.step_seconds = [None for _ in self.streams]
 
     def _stream(self, hop: Hop) -> InferenceStream:
@@ -108,6 +124,15 @@ class InferenceSession:
 
             hidden = await self.config.retry.run(attempt)
             self.history[i].append(x)
+            self.outputs[i].append(hidden)
+            stream = self.streams[i]
+            checker = self.checker
+            if (
+                checker is not None
+                and stream not in self._checks
+                and checker.sample_stream(stream.hop.peer_id)
+            ):
+                self._schedule_check(i)
             i += 1
         self.position += new_tokens
         return hidden
@@ -153,10 +178,13 @@ class InferenceSession:
         )
         replacements = [self._stream(hop) for hop in hops]
         histories: list[list[torch.Tensor]] = []
+        outputs: list[list[torch.Tensor]] = []
         past = torch.cat(self.history[i], dim=1) if self.history[i] else None
         for stream in replacements:
             histories.append([past] if past is not None else [])
-            if past is not None:
+            if past is None:
+                outputs.append([])
+            else:
                 try:
                     past = await stream.step(past)
                 except SwarmError:
@@ -165,11 +193,128 @@ class InferenceSession:
                     for s in replacements:
                         await s.close()
                     raise
+                outputs.append([past])
         self.streams[i : i + 1] = replacements
         self.history[i : i + 1] = histories
+        self.outputs[i : i + 1] = outputs
         self.step_seconds[i : i + 1] = [None] * len(replacements)
 
-    async def close(self) -> None:
+    # ---- spot checks -----------------------------------------------------------------------
+
+    def _schedule_check(self, i: int) -> None:
+        stream = self.streams[i]  # what it was sent and answered so far: a snapshot, as lists grow
+        task = self._check(stream, list(self.history[i]), list(self.outputs[i]))
+        self._checks[stream] = asyncio.create_task(task)
+
+    async def _check(
+        self, stream: InferenceStream, history: list[torch.Tensor], outputs: list[torch.Tensor]
+    ) -> None:
+        """Check a stream's answers since its last check against a *shadow* stream: a session of its
+        own on another server of the span, fed the same inputs (only the new ones each time, so a
+        check costs one batched step there). On a mismatch a referee recomputes the whole input
+        without cache; if the stream's server is convicted, its first wrong position goes to
+        `rollback`."""
+        assert self.checker is not None  # only scheduled with a checker
+        checker, config, hop = self.checker, self.config, stream.hop
+        try:
+            inputs, answered = torch.cat(history, dim=1), torch.cat(outputs, dim=1)
+            shadow = self._shadows.get(stream) or await self._open_shadow(stream)
+            if shadow is None:
+                return  # no other server of the span: nothing to compare with
+            fed = shadow.position
+            try:
+                second = Rerun(shadow.hop.server, await shadow.step(inputs[:, fed:]), None)
+            except SwarmError as e:  # a failing checker is no verdict on the checked server
+                log.debug("shadow of %s on %s failed: %s", hop.peer_id, shadow.hop.peer_id, e)
+                await self._drop_shadow(stream)
+                return
+            checker.checks += 1
+            rerun = partial(self._fresh_forward, stream, inputs, fed)
+            referees = partial(checker.others, hop.start, hop.end, {hop.peer_id, shadow.hop.peer_id})
+            judged = await checker.settle(hop, answered[:, fed:], second, rerun, referees, codec=config.codec)
+            if judged.checked_lied:
+                tol = checker.tolerance([hop.server], config.codec)
+                bad = first_disagreement(answered[:, fed:], judged.output, tol)
+                bad = fed + (bad or 0)
+                self.rollback = bad if self.rollback is None else min(self.rollback, bad)
+            elif checker.bans.convicted(shadow.hop.peer_id) or not agree(
+                answered[:, fed:],
+                second.output,
+                checker.tolerance([hop.server, shadow.hop.server], config.codec),
+            ):
+                await self._drop_shadow(stream)  # the shadow lied, or nobody could tell: a new one
+            else:
+                checker.policy.passed(hop.peer_id, max(0, len(history) - 1))
+                self.verified[stream] = max(self.verified.get(stream, 0), answered.shape[1])
+        except SwarmError as e:  # a check that cannot run is no verdict
+            log.debug("spot check of %s failed: %s", hop.peer_id, e)
+        finally:
+            self._checks.pop(stream, None)
+
+    async def _open_shadow(self, stream: InferenceStream) -> InferenceStream | None:
+        assert self.checker is not None
+        others = await self.checker.others(stream.hop.start, stream.hop.end, {stream.hop.peer_id})
+        if not others:
+            return None
+        hop = Hop(others[0], stream.hop.start, stream.hop.end)
+        shadow = InferenceStream(
+            self.pool, self.swarm_map.model, hop, self.config, self.batch_size, self.max_length, stream.tuning
+        )
+        self._shadows[stream] = shadow
+        return shadow
+
+    async def _drop_shadow(self, stream: InferenceStream) -> None:
+        shadow = self._shadows.pop(stream, None)
+        if shadow is not None:
+            await shadow.close()
+
+    async def _fresh_forward(
+        self, stream: InferenceStream, inputs: torch.Tensor, since: int, referee: Hop
+    ) -> Rerun[None]:
+        """The referee's answer: the stream's whole input recomputed without cache (one Forward),
+        from position `since` on."""
+        model, config = self.swarm_map.model, self.config
+        request = forward_request(model, referee, inputs, config, stream.tuning)
+        request.header.check = True
+        response = await call_forward(self.pool, model, referee, request, config, stream.tuning.adapter)
+        return Rerun(referee.server, wire.decode_tensor(response.hidden_states)[:, since:], None)
+
+    async def verify(self) -> None:
+        """Check every stream's answers not yet checked (called once a generation is complete)."""
+        if self.checker is None:
+            return
+        await asyncio.gather(*self._checks.values(), return_exceptions=True)
+        for i, stream in enumerate(self.streams):
+            held = sum(x.shape[1] for x in self.history[i])
+            if held > self.verified.get(stream, 0) and stream not in self._checks:
+                self._schedule_check(i)
+        await asyncio.gather(*self._checks.values(), return_exceptions=True)
+
+    def take_rollback(self) -> int | None:
+        """The first position a convicted server answered wrong since the last call, if any."""
+        bad, self.rollback = self.rollback, None
+        return bad
+
+    async def restart(self) -> None:
+        """Drop every stream and open a new route (convicted servers are banned): the caller feeds
+        the session again from position 0."""
+        await self._cancel_checks()
         for stream in self.streams:
             await stream.close()
-        self.streams, self.history = [], []
+        self.position = 0
+        self.verified = {}
+        await self.open()
+
+    async def _cancel_checks(self) -> None:
+        checks, self._checks = list(self._checks.values()), {}
+        for task in checks:
+            task.cancel()
+        await asyncio.gather(*checks, return_exceptions=True)
+        for stream in list(self._shadows):
+            await self._drop_shadow(stream)
+
+    async def close(self) -> None:
+        await self._cancel_checks()
+        for stream in self.streams:
+            await stream.close()
+        self.streams, self.history, self.outputs = [], [], []

@@ -46,6 +46,7 @@ from swarm.client.autograd import RemotePipeline
 from swarm.client.config import ClientConfig
 from swarm.client.loop import run_sync
 from swarm.client.remote import ChannelPool
+from swarm.client.verify import SpotChecker
 from swarm.coordinator.bans import BanList
 from swarm.coordinator.routing import Hop, SwarmMap, throughput_weighted_route
 from swarm.coordinator.swarm_map import SwarmMapCache
@@ -286,6 +287,15 @@ class Trainer:
         self.swarm_map = SwarmMapCache(dht, self.model, self.config.num_hidden_layers, ttl=2.0)
         self.pool = ChannelPool(self.client_config)
         self.bans = BanList(self.client_config.ban_base, self.client_config.ban_limit)
+        # Spot checks of the stages' work, against other training peers of the same stage only.
+        self.checker = SpotChecker(
+            self.pool,
+            self.swarm_map,
+            self.client_config,
+            self.bans,
+            None,
+            eligible=lambda s: s.trainable_stage is not None,
+        )
         self.rng = random.Random(cfg.seed)
         self.load: Counter[str] = Counter()  # this trainer's micro-batches in flight, per peer
         self.progress = Progress()
@@ -333,6 +343,7 @@ class Trainer:
             route,
             bans=self.bans,
             eligible=lambda s: s.trainable_stage is not None,
+            checker=self.checker if self.checker.enabled else None,
         )
 
     def _share(self, epoch: int) -> int:
