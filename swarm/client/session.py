@@ -25,6 +25,11 @@ from swarm.errors import MissingBlocksError, PeerUnavailable, SwarmError
 
 log = logging.getLogger(__name__)
 
+# Steps of up to this many tokens are decoding steps (one token, or a speculative verification of
+# a few drafts): their time is tracked, and a hung peer is caught by a deadline derived from it.
+# Longer ones (prompts, replays) get the general request timeout.
+SHORT_STEP_TOKENS = 16
+
 
 class InferenceSession:
     def __init__(
@@ -48,7 +53,7 @@ class InferenceSession:
         self.batch_size, self.max_length = batch_size, max_length
         self.streams: list[InferenceStream] = []
         self.history: list[list[torch.Tensor]] = []  # inputs sent to each stream, in order
-        self.step_seconds: list[float | None] = []  # each stream's usual single-token step time
+        self.step_seconds: list[float | None] = []  # each stream's usual decoding step time
         self.banned: set[str] = set()  # never again in this session
         self.bans = bans if bans is not None else BanList(config.ban_base, config.ban_limit)
         self.rtts = rtts if rtts is not None else RttTable()
@@ -112,11 +117,24 @@ class InferenceSession:
         self.position += new_tokens
         return hidden
 
+    def rollback(self, keep: int) -> None:
+        """Forget every token from position `keep` on (drafts the client rejected).
+
+        Each stream tells its node with its next step (no extra round trip), and each hop's stored
+        inputs are cut to `keep` tokens, so a replacement after a failure replays accepted tokens only.
+        """
+        if not 0 <= keep <= self.position:
+            raise SwarmError(f"cannot keep {keep} tokens of a session holding {self.position}")
+        for stream, history in zip(self.streams, self.history, strict=True):
+            stream.rollback(keep)
+            _truncate(history, keep)
+        self.position = keep
+
     async def _timed_step(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Step stream i under a deadline derived from its own measured step time."""
         stream, usual = self.streams[i], self.step_seconds[i]
-        single = x.shape[1] == 1
-        if single and usual is not None:
+        short = x.shape[1] <= SHORT_STEP_TOKENS
+        if short and usual is not None:
             deadline = max(self.config.step_timeout_floor, self.config.step_timeout_factor * usual)
         else:  # a prompt, or no measurement yet: the general request timeout
             deadline = self.config.request_timeout
@@ -130,9 +148,9 @@ class InferenceSession:
             ) from None
         took = time.monotonic() - started
         self.bans.forgive(stream.hop.peer_id)  # it answers: a later failure starts a short ban again
-        if usual is None:  # a prompt takes longer than one token: a safe first estimate
+        if usual is None:  # a prompt takes longer than a decoding step: a safe first estimate
             self.step_seconds[i] = took
-        elif single:  # a moving average, so one slow step does not make the deadline jumpy
+        elif short:  # a moving average, so one slow step does not make the deadline jumpy
             self.step_seconds[i] = 0.8 * usual + 0.2 * took
         return out
 
@@ -173,3 +191,14 @@ class InferenceSession:
         for stream in self.streams:
             await stream.close()
         self.streams, self.history = [], []
+
+
+def _truncate(history: list[torch.Tensor], keep: int) -> None:
+    """Cut a hop's stored inputs (each [batch, tokens, hidden], in order) to their first `keep` tokens."""
+    total = sum(x.shape[1] for x in history)
+    while total > keep:
+        last = history.pop()
+        total -= last.shape[1]
+        if total < keep:  # the cut falls inside this step's tokens
+            history.append(last[:, : keep - total])
+            total = keep
