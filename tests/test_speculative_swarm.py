@@ -19,6 +19,7 @@ import torch
 from swarm.client.loop import run_sync
 from swarm.client.model import DistributedModelForCausalLM
 from swarm.localswarm import LocalSwarm
+from swarm.speculative import Speculative
 from tests.test_speculative import SEED, windowed_checkpoint
 
 
@@ -58,7 +59,12 @@ def test_speculative_generation_gives_the_greedy_tokens(
 ) -> None:
     prompt, n = repeating_prompt(client), 24
     expected = client.generate(prompt, max_new_tokens=n)
-    runs = [("lookup", None, 2), ("lookup", None, 8), ("model", draft_path, 3), ("model", model_path, 4)]
+    runs: list[tuple[Speculative, Path | None, int]] = [
+        ("lookup", None, 2),
+        ("lookup", None, 8),
+        ("model", draft_path, 3),
+        ("model", model_path, 4),
+    ]
     for mode, draft, k in runs:
         got = client.generate(prompt, max_new_tokens=n, speculative=mode, draft_model=draft, draft_tokens=k)
         stats = client.last_speculation
