@@ -83,6 +83,8 @@ class SpeculationStats:
 
 
 class Drafter(Protocol):
+    costly: bool  # drafting costs compute (a model), so a drafter that keeps missing should pause
+
     def draft(self, context: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
         """Up to k guesses [batch, d] (d <= k, maybe 0) of the tokens after `context` [batch, length],
         and their draft probabilities [batch, d, vocab] (None: the drafts are certain, q one-hot)."""
@@ -97,33 +99,58 @@ class Drafter(Protocol):
 
 
 def lookup_draft(tokens: Tensor, k: int, ngram_max: int, ngram_min: int) -> Tensor:
-    """Draft up to k tokens [d] for the 1-D context `tokens`: find the latest earlier occurrence of its
-    last n tokens (longest n first) and copy what followed it. The copy may run into the tokens it
-    is drafting (text that loops with a period shorter than k), as copying on would continue."""
-    length = tokens.numel()
-    for n in range(min(ngram_max, length - 1), ngram_min - 1, -1):
-        windows = tokens[: length - 1].unfold(0, n, 1)  # n-grams that end before the last token
-        hits = (windows == tokens[length - n :]).all(dim=1).nonzero()
-        if hits.numel():
-            source = int(hits[-1]) + n  # the token that followed the latest occurrence
-            extended = torch.empty(length + k, dtype=tokens.dtype)
-            extended[:length] = tokens
-            for j in range(k):
-                extended[length + j] = extended[source + j]
-            return extended[length:]
-    return tokens[:0]
+    """Draft up to k tokens [d] for the 1-D context `tokens` (see `NgramIndex`)."""
+    index = NgramIndex(ngram_max, ngram_min)
+    return torch.tensor(index.draft(tokens.tolist(), k), dtype=tokens.dtype)
+
+
+class NgramIndex:
+    """Where each n-gram of one sequence last occurred, kept up to date as the sequence grows, so
+    a lookup costs O(n + k), not a scan of the context.
+
+    `draft` finds the latest earlier occurrence of the context's last n tokens (longest n first)
+    and copies what followed it. The copy may run into the tokens it is drafting (text that
+    loops with a period shorter than k), as copying on would continue.
+    """
+
+    def __init__(self, ngram_max: int, ngram_min: int) -> None:
+        self.sizes = range(ngram_max, ngram_min - 1, -1)
+        self.after: dict[tuple[int, ...], int] = {}  # n-gram -> index of the token that followed it
+        self.indexed = 0  # n-grams ending before this index are in `after`
+
+    def draft(self, tokens: list[int], k: int) -> list[int]:
+        length = len(tokens)
+        for end in range(self.indexed, length - 1):  # n-grams ending at `end`, followed by a token
+            for n in self.sizes:
+                if end + 1 >= n:
+                    self.after[tuple(tokens[end + 1 - n : end + 1])] = end + 1
+        self.indexed = max(self.indexed, length - 1)
+        for n in self.sizes:
+            source = self.after.get(tuple(tokens[length - n :])) if length > n else None
+            if source is not None:
+                extended = tokens + [0] * k
+                for j in range(k):
+                    extended[length + j] = extended[source + j]
+                return extended[length:]
+        return []
 
 
 class PromptLookup:
-    """Drafts copied from the context itself (n-gram lookup); no model, no state."""
+    """Drafts copied from the context itself (n-gram lookup); no model. The context only grows
+    between calls (it holds accepted tokens only), so each row's index is updated, not rebuilt."""
+
+    costly = False
 
     def __init__(self, config: SpeculativeConfig) -> None:
         self.ngram_max, self.ngram_min = config.ngram_max, config.ngram_min
+        self.rows: list[NgramIndex] = []
 
     def draft(self, context: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
-        rows = [lookup_draft(row, k, self.ngram_max, self.ngram_min) for row in context]
-        d = min(r.numel() for r in rows)  # one step verifies the same number of tokens in every row
-        return torch.stack([r[:d] for r in rows]), None
+        if len(self.rows) != context.shape[0]:
+            self.rows = [NgramIndex(self.ngram_max, self.ngram_min) for _ in range(context.shape[0])]
+        drafts = [index.draft(row, k) for index, row in zip(self.rows, context.tolist(), strict=True)]
+        d = min(len(r) for r in drafts)  # one step verifies the same number of tokens in every row
+        return torch.tensor([r[:d] for r in drafts], dtype=context.dtype).view(len(drafts), d), None
 
     def rollback(self, valid: int) -> None:
         pass
@@ -148,6 +175,8 @@ def load_draft_model(
 class ModelDrafter:
     """Drafts from a small local model with its own KV cache, which follows the context lazily:
     each draft call feeds the context tokens it has not seen, then k - 1 of its own guesses."""
+
+    costly = True
 
     def __init__(
         self,
@@ -248,14 +277,36 @@ def accept_sampled(
     return out
 
 
-def next_draft_length(current: int, drafted: int, accepted: int, limit: int) -> int:
-    """How many tokens to draft next: more after a round that kept every draft, as many as were
-    kept plus one after a miss (so a drafter that keeps missing costs about one token a step)."""
-    if drafted == 0:  # nothing to judge by (lookup found no match)
-        return current
-    if accepted == drafted:
-        return min(limit, current + 2)
-    return max(1, accepted + 1)
+MAX_BACKOFF = 16  # steps a costly drafter sits out at most after drafts that were all wrong
+
+
+@dataclass(frozen=True)
+class DraftBudget:
+    """How many tokens to draft in the next step: `k`, unless `skip` more steps go without drafts.
+
+    More after a step that kept every draft, as many as were kept plus one after a miss. A costly
+    drafter (a draft model: compute per draft) whose drafts were all wrong sits out 1, 2, 4, ...
+    up to MAX_BACKOFF steps before it tries again, so on text it cannot predict it costs a few
+    percent; any kept draft ends the back-off. A free drafter (lookup) never sits out.
+    """
+
+    k: int
+    skip: int = 0
+    backoff: int = 0
+
+    @property
+    def now(self) -> int:
+        return 0 if self.skip else self.k
+
+    def after(self, drafted: int, accepted: int, limit: int, costly: bool) -> DraftBudget:
+        if drafted == 0:  # nothing to judge by (no lookup match, or a skipped step)
+            return DraftBudget(self.k, max(0, self.skip - 1), self.backoff)
+        if accepted == drafted:
+            return DraftBudget(min(limit, self.k + 2))
+        if accepted or not costly:
+            return DraftBudget(max(1, accepted + 1))
+        backoff = min(MAX_BACKOFF, max(1, 2 * self.backoff))
+        return DraftBudget(1, backoff, backoff)
 
 
 # ---- the decoding loop -------------------------------------------------------------------------
@@ -297,27 +348,30 @@ async def speculative_decode(
     last = await verifier.logits(input_ids)
     token = _push(decoder, select_next_token(last[:, -1], cfg, decoder.generator), on_tokens)
     stats.tokens = 1
-    k = draft_tokens
+    budget = DraftBudget(draft_tokens)
     while not decoder.done:
         context = decoder.out
         # never draft past max_new_tokens: the step's own token comes on top of the drafts
-        room = min(k, decoder.remaining - 1)
+        room = min(budget.now, decoder.remaining - 1)
         drafts, draft_probs = drafter.draft(context, room) if room > 0 else (context[:, :0], None)
         d = drafts.shape[1]
         held = verifier.position
-        logits = await verifier.logits(torch.cat([context[:, -1:], drafts], dim=1))
-        active = ~decoder.finished
+        logits = await verifier.logits(torch.cat([context[:, -1:], drafts], dim=1) if d else context[:, -1:])
         with torch.inference_mode():
-            if cfg.do_sample:
-                tokens = accept_sampled(logits, drafts, draft_probs, cfg, active, decoder.generator)
+            if d == 0:  # a plain step, as without speculation
+                tokens = select_next_token(logits[:, -1], cfg, decoder.generator)[:, None]
+            elif cfg.do_sample:
+                tokens = accept_sampled(
+                    logits, drafts, draft_probs, cfg, ~decoder.finished, decoder.generator
+                )
             else:
-                tokens = accept_greedy(logits, drafts, active)
+                tokens = accept_greedy(logits, drafts, ~decoder.finished)
         n = tokens.shape[1] - 1
         if n < d:
             verifier.rollback(held + 1 + n)
-        drafter.rollback(context.shape[1] + n)
+            drafter.rollback(context.shape[1] + n)
         stats.steps, stats.drafted, stats.accepted = stats.steps + 1, stats.drafted + d, stats.accepted + n
-        k = next_draft_length(k, d, n, draft_tokens)
+        budget = budget.after(d, n, draft_tokens, drafter.costly)
         for token in tokens.unbind(dim=1):
             _push(decoder, token, on_tokens)
             stats.tokens += 1

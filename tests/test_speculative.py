@@ -21,6 +21,7 @@ from swarm.generation import SamplingConfig, generate_tokens, token_probs
 from swarm.models.llama import LlamaForCausalLM
 from swarm.speculative import (
     DEFAULT_DRAFT_TOKENS,
+    DraftBudget,
     LocalVerifier,
     ModelDrafter,
     PromptLookup,
@@ -28,7 +29,6 @@ from swarm.speculative import (
     accept_greedy,
     accept_sampled,
     lookup_draft,
-    next_draft_length,
     speculative_decode,
 )
 from tests.checkpoints import make_checkpoint
@@ -164,11 +164,23 @@ def test_speculative_sampling_keeps_the_models_distribution(draft_model: bool) -
 
 
 def test_draft_length_grows_on_success_and_shrinks_on_a_miss() -> None:
-    assert next_draft_length(4, drafted=4, accepted=4, limit=8) == 6
-    assert next_draft_length(8, drafted=8, accepted=8, limit=8) == 8
-    assert next_draft_length(8, drafted=8, accepted=2, limit=8) == 3
-    assert next_draft_length(8, drafted=8, accepted=0, limit=8) == 1
-    assert next_draft_length(5, drafted=0, accepted=0, limit=8) == 5  # no draft: nothing learnt
+    b = DraftBudget(4)
+    assert b.after(4, 4, limit=8, costly=False).now == 6
+    assert DraftBudget(8).after(8, 8, limit=8, costly=False).now == 8
+    assert DraftBudget(8).after(8, 2, limit=8, costly=True).now == 3
+    assert DraftBudget(8).after(8, 0, limit=8, costly=False).now == 1  # lookup: free, never pauses
+    assert b.after(0, 0, limit=8, costly=True) == b  # no draft: nothing learnt
+
+
+def test_a_costly_drafter_that_keeps_missing_pauses_longer_each_time() -> None:
+    b, pauses = DraftBudget(8), []
+    for _ in range(6):
+        b = b.after(b.now, 0, limit=8, costly=True)  # a probe, all wrong
+        pauses.append(b.skip)
+        while b.now == 0:
+            b = b.after(0, 0, limit=8, costly=True)
+    assert pauses == [1, 2, 4, 8, 16, 16]
+    assert b.after(1, 1, limit=8, costly=True) == DraftBudget(3)  # a kept draft ends the back-off
 
 
 def test_config_errors_show_the_values() -> None:
