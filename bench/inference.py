@@ -23,6 +23,11 @@ default threads, as a user would run it:
             same one-way delay and rate per direction; nodes announce the proxy's port), and the
             reason is in the table and the JSON; `--wan-no-proxy` skips (d) instead.
 
+(d) is then run again with speculative decoding (bench/spec_wan.py; always over the proxy):
+off / lookup / model, alternating `--spec-reps` times, on random text (the demo model) and on
+text with repetition, against the one-token-per-round-trip bound; `--speculative-only` runs
+just that part, `--skip-speculative` leaves it out.
+
 Every run must give exactly the tokens of (a). The namespace, the veth pair and every process
 started here are removed again, also on errors and Ctrl-C.
 """
