@@ -224,3 +224,22 @@ def test_a_draft_model_gives_the_greedy_tokens(
         out, stats = decode(model, prompt, n, drafter, k)
         assert out.tolist() == expected.tolist()
         assert (stats.accepted == stats.drafted > 0) == accepted_all, stats
+
+
+def test_sampling_runs_through_the_loop_with_both_drafters(
+    model: LlamaForCausalLM, other_model: LlamaForCausalLM
+) -> None:
+    """Shapes and bookkeeping of the sampled path (its distribution is tested above)."""
+    prompt, n = repetitive_prompt(model), 16
+    # a low temperature: sampling mostly follows the copied passage, so lookup finds drafts
+    cfg = SamplingConfig(max_new_tokens=n, do_sample=True, temperature=0.2, top_k=20, seed=3)
+    drafters = [
+        PromptLookup(SpeculativeConfig("lookup")),
+        ModelDrafter(other_model, 1, prompt.shape[1] + n, cfg, torch.Generator().manual_seed(4)),
+    ]
+    for drafter in drafters:
+        verifier = LocalVerifier(model, 1, prompt.shape[1] + n)
+        out, stats = asyncio.run(speculative_decode(verifier, prompt, cfg, drafter, 4))  # type: ignore[arg-type]
+        assert out.shape == (1, prompt.shape[1] + n) and out[:, : prompt.shape[1]].equal(prompt)
+        assert stats.tokens == n and stats.drafted > 0 and 0 <= stats.accepted <= stats.drafted
+        assert verifier.position <= prompt.shape[1] + n - 1  # rejected drafts were rolled back

@@ -245,8 +245,9 @@ class DistributedModelForCausalLM:
         """
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
+        named = "a loaded model" if isinstance(draft_model, LlamaForCausalLM) else draft_model
         spec = SpeculativeConfig(
-            speculative, None if draft_model is None else str(draft_model), draft_tokens=draft_tokens
+            speculative, None if named is None else str(named), draft_tokens=draft_tokens
         )
         cfg = self.sampling_config(
             max_new_tokens,
