@@ -193,8 +193,7 @@ class ModelDrafter:
     @torch.inference_mode()
     def draft(self, context: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
         device = self.model.parts.norm.weight.device
-        logits = self.model(context[:, self.fed :].to(device), self.fed, self.caches)[:, -1]
-        self.fed = context.shape[1]
+        logits = self._last_logits(context[:, self.fed :].to(device))
         drafts, probs = [], []
         for j in range(k):
             if self.sampling.do_sample:
@@ -205,11 +204,19 @@ class ModelDrafter:
                 token = logits.argmax(dim=-1)
             drafts.append(token)
             if j + 1 < k:  # the last guess need not be fed: the next call or a rollback decides
-                logits = self.model(token[:, None], self.fed, self.caches)[:, -1]
-                self.fed += 1
+                logits = self._last_logits(token[:, None])
         if not drafts:
             return context[:, :0], None
         return torch.stack(drafts, 1).cpu(), torch.stack(probs, 1).cpu() if probs else None
+
+    def _last_logits(self, ids: Tensor) -> Tensor:
+        """Feed ids [batch, t] after the cached tokens; logits [batch, vocab] of the last one only
+        (the head over every fed position would cost a prompt's worth of vocabulary projections)."""
+        hidden = self.model.parts.embed(ids)
+        for block, cache in zip(self.model.blocks, self.caches, strict=True):
+            hidden = block(hidden, self.fed, cache)
+        self.fed += ids.shape[1]
+        return self.model.parts.logits(hidden[:, -1:])[:, -1]
 
     def rollback(self, valid: int) -> None:
         if valid < self.fed:
