@@ -122,3 +122,24 @@ def test_cli_generate_speculative_prints_the_same_tokens(
     )
     assert [int(t) for t in result.stdout.split()] == expected
     assert "speculative (lookup): 12 tokens in" in result.stderr
+
+
+def test_speculative_sampling_through_the_swarm(
+    client: DistributedModelForCausalLM, draft_path: Path
+) -> None:
+    """Sampling with drafts runs end to end (its distribution is tested in test_speculative)."""
+    prompt, n = repeating_prompt(client), 12
+    modes: list[tuple[Speculative, Path | None]] = [("lookup", None), ("model", draft_path)]
+    for mode, draft in modes:
+        out = client.generate(
+            prompt,
+            max_new_tokens=n,
+            do_sample=True,
+            temperature=0.2,
+            seed=5,
+            speculative=mode,
+            draft_model=draft,
+        )
+        stats = client.last_speculation
+        assert out.shape == (1, prompt.shape[1] + n) and out[:, : prompt.shape[1]].equal(prompt)
+        assert stats is not None and stats.tokens == n and stats.drafted > 0, (mode, stats)
