@@ -180,7 +180,8 @@ def test_a_costly_drafter_that_keeps_missing_pauses_longer_each_time() -> None:
         while b.now == 0:
             b = b.after(0, 0, limit=8, costly=True)
     assert pauses == [1, 2, 4, 8, 16, 16]
-    assert b.after(1, 1, limit=8, costly=True) == DraftBudget(3)  # a kept draft ends the back-off
+    assert b.after(1, 1, limit=8, costly=True) == DraftBudget(3, 0, 8)  # a kept draft halves the back-off
+    assert DraftBudget(3, 0, 1).after(3, 3, limit=8, costly=True) == DraftBudget(5)
 
 
 def test_config_errors_show_the_values() -> None:
