@@ -23,6 +23,11 @@ default threads, as a user would run it:
             same one-way delay and rate per direction; nodes announce the proxy's port), and the
             reason is in the table and the JSON; `--wan-no-proxy` skips (d) instead.
 
+(d) is then run again with speculative decoding (bench/spec_wan.py; always over the proxy):
+off / lookup / model, alternating `--spec-reps` times, on random text (the demo model) and on
+text with repetition, against the one-token-per-round-trip bound; `--speculative-only` runs
+just that part, `--skip-speculative` leaves it out.
+
 Every run must give exactly the tokens of (a). The namespace, the veth pair and every process
 started here are removed again, also on errors and Ctrl-C.
 """
@@ -61,6 +66,7 @@ from swarm.generation import SamplingConfig, generate_tokens
 from swarm.localswarm import LocalSwarm, NodeProcess
 
 sys.path.insert(0, str(Path(__file__).parent))
+from spec_wan import bench_speculative
 from wan_proxy import wan_proxy
 
 PROMPT = [1, 17, 230, 981, 44, 7, 3051, 12]
@@ -399,6 +405,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@contextmanager
+def proxied_client(
+    args: argparse.Namespace, path: Path, workdir: Path
+) -> Iterator[DistributedModelForCausalLM]:
+    """2 nodes (SPANS) serving `path`, each behind a WAN proxy whose port it announces, and a client."""
+    delay_s, rate = args.wan_delay_ms / 1000, parse_rate(args.wan_rate)
+    with LocalSwarm(workdir) as swarm, contextlib.ExitStack() as proxies:
+        swarm.start_dht()
+        for i, span in enumerate(SPANS):
+            port = free_port()
+            proxy = proxies.enter_context(wan_proxy(port, delay_s, rate))
+            extra = [*node_args(args), "--port", str(port), "--announce-port", str(proxy.port)]
+            swarm.start_node(path, span, *extra, name=f"wan-node-{i}")
+        with DistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers) as client:
+            yield client
+
+
 def bench_wan_proxy(
     args: argparse.Namespace,
     path: Path,
@@ -416,22 +439,14 @@ def bench_wan_proxy(
     if args.wan_no_proxy:
         wan.reason = why
         return wan, []
-    delay_s, rate = args.wan_delay_ms / 1000, parse_rate(args.wan_rate)
-    wan.rtt_s = 2 * delay_s
+    wan.rtt_s = 2 * args.wan_delay_ms / 1000
     wan.bound_steps_per_s = 1 / (wan.hops * wan.rtt_s + wan.compute_s)
     runs: list[Run] = []
-    with LocalSwarm(workdir / "wan-proxy") as swarm, contextlib.ExitStack() as proxies:
-        swarm.start_dht()
-        for i, span in enumerate(SPANS):
-            port = free_port()
-            proxy = proxies.enter_context(wan_proxy(port, delay_s, rate))
-            extra = [*node_args(args), "--port", str(port), "--announce-port", str(proxy.port)]
-            swarm.start_node(path, span, *extra, name=f"wan-node-{i}")
-        with DistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers) as client:
-            client.generate(input_ids, max_new_tokens=2, eos_token_id=[])  # warm-up
-            for rep in range(args.wan_reps):
-                runs.append(swarm_generate(client, input_ids, args.new_tokens, "wan", rep, expected))
-                print_run(runs[-1])
+    with proxied_client(args, path, workdir / "wan-proxy") as client:
+        client.generate(input_ids, max_new_tokens=2, eos_token_id=[])  # warm-up
+        for rep in range(args.wan_reps):
+            runs.append(swarm_generate(client, input_ids, args.new_tokens, "wan", rep, expected))
+            print_run(runs[-1])
     wan.ran = True
     wan.reason = f"{why}; emulated instead by a userspace proxy per node (bench/wan_proxy.py)"
     wan.steps_per_s = statistics.median(r.decode_steps_per_s for r in runs)
@@ -479,6 +494,15 @@ def main(argv: list[str] | None = None) -> int:
         help="when netem is unavailable, skip (d) instead of emulating the link with a userspace proxy",
     )
     parser.add_argument("--skip-wan", action="store_true", help="skip (d)")
+    parser.add_argument(
+        "--skip-speculative",
+        action="store_true",
+        help="skip (d) with speculative decoding (bench/spec_wan.py)",
+    )
+    parser.add_argument(
+        "--speculative-only", action="store_true", help="run only (d) with speculative decoding"
+    )
+    parser.add_argument("--spec-reps", type=int, default=2, help="repetitions of each speculative (d) run")
     parser.add_argument("--device", default="cpu", help="device of the nodes: cpu | cuda | auto")
     parser.add_argument(
         "--workdir", type=Path, default=None, help="checkpoint and logs (default: a temp dir)"
@@ -490,10 +514,37 @@ def main(argv: list[str] | None = None) -> int:
     tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="swarm-bench-inference-")
     workdir = Path(args.workdir or tmp.name)  # type: ignore[union-attr]
     try:
+        if args.speculative_only:
+            return bench_speculative_only(args, workdir)
         return bench(args, workdir)
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def speculative_wan(args: argparse.Namespace, workdir: Path, path: Path) -> dict[str, Any]:
+    """(d) again with speculative decoding (always over the userspace WAN proxy)."""
+    print(f"\n(d) with speculative decoding ({args.new_tokens} greedy tokens; bench/spec_wan.py)", flush=True)
+    return bench_speculative(
+        args,
+        workdir / "spec",
+        path,
+        PROMPT,
+        2 * args.wan_delay_ms / 1000,
+        len(SPANS),
+        lambda model, where: proxied_client(args, model, where),
+    )
+
+
+def bench_speculative_only(args: argparse.Namespace, workdir: Path) -> int:
+    started = time.monotonic()
+    summary = speculative_wan(args, workdir, build_checkpoint(workdir / "model"))
+    summary["seconds"] = time.monotonic() - started
+    print(f"benchmark took {summary['seconds']:.0f} s")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"wan_speculative": summary}, indent=2) + "\n")
+    return 0 if summary["all_match"] else 1
 
 
 def bench(args: argparse.Namespace, workdir: Path) -> int:
@@ -566,10 +617,11 @@ def bench(args: argparse.Namespace, workdir: Path) -> int:
         runs += wan_runs
     if not wan.ran:
         print(f"wan      skipped: {wan.reason}")
+    spec = None if args.skip_wan or args.skip_speculative else speculative_wan(args, workdir, path)
 
     ratio = swarm_tps / local_tps
     extra_s = killed.seconds - swarm_s
-    all_match = all(r.match for r in runs)
+    all_match = all(r.match for r in runs) and (spec is None or spec["all_match"])
     print()
     print(
         f"(b)/(a) = {ratio:.2f} (target >= {RATIO_TARGET}); "
@@ -629,6 +681,7 @@ def bench(args: argparse.Namespace, workdir: Path) -> int:
                 "killed_extra_s_vs_undisturbed_4_nodes": killed.seconds - swarm4.seconds,
                 "all_tokens_match": all_match,
                 "wan": asdict(wan),
+                "wan_speculative": spec,
                 "seconds": elapsed,
             },
             "targets": {

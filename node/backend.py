@@ -716,12 +716,24 @@ class BlockBackend:
         *,
         prompts: Tensor | None = None,
         deadline: float | None = None,
+        keep: int | None = None,
     ) -> Tensor:
+        """Append `hidden` at `position`; with `keep`, first drop every cached token from `keep` on
+        (drafts the client rejected: speculative decoding), so that `position` must equal `keep`."""
         self._check_hidden(hidden)
         self._check_prompts(prompts, session.start, session.end, session.batch_size)
         batch, new_tokens, _ = hidden.shape
         if batch != session.batch_size:
             raise ProtocolError(f"session was opened for batch {session.batch_size}, step has batch {batch}")
+        if keep is not None:
+            if keep > session.length:
+                raise ProtocolError(
+                    f"step asks to keep {keep} tokens, but this session holds {session.length}"
+                )
+            # Steps of one session run one at a time (the stream awaits each), so no step of this
+            # session is computing while its caches shrink.
+            for cache in session.caches:
+                cache.truncate(keep)
         if position != session.length:
             raise ProtocolError(
                 f"step position {position} does not match the {session.length} tokens this session holds"

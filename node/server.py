@@ -329,7 +329,10 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
                 prompts = self._decode_prompts(step, span)
                 deadline = deadline_after(context.time_remaining())
                 started = time.perf_counter()
-                out = await backend.step(session, hidden, step.position, prompts=prompts, deadline=deadline)
+                keep = step.keep if step.HasField("keep") else None
+                out = await backend.step(
+                    session, hidden, step.position, prompts=prompts, deadline=deadline, keep=keep
+                )
                 self.metrics.step_seconds.observe(time.perf_counter() - started)
                 self._count_tokens("Inference", hidden)
                 response = swarm_pb2.InferenceResponse(

@@ -3,6 +3,7 @@
     swarm generate --model PATH_OR_ID --initial-peers MADDR --prompt-ids 1 2 3 [--max-new-tokens N]
     swarm generate --model PATH_OR_ID --initial-peers MADDR --prompt "text"   (needs tokenizer.json)
     swarm generate ... --adapter DIR   (a peft LoRA adapter, applied on the remote blocks)
+    swarm generate ... --speculative {off,lookup,model} [--draft-model DIR] [--draft-tokens K]
 
 Tokens are printed as they are generated.
 
@@ -22,7 +23,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from swarm.cli_args import add_config_arguments, config_from_args
 from swarm.errors import ConfigError, SwarmError
@@ -53,6 +54,24 @@ class GenerateConfig:
             "help": "spot checks: chance that a trusted server's answer is re-run on another server (0: off)"
         },
     )
+    speculative: Literal["off", "lookup", "model"] = field(
+        default="off",
+        metadata={
+            "help": "draft tokens locally and verify them in one round trip: from n-grams of the text "
+            "(lookup) or with --draft-model (model); same tokens as without"
+        },
+    )
+    draft_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "checkpoint of a small model with the same tokenizer (--speculative model)",
+            "metavar": "DIR",
+        },
+    )
+    draft_tokens: int = field(
+        default=8,  # swarm.speculative.DEFAULT_DRAFT_TOKENS (that module imports torch: not at start-up)
+        metadata={"help": "most drafted tokens verified per round trip"},
+    )
 
     def __post_init__(self) -> None:
         if not 0 <= self.verify_rate <= 1:
@@ -61,6 +80,10 @@ class GenerateConfig:
             raise ConfigError("give exactly one of --prompt-ids or --prompt")
         if self.max_new_tokens < 1:
             raise ConfigError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        from swarm.speculative import SpeculativeConfig
+
+        # checked here, before any swarm is contacted
+        SpeculativeConfig(self.speculative, self.draft_model, draft_tokens=self.draft_tokens)
 
 
 def _tokenizer(model: str) -> Any:
@@ -103,8 +126,14 @@ def generate(cfg: GenerateConfig) -> int:
             top_p=cfg.top_p,
             seed=cfg.seed,
             on_tokens=show,
+            speculative=cfg.speculative,
+            draft_model=cfg.draft_model,
+            draft_tokens=cfg.draft_tokens,
         )
+        stats = model.last_speculation
     print(flush=True)
+    if cfg.speculative != "off" and stats is not None:
+        print(f"speculative ({cfg.speculative}): {stats}", file=sys.stderr)
     return 0
 
 

@@ -48,10 +48,16 @@ def select_next_token(
     logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """logits [batch, vocab] -> token ids [batch] (greedy, or sampled with temperature/top-k/top-p)."""
-    logits = logits.float()
     if not cfg.do_sample:
-        return logits.argmax(dim=-1)
-    logits = logits / cfg.temperature
+        return logits.float().argmax(dim=-1)
+    probs = token_probs(logits, cfg)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def token_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """logits [batch, vocab] -> the distribution sampling draws from [batch, vocab] (temperature,
+    top-k, top-p applied); speculative sampling's acceptance rule compares these."""
+    logits = logits.float() / cfg.temperature
     if 0 < cfg.top_k < logits.shape[-1]:
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -62,8 +68,7 @@ def select_next_token(
         drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= cfg.top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return logits.softmax(dim=-1)
 
 
 class Decoder:
@@ -114,12 +119,23 @@ class Decoder:
 
     def advance(self, logits: torch.Tensor) -> torch.Tensor:
         """Take the step's logits [batch, vocab] for the last fed token; return the chosen tokens [batch]."""
-        token = select_next_token(logits, self.cfg, self.generator)
+        self.position += self.new_ids.shape[1]
+        token = self.push(select_next_token(logits, self.cfg, self.generator))
+        self.new_ids = self._out[:, self.length - 1 : self.length]
+        return token
+
+    @property
+    def remaining(self) -> int:
+        """Tokens still to generate at most."""
+        return self._out.shape[1] - self.length
+
+    def push(self, token: torch.Tensor) -> torch.Tensor:
+        """Append chosen tokens [batch] (padding in finished sequences); return what was appended.
+
+        Speculative decoding pushes several tokens per step; `new_ids`/`position` are `advance`'s."""
         if self.eos.numel():
             token = torch.where(self.finished, torch.full_like(token, self.pad), token)
         self._out[:, self.length] = token
-        self.position += self.new_ids.shape[1]
-        self.new_ids = self._out[:, self.length : self.length + 1]
         self.length += 1
         if self.eos.numel():
             self.finished |= torch.isin(token, self.eos)

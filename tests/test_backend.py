@@ -364,3 +364,32 @@ async def test_grpc_deadline_while_the_worker_is_busy(make_backend: MakeBackend)
     finally:
         gate.open()
         await server.stop(None)
+
+
+async def test_a_step_with_keep_drops_the_rejected_tokens_first(make_backend: MakeBackend) -> None:
+    """Speculative decoding: after keep, the session computes as if the dropped tokens never came."""
+    backend = make_backend()
+    prompt, kept, junk, after = (
+        hidden(1, 3, seed=1),
+        hidden(1, 1, seed=2),
+        hidden(1, 3, seed=3),
+        hidden(1, 1, seed=4),
+    )
+    clean = backend.open_session(0, 4, batch_size=1, max_length=12)
+    await backend.step(clean, prompt, 0)
+    await backend.step(clean, kept, 3)
+    expected = await backend.step(clean, after, 4)
+
+    spec = backend.open_session(0, 4, batch_size=1, max_length=12)
+    await backend.step(spec, prompt, 0)
+    await backend.step(spec, torch.cat([kept, junk], dim=1), 3)  # a draft step: 1 kept + 3 rejected
+    assert spec.length == 7
+    with pytest.raises(swarm.errors.ProtocolError, match="keep 8 tokens, but this session holds 7"):
+        await backend.step(spec, after, 8, keep=8)
+    got = await backend.step(spec, after, 4, keep=4)
+    assert spec.length == 5
+    torch.testing.assert_close(got, expected, rtol=RTOL, atol=ATOL)
+    leaked = backend.open_session(0, 4, batch_size=1, max_length=12)  # the same without the rollback
+    await backend.step(leaked, prompt, 0)
+    await backend.step(leaked, torch.cat([kept, junk], dim=1), 3)
+    assert (await backend.step(leaked, after, 7) - expected).abs().max() > 1e-3

@@ -1,5 +1,6 @@
 """Faults mid-generation: a node killed (SIGKILL) or hung (SIGSTOP) is replaced, its span re-routed and
-its inputs replayed, with identical tokens; a span nobody else serves fails fast with MissingBlocksError."""
+its inputs replayed, with identical tokens (also with speculative decoding on); a span nobody else
+serves fails fast with MissingBlocksError."""
 
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ import pytest
 import torch
 
 from swarm.client.config import ClientConfig
+from swarm.client.loop import run_sync
 from swarm.client.model import DistributedModelForCausalLM
+from swarm.client.speculative import decode_in_session
 from swarm.errors import MissingBlocksError
 from swarm.generation import SamplingConfig, generate_tokens
 from swarm.localswarm import LocalSwarm, NodeProcess
+from swarm.speculative import SpeculativeConfig
 from tests.checkpoints import make_checkpoint
+from tests.test_speculative import SEED, windowed_checkpoint
 
 
 def test_greedy_tokens_survive_a_killed_node(tmp_path: Path) -> None:
@@ -117,3 +122,42 @@ def test_a_span_served_once_fails_fast_when_its_server_dies(tmp_path: Path) -> N
             took = time.monotonic() - started
     assert info.value.blocks == [4, 5, 6, 7]
     assert took < 30, f"took {took:.1f} s to give up"  # no waiting for long timeouts
+
+
+def test_speculative_tokens_survive_a_killed_node(tmp_path: Path) -> None:
+    """Speculation on (prompt lookup, drafts accepted and rejected): the replacement replays the
+    accepted tokens only, and the tokens equal plain greedy decoding's."""
+    model_path = windowed_checkpoint(tmp_path / "failover-windowed")
+    new_tokens, kill_after = 28, 20  # after the repeated passage (15 tokens) and its first rejection
+    with LocalSwarm(tmp_path / "swarm") as local:
+        local.start_dht()
+        local.start_node(model_path, "0:4")
+        second_half = [local.start_node(model_path, "4:8", name=f"half-{i}") for i in range(2)]
+        with DistributedModelForCausalLM.from_pretrained(model_path, local.initial_peers) as client:
+            text = client.generate(torch.tensor([SEED]), max_new_tokens=40)
+            prompt = torch.cat([text, text[:, 10:30]], dim=1)  # greedy goes on copying the passage
+            expected = client.generate(prompt, max_new_tokens=new_tokens)
+            killed: list[str] = []
+            emitted: list[torch.Tensor] = []
+            cfg = SamplingConfig(max_new_tokens=new_tokens)
+
+            with client.inference_session(max_length=prompt.shape[1] + new_tokens) as session:
+
+                def on_tokens(token: torch.Tensor) -> None:
+                    emitted.append(token)
+                    if len(emitted) == kill_after:
+                        victim_id = session.streams[-1].hop.peer_id
+                        victim = next(p for p in second_half if p.info["peer_id"] == victim_id)
+                        local.stop(victim, signal.SIGKILL)
+                        killed.append(victim_id)
+
+                spec = SpeculativeConfig("lookup", draft_tokens=3)  # 3: a draft runs past the passage
+                got, stats = run_sync(
+                    decode_in_session(session, client.parts, prompt, cfg, spec, None, on_tokens)
+                )
+                route_after = [s.hop.peer_id for s in session.streams]
+
+    assert killed, "the kill never happened"
+    assert killed[0] not in route_after
+    assert stats.accepted >= 6 and stats.accepted < stats.drafted, stats  # kept and rolled back drafts
+    assert got.tolist() == expected.tolist()

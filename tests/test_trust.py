@@ -173,6 +173,12 @@ def test_a_lying_node_changes_no_token_and_ends_banned(tmp_path: Path) -> None:
             assert client.checker.convicted == [liar_id]
             assert liar_id in client.bans.banned()
             assert torch.equal(client.generate(PROMPT, max_new_tokens=NEW_TOKENS), expected)
+        # Speculative decoding is checked the same way: drafts rolled back on the liar and on the
+        # shadow, and a conviction re-decodes from the first wrong position.
+        with DistributedModelForCausalLM.from_pretrained(model_path, local.initial_peers) as client:
+            got = client.generate(PROMPT, max_new_tokens=NEW_TOKENS, speculative="lookup", draft_tokens=4)
+            assert torch.equal(got, expected)
+            assert client.checker.convicted == [liar_id]
 
 
 def test_published_evidence_bans_a_liar_and_a_forged_report_bans_nobody(tmp_path: Path) -> None:

@@ -179,16 +179,18 @@ class InferenceOpen(_message.Message):
     def __init__(self, max_length: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class InferenceStep(_message.Message):
-    __slots__ = ("hidden_states", "position", "step_id", "prompts")
+    __slots__ = ("hidden_states", "position", "step_id", "prompts", "keep")
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
     hidden_states: Tensor
     position: int
     step_id: int
     prompts: Tensor
-    def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., step_id: _Optional[int] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    keep: int
+    def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., step_id: _Optional[int] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ..., keep: _Optional[int] = ...) -> None: ...
 
 class InferenceRequest(_message.Message):
     __slots__ = ("header", "open", "step")

@@ -28,17 +28,26 @@ from swarm.client.loop import run_sync
 from swarm.client.lora import LoraConfig, RemoteLora
 from swarm.client.remote import ChannelPool
 from swarm.client.session import InferenceSession
+from swarm.client.speculative import decode_in_session
 from swarm.client.verify import SpotChecker
 from swarm.coordinator.bans import BanList
 from swarm.coordinator.routing import min_latency_route, throughput_weighted_route
 from swarm.coordinator.rtt import RttTable
 from swarm.coordinator.swarm_map import SwarmMapCache
-from swarm.errors import ConfigError, MissingBlocksError
+from swarm.errors import ConfigError, MissingBlocksError, SwarmError
 from swarm.generation import Decoder, SamplingConfig, eos_ids
-from swarm.models.llama import ClientParts, LlamaConfig
+from swarm.models.llama import ClientParts, LlamaConfig, LlamaForCausalLM
+from swarm.speculative import (
+    DEFAULT_DRAFT_TOKENS,
+    SpeculationStats,
+    Speculative,
+    SpeculativeConfig,
+    load_draft_model,
+)
 
 log = logging.getLogger(__name__)
 
+MAX_REDECODES = 8  # convictions in one speculative generation before it gives up (each bans a server)
 REVIEW_PERIOD = 30.0  # seconds between reads of the evidence other clients publish (a DHT lookup)
 IGNORE_INDEX = -100  # label value that contributes no loss, as in transformers
 
@@ -96,6 +105,8 @@ class DistributedModelForCausalLM:
         self._rng = random.Random()  # draws training routes
         self._adapter: RemoteLora | None = None  # client-owned LoRA on the remote blocks
         self._adapter_enabled = True
+        self._draft: tuple[str, LlamaForCausalLM] | None = None  # speculative decoding's draft model
+        self.last_speculation: SpeculationStats | None = None  # counts of the last speculative generate()
 
     @classmethod
     def from_pretrained(
@@ -227,15 +238,27 @@ class DistributedModelForCausalLM:
         eos_token_id: int | Sequence[int] | None = None,
         on_tokens: Callable[[torch.Tensor], None] | None = None,
         streamer: Streamer | None = None,
+        speculative: Speculative = "off",
+        draft_model: str | Path | LlamaForCausalLM | None = None,
+        draft_tokens: int = DEFAULT_DRAFT_TOKENS,
     ) -> torch.Tensor:
         """Return prompt + up to `max_new_tokens` new tokens [batch, total], like transformers.
 
         Stops at the checkpoint's EOS token(s) unless `eos_token_id` overrides them (`[]`: never stop early).
         `streamer` works as in transformers (e.g. `TextStreamer`): `put(prompt)`, then `put(tokens)`
         as each step's tokens arrive, then `end()`.
+
+        speculative: "lookup" drafts from n-grams of the context, "model" with `draft_model` (a
+        checkpoint directory, or a loaded swarm.models model, with this model's vocabulary); the swarm
+        verifies up to `draft_tokens` drafts per round trip. Greedy output is the same token for
+        token; sampled output has the same distribution. `last_speculation` then holds the counts.
         """
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
+        named = "a loaded model" if isinstance(draft_model, LlamaForCausalLM) else draft_model
+        spec = SpeculativeConfig(
+            speculative, None if named is None else str(named), draft_tokens=draft_tokens
+        )
         cfg = self.sampling_config(
             max_new_tokens,
             do_sample=do_sample,
@@ -245,21 +268,43 @@ class DistributedModelForCausalLM:
             seed=seed,
             eos_token_id=eos_token_id,
         )
+        drafter = self._draft_model(draft_model) if spec.mode == "model" else None
         max_length = input_ids.shape[1] + max_new_tokens
         with self.inference_session(max_length, batch_size=input_ids.shape[0]) as session:
-            if streamer is None:
-                return run_sync(self._decode(session, input_ids, cfg, on_tokens))
-            streamer.put(input_ids.cpu())
+            callback = on_tokens
+            if streamer is not None:
+                streamer.put(input_ids.cpu())
 
-            def stream(tokens: torch.Tensor) -> None:
-                streamer.put(tokens.cpu())
-                if on_tokens is not None:
-                    on_tokens(tokens)
+                def callback(tokens: torch.Tensor) -> None:
+                    streamer.put(tokens.cpu())
+                    if on_tokens is not None:
+                        on_tokens(tokens)
 
             try:
-                return run_sync(self._decode(session, input_ids, cfg, stream))
+                if spec.mode == "off":
+                    return run_sync(self._decode(session, input_ids, cfg, callback))
+                out, self.last_speculation = run_sync(
+                    self._speculate(session, input_ids, cfg, spec, drafter, callback)
+                )
+                return out
             finally:
-                streamer.end()
+                if streamer is not None:
+                    streamer.end()
+
+    def _draft_model(self, draft_model: str | Path | LlamaForCausalLM | None) -> LlamaForCausalLM:
+        """The draft model, loaded once per path and kept for the next generate()."""
+        if isinstance(draft_model, LlamaForCausalLM):
+            if draft_model.config.vocab_size != self.config.vocab_size:
+                raise ConfigError(
+                    f"the draft model has a vocabulary of {draft_model.config.vocab_size} tokens, the "
+                    f"model {self.config.vocab_size}: a draft model must share the model's tokenizer"
+                )
+            return draft_model
+        key = str(Path(str(draft_model)).resolve())
+        if self._draft is None or self._draft[0] != key:
+            dtype = self.parts.norm.weight.dtype
+            self._draft = (key, load_draft_model(key, self.config.vocab_size, dtype))
+        return self._draft[1]
 
     async def _decode(
         self,
@@ -291,6 +336,36 @@ class DistributedModelForCausalLM:
             await session.verify()
             if not await self._redo_if_caught(session, decoder):
                 return decoder.out
+
+    async def _speculate(
+        self,
+        session: InferenceSession,
+        input_ids: torch.Tensor,
+        cfg: SamplingConfig,
+        spec: SpeculativeConfig,
+        drafter: LlamaForCausalLM | None,
+        on_tokens: Callable[[torch.Tensor], None] | None,
+    ) -> tuple[torch.Tensor, SpeculationStats]:
+        """Speculative decoding, spot-checked as `_decode` is: every answer is checked before the
+        tokens are returned, and a server caught lying makes the tokens from its first wrong
+        position be decoded again, on a session without it."""
+        prompt = input_ids.shape[1]
+        out, stats = await decode_in_session(session, self.parts, input_ids, cfg, spec, drafter, on_tokens)
+        for _ in range(MAX_REDECODES):
+            await session.verify()
+            bad = session.take_rollback()
+            if bad is None:
+                return out, stats
+            keep = max(prompt, min(bad + 1, out.shape[1] - 1))  # the token after `bad` came from wrong logits
+            log.warning("re-decoding from token %d after a server was caught returning wrong results", keep)
+            await session.restart()
+            rest = replace(cfg, max_new_tokens=cfg.max_new_tokens - (keep - prompt))
+            out, stats = await decode_in_session(
+                session, self.parts, out[:, :keep], rest, spec, drafter, on_tokens
+            )
+        raise SwarmError(
+            f"servers were caught returning wrong results {MAX_REDECODES} times in one generation"
+        )
 
     async def _redo_if_caught(self, session: InferenceSession, decoder: Decoder) -> bool:
         """If a check convicted a server of the session, rewind to its first wrong position and

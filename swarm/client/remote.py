@@ -313,8 +313,17 @@ class InferenceStream:
         self.batch_size, self.max_length = batch_size, max_length
         self.tuning = tuning
         self.position = 0
+        self._keep: int | None = None  # a rollback the next step tells the node (speculative decoding)
         self._call: Any = None
         self._step_id = 0
+
+    def rollback(self, keep: int) -> None:
+        """Forget every token from position `keep` on. Costs no round trip: the next step carries it."""
+        if not 0 <= keep <= self.position:
+            raise ValueError(f"cannot keep {keep} tokens of a stream holding {self.position}")
+        if keep < self.position:
+            self.position = keep
+            self._keep = keep
 
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:
         """Send new hidden states [batch, new_tokens, hidden]; get the span's outputs for them."""
@@ -340,6 +349,8 @@ class InferenceStream:
                 step_id=self._step_id,
             )
         )
+        if self._keep is not None:
+            request.step.keep = self._keep
         prompts = self.tuning.prompts
         if prompts is not None and self.position < prompts.shape[2]:  # this step reaches into the prefix
             request.step.prompts.CopyFrom(wire.encode_tensor(prompts, self.config.codec))
@@ -375,6 +386,7 @@ class InferenceStream:
             raise ProtocolError(
                 f"{self.hop.peer_id} answered step {response.step_id}, expected {self._step_id}"
             )
+        self._keep = None
         self.position += hidden.shape[1]
         return wire.decode_tensor(response.hidden_states)
 

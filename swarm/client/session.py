@@ -29,6 +29,11 @@ from swarm.errors import MissingBlocksError, PeerUnavailable, SwarmError
 
 log = logging.getLogger(__name__)
 
+# Steps of up to this many tokens are decoding steps (one token, or a speculative verification of
+# a few drafts): their time is tracked, and a hung peer is caught by a deadline derived from it.
+# Longer ones (prompts, replays) get the general request timeout.
+SHORT_STEP_TOKENS = 16
+
 
 class InferenceSession:
     def __init__(
@@ -62,8 +67,10 @@ class InferenceSession:
         self.verified: dict[InferenceStream, int] = {}  # positions of each stream checked right
         self._checks: dict[InferenceStream, asyncio.Task[None]] = {}
         self._shadows: dict[InferenceStream, InferenceStream] = {}  # each stream's checker, once needed
-        self.rollback: int | None = None
-        self.step_seconds: list[float | None] = []  # each stream's usual single-token step time
+        self.wrong_from: int | None = None  # first position a convicted server answered wrong
+        self._rollbacks: list[int] = []  # every rollback's `keep`, in order (see _check)
+        self._shadow_inputs: dict[InferenceStream, torch.Tensor] = {}  # what each shadow holds
+        self.step_seconds: list[float | None] = []  # each stream's usual decoding step time
         self.banned: set[str] = set()  # never again in this session
         self.bans = bans if bans is not None else BanList(config.ban_base, config.ban_limit)
         self.rtts = rtts if rtts is not None else RttTable()
@@ -137,11 +144,27 @@ class InferenceSession:
         self.position += new_tokens
         return hidden
 
+    def rollback(self, keep: int) -> None:
+        """Forget every token from position `keep` on (drafts the client rejected).
+
+        Each stream tells its node with its next step (no extra round trip), and each hop's stored
+        inputs are cut to `keep` tokens, so a replacement after a failure replays accepted tokens only.
+        """
+        if not 0 <= keep <= self.position:
+            raise SwarmError(f"cannot keep {keep} tokens of a session holding {self.position}")
+        for i, stream in enumerate(self.streams):
+            stream.rollback(keep)
+            _truncate(self.history[i], keep)
+            _truncate(self.outputs[i], keep)
+            self.verified[stream] = min(self.verified.get(stream, 0), keep)
+        self._rollbacks.append(keep)  # a check in flight verifies nothing past it (see _check)
+        self.position = keep
+
     async def _timed_step(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Step stream i under a deadline derived from its own measured step time."""
         stream, usual = self.streams[i], self.step_seconds[i]
-        single = x.shape[1] == 1
-        if single and usual is not None:
+        short = x.shape[1] <= SHORT_STEP_TOKENS
+        if short and usual is not None:
             deadline = max(self.config.step_timeout_floor, self.config.step_timeout_factor * usual)
         else:  # a prompt, or no measurement yet: the general request timeout
             deadline = self.config.request_timeout
@@ -155,9 +178,9 @@ class InferenceSession:
             ) from None
         took = time.monotonic() - started
         self.bans.forgive(stream.hop.peer_id)  # it answers: a later failure starts a short ban again
-        if usual is None:  # a prompt takes longer than one token: a safe first estimate
+        if usual is None:  # a prompt takes longer than a decoding step: a safe first estimate
             self.step_seconds[i] = took
-        elif single:  # a moving average, so one slow step does not make the deadline jumpy
+        elif short:  # a moving average, so one slow step does not make the deadline jumpy
             self.step_seconds[i] = 0.8 * usual + 0.2 * took
         return out
 
@@ -203,11 +226,11 @@ class InferenceSession:
 
     def _schedule_check(self, i: int) -> None:
         stream = self.streams[i]  # what it was sent and answered so far: a snapshot, as lists grow
-        task = self._check(stream, list(self.history[i]), list(self.outputs[i]))
+        task = self._check(stream, list(self.history[i]), list(self.outputs[i]), len(self._rollbacks))
         self._checks[stream] = asyncio.create_task(task)
 
     async def _check(
-        self, stream: InferenceStream, history: list[torch.Tensor], outputs: list[torch.Tensor]
+        self, stream: InferenceStream, history: list[torch.Tensor], outputs: list[torch.Tensor], mark: int
     ) -> None:
         """Check a stream's answers since its last check against a *shadow* stream: a session of its
         own on another server of the span, fed the same inputs (only the new ones each time, so a
@@ -221,9 +244,12 @@ class InferenceSession:
             shadow = self._shadows.get(stream) or await self._open_shadow(stream)
             if shadow is None:
                 return  # no other server of the span: nothing to compare with
-            fed = shadow.position
+            fed = self._shadow_prefix(stream, shadow, inputs)
+            if fed >= inputs.shape[1]:
+                return  # nothing the shadow has not seen (a rollback cut the rest)
             try:
                 second = Rerun(shadow.hop.server, await shadow.step(inputs[:, fed:]), None)
+                self._shadow_inputs[stream] = inputs
             except SwarmError as e:  # a failing checker is no verdict on the checked server
                 log.debug("shadow of %s on %s failed: %s", hop.peer_id, shadow.hop.peer_id, e)
                 await self._drop_shadow(stream)
@@ -236,7 +262,7 @@ class InferenceSession:
                 tol = checker.tolerance([hop.server], config.codec)
                 bad = first_disagreement(answered[:, fed:], judged.output, tol)
                 bad = fed + (bad or 0)
-                self.rollback = bad if self.rollback is None else min(self.rollback, bad)
+                self.wrong_from = bad if self.wrong_from is None else min(self.wrong_from, bad)
             elif checker.bans.convicted(shadow.hop.peer_id) or not agree(
                 answered[:, fed:],
                 second.output,
@@ -245,7 +271,10 @@ class InferenceSession:
                 await self._drop_shadow(stream)  # the shadow lied, or nobody could tell: a new one
             else:
                 checker.policy.passed(hop.peer_id, max(0, len(history) - 1))
-                self.verified[stream] = max(self.verified.get(stream, 0), answered.shape[1])
+                # A rollback since the snapshot (speculative decoding) replaced what came after its
+                # `keep`: those positions hold other tokens now, not the ones checked here.
+                good = min([answered.shape[1], *self._rollbacks[mark:]])
+                self.verified[stream] = max(self.verified.get(stream, 0), good)
         except SwarmError as e:  # a check that cannot run is no verdict
             log.debug("spot check of %s failed: %s", hop.peer_id, e)
         finally:
@@ -263,7 +292,22 @@ class InferenceSession:
         self._shadows[stream] = shadow
         return shadow
 
+    def _shadow_prefix(self, stream: InferenceStream, shadow: InferenceStream, inputs: torch.Tensor) -> int:
+        """How much of `inputs` the shadow already holds. After a rollback (speculative decoding's
+        rejected drafts) it may hold inputs the stream no longer has: the shadow drops those too."""
+        held = self._shadow_inputs.get(stream)
+        if held is None:
+            return shadow.position
+        n = min(held.shape[1], inputs.shape[1])
+        same = (held[:, :n] == inputs[:, :n]).flatten(2).all(dim=2).all(dim=0)  # per position
+        common = n if bool(same.all()) else int((~same).nonzero()[0])
+        if common < shadow.position:
+            shadow.rollback(common)
+            self._shadow_inputs[stream] = held[:, :common]
+        return common
+
     async def _drop_shadow(self, stream: InferenceStream) -> None:
+        self._shadow_inputs.pop(stream, None)
         shadow = self._shadows.pop(stream, None)
         if shadow is not None:
             await shadow.close()
@@ -292,7 +336,7 @@ class InferenceSession:
 
     def take_rollback(self) -> int | None:
         """The first position a convicted server answered wrong since the last call, if any."""
-        bad, self.rollback = self.rollback, None
+        bad, self.wrong_from = self.wrong_from, None
         return bad
 
     async def restart(self) -> None:
@@ -318,3 +362,14 @@ class InferenceSession:
         for stream in self.streams:
             await stream.close()
         self.streams, self.history, self.outputs = [], [], []
+
+
+def _truncate(history: list[torch.Tensor], keep: int) -> None:
+    """Cut a hop's stored tensors (each [batch, tokens, hidden], in order) to their first `keep` tokens."""
+    total = sum(x.shape[1] for x in history)
+    while total > keep:
+        last = history.pop()
+        total -= last.shape[1]
+        if total < keep:  # the cut falls inside this step's tokens
+            history.append(last[:, : keep - total])
+            total = keep

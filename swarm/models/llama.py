@@ -381,6 +381,13 @@ class LayerCache:
     def bytes_needed(config: LlamaConfig, batch_size: int, max_length: int, dtype: torch.dtype) -> int:
         return 2 * batch_size * config.num_key_value_heads * max_length * config.head_dim * dtype.itemsize
 
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` tokens (speculative decoding drops rejected drafts). O(1): the
+        dropped positions are simply overwritten by the next append, and no query reads past `length`."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot keep {length} tokens of a cache holding {self.length}")
+        self.length = length
+
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v [b, KV, t, hd]; return all keys and values held, [b, KV, length, hd]."""
         end = self.length + k.shape[2]
