@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -132,6 +133,7 @@ class NodeMetrics:
             registry=r,
         )
         self.info = Info("swarm_node", "Static facts about this node.", registry=r)
+        self._averaging_lock = threading.Lock()
         self._initialise_series()
 
     def _initialise_series(self) -> None:
@@ -184,6 +186,10 @@ class NodeMetrics:
 
     def count_averaging(self, stats: RoundStats, counted: RoundStats) -> None:
         """Add what a collaboration's `stats` gained since `counted` (then updated) to the counters."""
+        with self._averaging_lock:  # the compute thread and the event loop both report
+            self._count_averaging(stats, counted)
+
+    def _count_averaging(self, stats: RoundStats, counted: RoundStats) -> None:
         for counter, (sent, received) in (
             (self.averaging_bytes, ("sent_bytes", "received_bytes")),
             (self.state_transfer_bytes, ("state_sent_bytes", "state_received_bytes")),

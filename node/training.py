@@ -300,6 +300,7 @@ async def _serve_stage(
         on_step=on_step,
     )
     holder.append(collab)
+    collab.on_traffic = lambda: metrics.count_averaging(collab.stats, counted)
     collab.members = dict(mates)
     averaging = AveragingServicer()
     averaging.collaborations[collab.run_id] = collab

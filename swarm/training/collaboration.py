@@ -89,6 +89,7 @@ class Collaboration:
     ) -> None:
         self.run_id, self.me, self.state, self.cfg = run_id, me, state, cfg
         self.exclusive, self.membership, self.on_step = exclusive, membership, on_step
+        self.on_traffic: Callable[[], None] = lambda: None  # after stats changed (for metrics)
         self.accumulator = Accumulator()
         self.members: dict[str, str] = {}
         self.suspected: dict[str, float] = {}
@@ -306,7 +307,9 @@ class Collaboration:
         ]
         own, own_samples = self.accumulator.take()
         replies = await asyncio.gather(*(self._collect(peer, epoch) for peer in mates))
-        contributions = [(own, own_samples)] if own is not None else []
+        contributions: list[tuple[list[torch.Tensor] | None, int]] = []
+        if own is not None:
+            contributions.append((own, own_samples))
         contributors = []
         for peer, reply in zip(mates, replies, strict=True):
             if reply is not None and reply[0] is not None:
@@ -325,6 +328,7 @@ class Collaboration:
         await asyncio.gather(
             *(self._apply(peer, epoch, total, encoded, fingerprint) for peer in contributors)
         )
+        self.on_traffic()
         log.debug(
             "%s: epoch %d closed with %d samples from %d peers", self.run_id, epoch, total, len(contributions)
         )
@@ -558,6 +562,7 @@ class Collaboration:
         else:
             reply = await self._hand_in(leader, epoch)
         self.stats.sent_bytes += reply.ByteSize()
+        self.on_traffic()
         return reply
 
     async def _hand_in(self, leader: str, epoch: int) -> swarm_pb2.CollectResponse:
@@ -629,6 +634,7 @@ class Collaboration:
             ]
             chunks.append(swarm_pb2.DownloadStateChunk(epoch=epoch, tensors=named))
         self.stats.state_sent_bytes += sum(c.ByteSize() for c in chunks)
+        self.on_traffic()
         return chunks
 
     # ---- plumbing ---------------------------------------------------------------------------------
