@@ -21,6 +21,22 @@ number of steps, so the same number of samples:
                 weights, as one process does;
   lossless      the same swarm as `swarm` (fresh) with the lossless codec ("none").
 
+Averaging modes inside a stage (issue 15), each the same swarm as `swarm` (fresh), one trainer:
+
+  gradients int8  gradient averaging with its payloads in int8 with error feedback
+                  (`--averaging-codec int8`); `swarm` is gradient averaging in float32;
+  diloco H=4, diloco H=8
+                  `--averaging diloco --outer-every H --averaging-codec int8` (outer lr 0.7,
+                  momentum 0.9): each stage peer steps its own AdamW on its micro-batches, and
+                  every H steps the peers average their parameter deltas (8 bits) and take an
+                  outer Nesterov step. Any H runs with `--cases "diloco H=16"`.
+
+For every swarm case the nodes' `swarm_node_averaging_bytes_total` (sent + received: averaging
+rounds, not whole-state transfers at start-up) is read before the swarm stops and divided by the
+samples the swarm trained: averaging bytes per sample per stage peer (mean over the 4 peers).
+`--cases a,b` runs only those; the other cases of that config keep their stored results when
+their steps match.
+
 Every swarm case starts fresh nodes (fresh weights), and every trainer runs in a process of its
 own (this script run with --trainer-worker), so no state is carried from one case to the next.
 Compared: the mean loss of the last 20 micro-batches at equal samples (only micro-batches with
@@ -39,10 +55,13 @@ keep their earlier entry) and convergence.png (running mean of 20 micro-batches 
 For each config the last two lines printed are one naming it (with the held-out losses and wall
 times) and
 
+    averaging: gradients B B/sample (loss gap G); gradients int8 ...; diloco H=4 B B/sample (loss
+        gap G, Rx fewer); ... per stage peer at N samples
     convergence: local L, swarm S (gap G), two trainers T (gap H), lossless swarm U at N samples
 
-(gap = the case minus its one-process reference: local, or local_shards for two trainers), the
-larger config's last.
+(gap = the case minus its one-process reference: local, or local_shards for two trainers; n/a for
+a case neither run nor stored; "Rx fewer" = gradients' (float32) bytes per sample over the mode's),
+the larger config's last.
 
 Every process started here is stopped again (by PID), also on errors and Ctrl-C.
 """

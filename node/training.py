@@ -5,7 +5,9 @@ each Backward hands its request's weight gradients to it, and all peers step at 
 same averaged gradient, when the stage has accumulated `--target-batch-size` samples, so the
 peers stay identical. A peer that joins a stage others already train loads their state
 (weights, AdamW moments, epoch) before it serves; the stage's averaging RPCs
-(swarm.v1.AveragingService) share the node's gRPC server.
+(swarm.v1.AveragingService) share the node's gRPC server. With `--averaging diloco` each peer
+steps on its own gradients and the peers average parameter deltas every `--outer-every` steps
+(swarm.training.diloco).
 """
 
 from __future__ import annotations
