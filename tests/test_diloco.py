@@ -9,18 +9,21 @@ stage's last outer state (its anchor) and then steps in step with the survivor.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from swarm.errors import ConfigError
+from swarm.errors import ConfigError, PeerUnavailable
 from swarm.localswarm import LocalSwarm, NodeProcess
 from swarm.training.averaging import AveragingConfig, LocalState
+from swarm.training.collaboration import Collaboration
 from swarm.training.diloco import ErrorFeedback, OuterState, outer_between, outer_due
 from swarm.training.trainer import Progress
 from tests.test_training_node import config_dir as config_dir  # the module's fixture
@@ -193,3 +196,31 @@ def test_diloco_peers_match_after_every_outer_step_and_a_replacement_loads_the_o
         assert after, (sorted(pa), sorted(pr))
         for e in after:
             assert pa[e] == pr[e], f"replacement and survivor differ after the outer step of epoch {e}"
+
+
+def inline(fn: Callable[[], Any]) -> Any:
+    async def run() -> Any:
+        return fn()
+
+    return run()
+
+
+def test_a_diloco_peer_behind_moves_on_within_an_inner_stretch_and_downloads_across_an_outer_step() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    cfg = AveragingConfig(target_batch_size=8, lr=1e-2, mode="diloco", outer_every=4, state_timeout=0.5)
+    state = LocalState(list(model.parameters()), cfg)
+    assert state.outer is not None
+    collab = Collaboration("test-stage0", "me", state, cfg, exclusive=inline, membership=None)
+    collab.members = {"mate": "127.0.0.1:1"}  # a mate that leads (its id is smaller) and never answers
+    before = [p.detach().clone() for p in model.parameters()]
+    collab.accumulate([torch.ones_like(p) for p in model.parameters()], 4)  # short of the target
+    collab._behind("mate", 3)  # the stage closed epochs 0-2 without us: no outer step in between
+    asyncio.run(collab._tick())
+    assert state.epoch == 3
+    assert not torch.equal(before[0], model.weight.detach())  # it stepped on the gradients it held
+    assert torch.equal(state.outer.anchor[0], before[0])  # and kept its own weights, anchor untouched
+    collab._behind("mate", 5)  # the stage took the outer step of epoch 3 -> 4 without us
+    with pytest.raises(PeerUnavailable, match="state download from mate failed"):
+        asyncio.run(collab._tick())  # so it loads the stage's outer state (the mate is gone here)
+    assert state.epoch == 3
