@@ -124,7 +124,7 @@ LABELS = {
     "swarm": "swarm (int8)",
     "two_trainers": "two trainers (int8)",
     "lossless": "swarm (lossless)",
-    GRADIENTS_INT8: "gradients int8",
+    GRADIENTS_INT8: "gradients, int8 averaging",
 }
 # What each case is compared with: one process on the same sequences in the same steps. Two
 # trainers read other sequences than one does (shards 0 and 1, half of each step from each), and
@@ -142,7 +142,7 @@ def all_cases(diloco_h: tuple[int, ...] = DILOCO_H) -> tuple[str, ...]:
 
 
 def label(case: str) -> str:
-    return LABELS.get(case, f"{case} (int8)")
+    return LABELS.get(case, f"{case}, int8 deltas")
 
 
 def reference(case: str) -> str | None:
