@@ -94,6 +94,17 @@ results file is read, the parts that ran are replaced in it, and it is written b
     mate / alone and idle mate / alone should be close to 1 (or above); the last line printed gives
     the four steps/s and these two ratios.
 
+(d) slow link (`--only slowlink`, not in the default run; needs root, `ip` and `tc`): a network
+    namespace joined to the root one by a veth pair shaped on both ends with tc's tbf to
+    `--slow-rate` (10mbit; this kernel has no netem). Per averaging mode a fresh swarm of a model
+    of its own: stage 0 two peers and stage 1 one peer on the root side (listening on the veth's
+    address), one stage-1 mate inside the namespace, all with `--averaging gradients` (float32),
+    or all with `--averaging diloco --outer-every --slow-outer-every --averaging-codec int8`; a
+    step every `--stall-target-batch-size` samples, one synchronous trainer (as in (c)) for
+    `--phase-seconds`. Modes alternate over `--reps` (ABBA); samples/s of each and their ratio
+    go to `slow_link` in the results file, and the last line reads
+        slow link: one stage-1 mate behind RATE (tc tbf), samples/s gradients G, diloco H=8 int8 D (Rx), ...
+
 After the swarm is stopped the node logs (under --workdir, a temporary directory by default) are
 scanned for ERROR, CRITICAL and Traceback lines: a normal run has none.
 Every process started here is stopped again (by PID, LocalSwarm), also on errors and Ctrl-C.
