@@ -1,6 +1,6 @@
 """Does SWARM training learn what one process learns? The same model, data and schedule, five ways.
 
-    python bench/convergence.py [--config demo|large|both] [--steps N] [--out FILE.json]
+    python bench/convergence.py [--config demo|large|both] [--steps N] [--cases A,B] [--out FILE.json]
 
 Every case trains the same byte-level Llama from the same initial weights (the client parts and
 block i drawn from the seed, as the nodes and the trainer draw them) on the Python standard
