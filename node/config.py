@@ -159,7 +159,7 @@ class NodeConfig:
             "average their parameter deltas and take an outer Nesterov step); all peers must agree"
         ),
     )
-    outer_every: int = field(default=8, metadata=_help("diloco: optimizer steps between outer steps"))
+    outer_every: int = field(default=6, metadata=_help("diloco: optimizer steps between outer steps"))
     outer_lr: float = field(default=0.7, metadata=_help("diloco: outer Nesterov learning rate"))
     outer_momentum: float = field(default=0.9, metadata=_help("diloco: outer Nesterov momentum, in [0, 1)"))
     averaging_codec: Literal["none", "int8"] = field(
