@@ -1,6 +1,6 @@
 """Does SWARM training learn what one process learns? The same model, data and schedule, five ways.
 
-    python bench/convergence.py [--config demo|large|both] [--steps N] [--out FILE.json]
+    python bench/convergence.py [--config demo|large|both] [--steps N] [--cases A,B] [--out FILE.json]
 
 Every case trains the same byte-level Llama from the same initial weights (the client parts and
 block i drawn from the seed, as the nodes and the trainer draw them) on the Python standard
@@ -21,6 +21,22 @@ number of steps, so the same number of samples:
                 weights, as one process does;
   lossless      the same swarm as `swarm` (fresh) with the lossless codec ("none").
 
+Averaging modes inside a stage (issue 15), each the same swarm as `swarm` (fresh), one trainer:
+
+  gradients int8  gradient averaging with its payloads in int8 with error feedback
+                  (`--averaging-codec int8`); `swarm` is gradient averaging in float32;
+  diloco H=4, diloco H=8
+                  `--averaging diloco --outer-every H --averaging-codec int8` (outer lr 0.7,
+                  momentum 0.9): each stage peer steps its own AdamW on its micro-batches, and
+                  every H steps the peers average their parameter deltas (8 bits) and take an
+                  outer Nesterov step. Any H runs with `--cases "diloco H=16"`.
+
+For every swarm case the nodes' `swarm_node_averaging_bytes_total` (sent + received: averaging
+rounds, not whole-state transfers at start-up) is read before the swarm stops and divided by the
+samples the swarm trained: averaging bytes per sample per stage peer (mean over the 4 peers).
+`--cases a,b` runs only those; the other cases of that config keep their stored results when
+their steps match.
+
 Every swarm case starts fresh nodes (fresh weights), and every trainer runs in a process of its
 own (this script run with --trainer-worker), so no state is carried from one case to the next.
 Compared: the mean loss of the last 20 micro-batches at equal samples (only micro-batches with
@@ -39,10 +55,13 @@ keep their earlier entry) and convergence.png (running mean of 20 micro-batches 
 For each config the last two lines printed are one naming it (with the held-out losses and wall
 times) and
 
+    averaging: gradients B B/sample (loss gap G); gradients int8 ...; diloco H=4 B B/sample (loss
+        gap G, Rx fewer); ... per stage peer at N samples
     convergence: local L, swarm S (gap G), two trainers T (gap H), lossless swarm U at N samples
 
-(gap = the case minus its one-process reference: local, or local_shards for two trainers), the
-larger config's last.
+(gap = the case minus its one-process reference: local, or local_shards for two trainers; n/a for
+a case neither run nor stored; "Rx fewer" = gradients' (float32) bytes per sample over the mode's),
+the larger config's last.
 
 Every process started here is stopped again (by PID), also on errors and Ctrl-C.
 """
@@ -60,7 +79,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+import urllib.request
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,19 +111,54 @@ DATA = DataConfig(seq_len=129, max_bytes=16 << 20, seed=SEED)
 NUM_STAGES, PEERS_PER_STAGE = 2, 2
 WINDOW = 20  # micro-batches in the compared mean and in the plot's running mean
 GAP_NOTE = 0.05  # a gap above this is called out in the output (nothing is tuned to close it)
-CASES = ("local", "local_shards", "swarm", "two_trainers", "lossless")
+PARITY_CASES = ("local", "local_shards", "swarm", "two_trainers", "lossless")
+# Averaging modes inside a stage (issue 15), each a fresh swarm with one trainer like `swarm` (which
+# is `gradients` averaging in float32): gradients in 8 bits with error feedback, and DiLoCo with an
+# outer step every H steps, its deltas in 8 bits with error feedback ("diloco H=4", ...).
+DILOCO_H = (4, 8)
+GRADIENTS_INT8 = "gradients int8"
+DILOCO_OUTER_LR, DILOCO_OUTER_MOMENTUM = 0.7, 0.9
 LABELS = {
     "local": "one process",
     "local_shards": "one process, 2 shards' order",
     "swarm": "swarm (int8)",
     "two_trainers": "two trainers (int8)",
     "lossless": "swarm (lossless)",
+    GRADIENTS_INT8: "gradients, int8 averaging",
 }
 # What each case is compared with: one process on the same sequences in the same steps. Two
 # trainers read other sequences than one does (shards 0 and 1, half of each step from each), and
 # the order of the data alone moves the last-20 mean by about 0.1 at this length (measured).
-REFERENCE = {"swarm": "local", "two_trainers": "local_shards", "lossless": "local"}
-SWARM_CASES = tuple(REFERENCE)
+REFERENCE = {"swarm": "local", "two_trainers": "local_shards", "lossless": "local", GRADIENTS_INT8: "local"}
+AVERAGING_TARGET_RATIO, AVERAGING_TARGET_GAP = 20.0, 0.1  # issue 15: fewer bytes/sample, loss within
+
+
+def diloco_case(h: int) -> str:
+    return f"diloco H={h}"
+
+
+def all_cases(diloco_h: tuple[int, ...] = DILOCO_H) -> tuple[str, ...]:
+    return (*PARITY_CASES, GRADIENTS_INT8, *(diloco_case(h) for h in diloco_h))
+
+
+def label(case: str) -> str:
+    return LABELS.get(case, f"{case}, int8 deltas")
+
+
+def reference(case: str) -> str | None:
+    return REFERENCE.get(case, "local" if case.startswith("diloco") else None)
+
+
+def averaging_flags(case: str) -> list[str]:
+    """The training nodes' averaging flags of a swarm case."""
+    if case == GRADIENTS_INT8:
+        return ["--averaging", "gradients", "--averaging-codec", "int8"]
+    if case.startswith("diloco H="):
+        return [
+            *("--averaging", "diloco", "--outer-every", case.split("=")[1], "--averaging-codec", "int8"),
+            *("--outer-lr", str(DILOCO_OUTER_LR), "--outer-momentum", str(DILOCO_OUTER_MOMENTUM)),
+        ]
+    return ["--averaging", "gradients", "--averaging-codec", "none"]
 
 
 @dataclass
@@ -120,6 +175,14 @@ class Case:
     resent: int = 0
     export_epochs: dict[str, int] = field(default_factory=dict)
     per_trainer: list[dict[str, Any]] = field(default_factory=list)
+    # Averaging traffic (rounds, not whole-state transfers) of the stage peers, sent + received,
+    # each peer's over the samples the swarm trained; and their mean.
+    averaging_bytes_per_sample: list[float] = field(default_factory=list)
+
+    @property
+    def bytes_per_sample(self) -> float:
+        per_peer = self.averaging_bytes_per_sample
+        return sum(per_peer) / len(per_peer) if per_peer else float("nan")
 
     def steps_by(self, samples: int) -> int:
         """Optimizer steps taken by the last micro-batch with at most `samples` samples."""
@@ -277,6 +340,25 @@ def local_case(settings: dict[str, Any], name: str = "local", trainers: int = 1)
     )
 
 
+def node_metrics(port: int) -> dict[str, float]:
+    """A node's Prometheus series, by name with labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def averaging_bytes(port: int) -> float:
+    m = node_metrics(port)
+    return sum(
+        m.get(f'swarm_node_averaging_bytes_total{{direction="{d}"}}', 0.0) for d in ("sent", "received")
+    )
+
+
 def swarm_case(
     name: str, workdir: Path, config_dir: Path, settings: dict[str, Any], trainers: int, codec: str
 ) -> Case:
@@ -292,14 +374,16 @@ def swarm_case(
     node_flags = [
         *("--train", "--num-stages", str(NUM_STAGES), "--target-batch-size", str(TARGET_BATCH)),
         *("--lr", str(LR), "--warmup-steps", str(WARMUP_STEPS), "--seed", str(SEED)),
-        *("--device", "cpu", "--dtype", "float32"),
+        *("--device", "cpu", "--dtype", "float32", "--metrics-port", "0"),
+        *averaging_flags(name),
     ]
     export_dir = workdir / "export"
     with LocalSwarm(workdir / "swarm", env={"OMP_NUM_THREADS": "1"}) as local:
         local.start_dht()
-        for i in range(NUM_STAGES * PEERS_PER_STAGE):
-            stage = i % NUM_STAGES
-            local.start_node(config_dir, None, *node_flags, "--stage", str(stage), name=f"train-{i}")
+        nodes = [
+            local.start_node(config_dir, None, *node_flags, "--stage", str(i % NUM_STAGES), name=f"train-{i}")
+            for i in range(NUM_STAGES * PEERS_PER_STAGE)
+        ]
         workers = Workers(workdir)
         try:
             outs = [
@@ -321,6 +405,8 @@ def swarm_case(
         finally:
             workers.close()
         results = [json.loads(out.read_text()) for out in outs]
+        trained = sum(r["completed"] for r in results) * MICRO_BATCH
+        per_peer = [averaging_bytes(node.info["metrics_port"]) / trained for node in nodes]
         dht = start_dht(initial_peers=local.initial_peers, client_mode=True)
         try:
             # The client parts of trainer 0 (the trainers average theirs at every step).
@@ -356,6 +442,7 @@ def swarm_case(
             {k: r[k] for k in ("step", "issued", "completed", "resent", "samples", "seconds")}
             for r in results
         ],
+        averaging_bytes_per_sample=per_peer,
     )
 
 
@@ -372,7 +459,33 @@ def evaluate(parts: Any, blocks: Any) -> float:
     return held_out_loss(parts, blocks, _VALIDATION["data"])
 
 
-def run_config(name: str, steps: int, workdir: Path) -> dict[str, Any]:
+def run_case(case: str, name: str, settings: dict[str, Any], workdir: Path, config_dir: Path) -> Case:
+    if case == "local":
+        return local_case(settings)
+    if case == "local_shards":
+        return local_case(settings, case, trainers=2)
+    trainers = 2 if case == "two_trainers" else 1
+    codec = "none" if case == "lossless" else "int8"
+    folder = workdir / name / re.sub(r"[^A-Za-z0-9_]", "", case.replace(" ", "_"))
+    return swarm_case(case, folder, config_dir, settings, trainers, codec)
+
+
+def stored_cases(earlier: dict[str, Any] | None, steps: int) -> dict[str, Case]:
+    """The cases of an earlier run of this config with the same steps (kept when not run again)."""
+    if not earlier or earlier.get("steps") != steps:
+        return {}
+    names = {f.name for f in fields(Case)}
+    out = {}
+    for case, d in earlier.get("cases", {}).items():
+        kept = {k: v for k, v in d.items() if k in names}
+        kept["curve"] = [tuple(point) for point in kept["curve"]]
+        out[case] = Case(**kept)
+    return out
+
+
+def run_config(
+    name: str, steps: int, workdir: Path, run: tuple[str, ...], earlier: dict[str, Any] | None = None
+) -> dict[str, Any]:
     model, _ = CONFIGS[name]
     params = parameters(model)
     config_dir = workdir / name / f"byte-llama-{name}"
@@ -387,43 +500,44 @@ def run_config(name: str, steps: int, workdir: Path) -> dict[str, Any]:
         f"{TARGET_BATCH} samples ({samples}), micro-batches of {MICRO_BATCH} x {DATA.seq_len - 1} bytes",
         flush=True,
     )
-    cases: dict[str, Case] = {}
-    for case in CASES:
-        if case == "local":
-            result = local_case(settings)
-        elif case == "local_shards":
-            result = local_case(settings, case, trainers=2)
-        else:
-            trainers, codec = {"swarm": (1, "int8"), "two_trainers": (2, "int8"), "lossless": (1, "none")}[
-                case
-            ]
-            result = swarm_case(case, workdir / name / case, config_dir, settings, trainers, codec)
+    cases = stored_cases(earlier, steps)
+    for case in run:
+        result = run_case(case, name, settings, workdir, config_dir)
         cases[case] = result
         extra = ""
         if result.per_trainer:
             extra = f", stage epochs {result.export_epochs}, {result.resent} re-sent"
+            extra += f", averaging {result.bytes_per_sample:.0f} B/sample per stage peer"
             if len(result.per_trainer) > 1:
                 extra += ", samples per trainer " + "/".join(str(t["samples"]) for t in result.per_trainer)
         print(
-            f"  {LABELS[case]:27} last-{WINDOW} {result.last(samples):.3f}  held-out {result.held_out:.3f}  "
+            f"  {label(case):27} last-{WINDOW} {result.last(samples):.3f}  held-out {result.held_out:.3f}  "
             f"{len(result.curve)} micro-batches, {result.steps} steps ({result.steps_by(samples)} by "
             f"{samples} samples), train {result.train_seconds:.0f} s "
             f"(case {result.case_seconds:.0f} s){extra}",
             flush=True,
         )
-    last = {case: cases[case].last(samples) for case in CASES}
+    order = [c for c in all_cases(tuple(int(c.split("=")[1]) for c in cases if c.startswith("diloco H=")))]
+    cases = {c: cases[c] for c in sorted(cases, key=lambda c: order.index(c) if c in order else len(order))}
+    last = {case: c.last(samples) for case, c in cases.items()}
+    compared = {case: ref for case in cases if (ref := reference(case)) is not None and ref in cases}
     summary = {
         "samples": samples,
         "params": params,
-        **{f"last{WINDOW}_{case}": last[case] for case in CASES},
-        **{f"gap_{case}": last[case] - last[ref] for case, ref in REFERENCE.items()},
-        **{f"held_out_{case}": cases[case].held_out for case in CASES},
+        **{f"last{WINDOW}_{case}": last[case] for case in cases},
+        **{f"gap_{case}": last[case] - last[ref] for case, ref in compared.items()},
+        **{f"held_out_{case}": cases[case].held_out for case in cases},
         **{
             f"held_out_gap_{case}": cases[case].held_out - cases[ref].held_out
-            for case, ref in REFERENCE.items()
+            for case, ref in compared.items()
         },
-        **{f"train_seconds_{case}": cases[case].train_seconds for case in CASES},
-        **{f"steps_by_samples_{case}": cases[case].steps_by(samples) for case in CASES},
+        **{f"train_seconds_{case}": cases[case].train_seconds for case in cases},
+        **{f"steps_by_samples_{case}": cases[case].steps_by(samples) for case in cases},
+        **{
+            f"averaging_bytes_per_sample_{case}": c.bytes_per_sample
+            for case, c in cases.items()
+            if c.averaging_bytes_per_sample
+        },
     }
     return {
         "model": {k: v for k, v in model.items() if k != "model_type"},
@@ -441,6 +555,8 @@ def run_config(name: str, steps: int, workdir: Path) -> dict[str, Any]:
             "max_bytes": DATA.max_bytes,
             "stages": NUM_STAGES,
             "peers_per_stage": PEERS_PER_STAGE,
+            "diloco_outer_lr": DILOCO_OUTER_LR,
+            "diloco_outer_momentum": DILOCO_OUTER_MOMENTUM,
         },
         "cases": {
             case: {**asdict(c), "curve": [(round(t, 2), n, round(v, 4)) for t, n, v in c.curve]}
@@ -474,22 +590,20 @@ def plot(results: dict[str, Any], path: Path) -> bool:
     fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.5), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         r = results[name]
-        for case in CASES:
+        for case in r["cases"]:
             curve = r["cases"][case]["curve"]
             samples = [s for _, s, _ in curve]
             smooth = running_mean([loss for _, _, loss in curve])
-            gap = f", gap {r['summary'][f'gap_{case}']:+.3f}" if case in REFERENCE else ""
-            label = f"{LABELS[case]}: {r['summary'][f'last{WINDOW}_{case}']:.3f}{gap}"
-            style = ":" if case == "local_shards" else "-"
-            ax.plot(samples, smooth, label=label, linewidth=1.2, linestyle=style)
+            gap = f", gap {r['summary'][f'gap_{case}']:+.3f}" if f"gap_{case}" in r["summary"] else ""
+            text = f"{label(case)}: {r['summary'][f'last{WINDOW}_{case}']:.3f}{gap}"
+            style = ":" if case == "local_shards" else "--" if case.startswith("diloco") else "-"
+            ax.plot(samples, smooth, label=text, linewidth=1.2, linestyle=style)
         ax.axvline(r["summary"]["samples"], color="grey", linestyle=":", linewidth=1)
         ax.set_title(f"{name}: {r['params'] / 1e6:.2f} M parameters, {r['steps']} steps")
         ax.set_xlabel("samples")
         ax.set_ylabel(f"loss, running mean of {WINDOW} micro-batches (nats/byte)")
         ax.legend(fontsize=8)
-        tail = [
-            v for case in CASES for _, s, v in r["cases"][case]["curve"] if s > r["summary"]["samples"] / 3
-        ]
+        tail = [v for c in r["cases"].values() for _, s, v in c["curve"] if s > r["summary"]["samples"] / 3]
         if tail:
             ax.set_ylim(min(tail) - 0.1, max(tail) + 0.1)
     fig.suptitle("SWARM training vs one process: same model, data order, optimizer and samples")
@@ -505,28 +619,62 @@ def compact_json(value: Any) -> str:
     return re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + re.sub(r"\s*\n\s*", " ", m[1]) + "]", text)
 
 
+def _num(s: dict[str, Any], key: str, fmt: str = ".3f") -> str:
+    return format(s[key], fmt) if key in s else "n/a"
+
+
+def averaging_line(s: dict[str, Any]) -> str | None:
+    """`averaging: ...`: per averaging mode, averaging bytes per sample per stage peer and the loss
+    gap to one process at equal samples; DiLoCo's against float32 gradient averaging (`swarm`)."""
+    modes = [c for c in ("swarm", GRADIENTS_INT8) if f"averaging_bytes_per_sample_{c}" in s]
+    modes += sorted(
+        (
+            k.removeprefix("averaging_bytes_per_sample_")
+            for k in s
+            if k.startswith("averaging_bytes_per_sample_diloco")
+        ),
+        key=lambda c: int(c.split("=")[1]),
+    )
+    if not modes:
+        return None
+    base = s.get("averaging_bytes_per_sample_swarm")
+    parts = []
+    for c in modes:
+        bps = s[f"averaging_bytes_per_sample_{c}"]
+        name = "gradients" if c == "swarm" else c
+        fewer = f", {base / bps:.0f}x fewer" if base and c != "swarm" and bps > 0 else ""
+        parts.append(f"{name} {bps:.0f} B/sample (loss gap {_num(s, f'gap_{c}', '+.3f')}{fewer})")
+    return f"averaging: {'; '.join(parts)} per stage peer at {s['samples']} samples"
+
+
 def summary_lines(name: str, r: dict[str, Any]) -> list[str]:
     s = r["summary"]
-    held = ", ".join(f"{LABELS[c]} {s[f'held_out_{c}']:.3f}" for c in CASES)
-    wall = ", ".join(f"{c} {s[f'train_seconds_{c}']:.0f} s" for c in CASES)
+    cases = list(r["cases"])
+    held = ", ".join(f"{label(c)} {s[f'held_out_{c}']:.3f}" for c in cases)
+    wall = ", ".join(f"{c} {s[f'train_seconds_{c}']:.0f} s" for c in cases)
+    compared = [c for c in cases if f"gap_{c}" in s]
     over = [
-        LABELS[c]
-        for c in SWARM_CASES
-        if abs(s[f"gap_{c}"]) > GAP_NOTE or abs(s[f"held_out_gap_{c}"]) > GAP_NOTE
+        label(c) for c in compared if abs(s[f"gap_{c}"]) > GAP_NOTE or abs(s[f"held_out_gap_{c}"]) > GAP_NOTE
     ]
     note = f"; gap above {GAP_NOTE} for: {', '.join(over)}" if over else ""
     gaps = ", ".join(
-        f"{LABELS[c]} {s[f'held_out_gap_{c}']:+.3f} (vs {LABELS[ref]})" for c, ref in REFERENCE.items()
+        f"{label(c)} {s[f'held_out_gap_{c}']:+.3f} (vs {label(reference(c) or '')})" for c in compared
     )
-    return [
+    lines = [
         f"{name} ({r['params'] / 1e6:.2f} M parameters, {r['steps']} steps): held-out {held}; "
         f"held-out gaps {gaps}; two trainers' last-{WINDOW} reference (one process, their data order) "
-        f"{s[f'last{WINDOW}_local_shards']:.3f}; training wall time {wall}{note}",
-        f"convergence: local {s[f'last{WINDOW}_local']:.3f}, swarm {s[f'last{WINDOW}_swarm']:.3f} "
-        f"(gap {s['gap_swarm']:.3f}), two trainers {s[f'last{WINDOW}_two_trainers']:.3f} "
-        f"(gap {s['gap_two_trainers']:.3f}), lossless swarm {s[f'last{WINDOW}_lossless']:.3f} "
-        f"at {s['samples']} samples",
+        f"{_num(s, f'last{WINDOW}_local_shards')}; training wall time {wall}{note}",
     ]
+    averaging = averaging_line(s)
+    if averaging:
+        lines.append(averaging)
+    lines.append(
+        f"convergence: local {_num(s, f'last{WINDOW}_local')}, swarm {_num(s, f'last{WINDOW}_swarm')} "
+        f"(gap {_num(s, 'gap_swarm')}), two trainers {_num(s, f'last{WINDOW}_two_trainers')} "
+        f"(gap {_num(s, 'gap_two_trainers')}), lossless swarm {_num(s, f'last{WINDOW}_lossless')} "
+        f"at {s['samples']} samples"
+    )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -541,6 +689,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, default=Path("bench/results/convergence.json"), help="JSON results"
     )
+    parser.add_argument(
+        "--cases",
+        default=None,
+        help="comma-separated cases to run (default: all); the others keep their stored results when "
+        f"the steps match; names: {', '.join(all_cases())} (any H)",
+    )
     parser.add_argument("--trainer-worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.trainer_worker is not None:
@@ -550,6 +704,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)  # the reference as the trainers compute; the nodes need the cores
     names = list(CONFIGS) if args.config == "both" else [args.config]
+    run = all_cases() if args.cases is None else tuple(c.strip() for c in args.cases.split(",") if c.strip())
+    unknown = [c for c in run if c not in all_cases() and not re.fullmatch(r"diloco H=[1-9][0-9]*", c)]
+    if unknown:
+        parser.error(f"unknown cases {unknown}; known: {', '.join(all_cases())} (diloco H=any H)")
+    stored: dict[str, Any] = {}
+    if args.out.is_file():  # configs and cases not run this time keep their earlier results
+        try:
+            stored = json.loads(args.out.read_text()).get("configs", {})
+        except (OSError, ValueError):
+            stored = {}
 
     tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="swarm-bench-convergence-")
     workdir = Path(args.workdir or tmp.name)  # type: ignore[union-attr]
@@ -558,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[str, Any] = {}
         for name in names:
             started = time.monotonic()
-            results[name] = run_config(name, args.steps or CONFIGS[name][1], workdir)
+            results[name] = run_config(name, args.steps or CONFIGS[name][1], workdir, run, stored.get(name))
             results[name]["seconds"] = time.monotonic() - started
     except KeyboardInterrupt:
         print("\nconvergence: interrupted; every process started here was stopped", flush=True)
@@ -567,12 +731,6 @@ def main(argv: list[str] | None = None) -> int:
         if tmp is not None:
             tmp.cleanup()
 
-    stored: dict[str, Any] = {}
-    if args.out.is_file():  # configs not run this time keep their earlier results
-        try:
-            stored = json.loads(args.out.read_text()).get("configs", {})
-        except (OSError, ValueError):
-            stored = {}
     stored.update(results)
     out: dict[str, Any] = {
         "torch": torch.__version__,

@@ -94,6 +94,17 @@ results file is read, the parts that ran are replaced in it, and it is written b
     mate / alone and idle mate / alone should be close to 1 (or above); the last line printed gives
     the four steps/s and these two ratios.
 
+(d) slow link (`--only slowlink`, not in the default run; needs root, `ip` and `tc`): a network
+    namespace joined to the root one by a veth pair shaped on both ends with tc's tbf to
+    `--slow-rate` (10mbit; this kernel has no netem). Per averaging mode a fresh swarm of a model
+    of its own: stage 0 two peers and stage 1 one peer on the root side (listening on the veth's
+    address), one stage-1 mate inside the namespace, all with `--averaging gradients` (float32),
+    or all with `--averaging diloco --outer-every --slow-outer-every --averaging-codec int8`; a
+    step every `--stall-target-batch-size` samples, one synchronous trainer (as in (c)) for
+    `--phase-seconds`. Modes alternate over `--reps` (ABBA); samples/s of each and their ratio
+    go to `slow_link` in the results file, and the last line reads
+        slow link: one stage-1 mate behind RATE (tc tbf), samples/s gradients G, diloco H=8 int8 D (Rx), ...
+
 After the swarm is stopped the node logs (under --workdir, a temporary directory by default) are
 scanned for ERROR, CRITICAL and Traceback lines: a normal run has none.
 Every process started here is stopped again (by PID, LocalSwarm), also on errors and Ctrl-C.
@@ -102,6 +113,7 @@ Every process started here is stopped again (by PID, LocalSwarm), also on errors
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -111,10 +123,11 @@ import re
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -138,6 +151,7 @@ from swarm.training.trainer import Progress, Trainer, TrainerConfig
 
 MODEL = "bench-byte-llama"
 STALL_MODEL = "bench-byte-llama-stalls"  # (c): a model of its own, fresh records and collaborations
+SLOW_MODEL = "bench-byte-llama-slowlink"  # (d): one per run (each run starts a fresh swarm)
 HF_CONFIG = {
     "model_type": "llama",
     "vocab_size": VOCAB_SIZE,
@@ -324,6 +338,134 @@ class Bench:
             kills=kills,
             timeline=[(round(t, 2), n) for t, (_, n, _) in zip(stamps, progress.losses, strict=True)],
         )
+
+
+# ---- (d) a stage-mate on a slow link: gradient averaging vs DiLoCo ----------------------------------
+
+
+class HostSwarm(LocalSwarm):
+    """A LocalSwarm whose DHT peer listens on a given address (the veth's) instead of 127.0.0.1."""
+
+    def start_dht_on(self, host: str) -> NodeProcess:
+        node = self._start("dht", ["dht", "--host", host, "--port", "0"])
+        self.initial_peers = list(node.info["maddrs"])
+        return node
+
+
+def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=30)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"`{' '.join(cmd)}` failed: {done.stderr.strip() or done.stdout.strip()}")
+    return done
+
+
+def slow_link_unavailable() -> str:
+    """Why (d) cannot run here, or "" if it can."""
+    if os.geteuid() != 0:
+        return "not root: network namespaces need CAP_NET_ADMIN"
+    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
+    return f"`{missing[0]}` not found" if missing else ""
+
+
+@contextlib.contextmanager
+def slow_namespace(rate: str) -> Iterator[tuple[str, str, str]]:
+    """A network namespace joined to the root one by a veth pair, both ends shaped by tc's tbf to
+    `rate` (netem is missing from this kernel; tbf works). Yields (namespace, root-side address,
+    namespace-side address); removes both on exit."""
+    tag = f"swt{os.getpid()}"
+    ns, outer, inner = tag, f"{tag}a", f"{tag}b"
+    subnet = f"10.214.{os.getpid() % 250}"
+    root_addr, ns_addr = f"{subnet}.1", f"{subnet}.2"
+    _run("ip", "netns", "add", ns)
+    try:
+        _run("ip", "link", "add", outer, "type", "veth", "peer", "name", inner, "netns", ns)
+        _run("ip", "addr", "add", f"{root_addr}/30", "dev", outer)
+        _run("ip", "link", "set", outer, "up")
+        inside = ("ip", "netns", "exec", ns)
+        _run(*inside, "ip", "link", "set", "lo", "up")
+        _run(*inside, "ip", "addr", "add", f"{ns_addr}/30", "dev", inner)
+        _run(*inside, "ip", "link", "set", inner, "up")
+        tbf = ("root", "tbf", "rate", rate, "burst", "32kbit", "latency", "400ms")
+        _run("tc", "qdisc", "add", "dev", outer, *tbf)
+        _run(*inside, "tc", "qdisc", "add", "dev", inner, *tbf)
+        yield ns, root_addr, ns_addr
+    finally:
+        _run("ip", "link", "del", outer, check=False)  # deletes both ends of the pair
+        _run("ip", "netns", "del", ns, check=False)
+
+
+def slow_link_flags(mode: str, outer_every: int) -> list[str]:
+    if mode == "diloco":
+        return ["--averaging", "diloco", "--outer-every", str(outer_every), "--averaging-codec", "int8"]
+    return ["--averaging", "gradients", "--averaging-codec", "none"]
+
+
+def slow_link_run(
+    args: argparse.Namespace, workdir: Path, mode: str, rep: int, net: tuple[str, str, str]
+) -> Phase:
+    """A fresh swarm (a model name of its own): stage 0 two peers, stage 1 a peer and a mate in the
+    slow namespace, every node averaging with `mode`; one synchronous trainer run of --phase-seconds."""
+    ns, root_addr, ns_addr = net
+    env = {"OMP_NUM_THREADS": str(args.node_threads)}
+    config_dir = model_dir(workdir, f"{SLOW_MODEL}-{mode}-{rep}")
+    root = HostSwarm(workdir / f"{mode}-{rep}-root", env=env)
+    with (
+        root,
+        LocalSwarm(
+            workdir / f"{mode}-{rep}-ns", env=env, command_prefix=("ip", "netns", "exec", ns)
+        ) as inside,
+    ):
+        root.start_dht_on(root_addr)
+        inside.initial_peers = root.initial_peers
+        identity = NodeIdentity.generate()
+        dht = start_dht(initial_peers=root.initial_peers, host=root_addr, identity=identity)
+        try:
+            b = Bench(args, root, config_dir, dht, identity, args.stall_target_batch_size)
+            flags = [*slow_link_flags(mode, args.slow_outer_every), "--averaging-timeout", "10"]
+            for i, stage in enumerate((0, 0, 1)):
+                b.start_node(stage, f"{mode}-{rep}-{i}", *flags, "--host", root_addr)
+            train = [
+                *("--train", "--num-stages", str(NUM_STAGES), "--stage", "1"),
+                *("--target-batch-size", str(args.stall_target_batch_size), "--lr", str(LR)),
+                *("--warmup-steps", str(WARMUP_STEPS), "--device", "cpu"),
+            ]
+            b.nodes.append(
+                inside.start_node(config_dir, None, *train, *flags, "--host", ns_addr, name="slow-mate")
+            )
+            phase = b.run("slow-link", mode, rep, "random", args.phase_seconds)
+        finally:
+            dht.shutdown()
+    return phase
+
+
+def slow_link(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], str]:
+    """(d): samples/s of the swarm with a stage-1 mate behind --slow-rate, gradients vs diloco, in turn."""
+    if reason := slow_link_unavailable():
+        return {"ran": False, "reason": reason}, f"slow link: not run ({reason})"
+    phases: list[Phase] = []
+    with slow_namespace(args.slow_rate) as net:
+        for rep in range(args.reps):
+            for mode in ("gradients", "diloco") if rep % 2 == 0 else ("diloco", "gradients"):
+                phases.append(report(slow_link_run(args, workdir, mode, rep, net)))
+    rates = {
+        m: statistics.fmean(p.samples_per_s for p in phases if p.label == m) for m in ("gradients", "diloco")
+    }
+    ratio = rates["diloco"] / rates["gradients"]
+    results = {
+        "ran": True,
+        "rate": args.slow_rate,
+        "outer_every": args.slow_outer_every,
+        "target_batch_size": args.stall_target_batch_size,
+        "samples_per_s": rates,
+        "ratio": ratio,
+        "runs": [asdict(p) for p in phases],
+    }
+    headline = (
+        f"slow link: one stage-1 mate behind {args.slow_rate} (tc tbf), samples/s gradients "
+        f"{rates['gradients']:.1f}, diloco H={args.slow_outer_every} int8 {rates['diloco']:.1f} "
+        f"({ratio:.2f}x), {args.reps} run(s) each"
+    )
+    return results, headline
 
 
 # ---- (a) heterogeneity ----------------------------------------------------------------------------
@@ -1032,8 +1174,13 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--only", choices=("pipelines", "stalls"), default=None, help="(a)+(b), or (c); default: all"
+        "--only",
+        choices=("pipelines", "stalls", "slowlink"),
+        default=None,
+        help="(a)+(b), (c), or (d); default: (a)-(c)",
     )
+    parser.add_argument("--slow-rate", default="10mbit", help="(d): the slow mate's link (tc tbf rate)")
+    parser.add_argument("--slow-outer-every", type=int, default=8, help="(d): diloco's --outer-every")
     parser.add_argument("--phase-seconds", type=float, default=30.0, help="length of each measured run")
     parser.add_argument("--warmup-seconds", type=float, default=10.0, help="uncounted first run of (a)")
     parser.add_argument("--reps", type=int, default=2, help="alternations of (a)'s and (c)'s runs")
@@ -1084,6 +1231,33 @@ def model_dir(workdir: Path, name: str) -> Path:
 
 def bench(args: argparse.Namespace, workdir: Path) -> int:
     started = time.monotonic()
+    if args.only == "slowlink":
+        print(
+            f"(d) slow link: byte-level Llama (4 blocks, hidden 256, float32), {NUM_STAGES} stages x 2 "
+            f"peers, one stage-1 peer behind {args.slow_rate}; a step every "
+            f"{args.stall_target_batch_size} samples, synchronous trainer; {args.phase_seconds:g} s per "
+            f"run; torch {torch.__version__}, "
+            f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}\n",
+            flush=True,
+        )
+        print(HEADER)
+        print("-" * len(HEADER), flush=True)
+        results, headline = slow_link(args, workdir / "slowlink")
+        scans = [scan_logs(d) for d in sorted((workdir / "slowlink").glob("*-*")) if d.is_dir()]
+        problems = [p for found in scans for p in found["problems"]]
+        warnings = sum(found["warnings"] for found in scans)
+        print(f"node logs: {len(problems)} ERROR/CRITICAL/Traceback lines, {warnings} WARNING lines")
+        print("".join(f"  {line}\n" for line in problems[:20]), end="")
+        stored: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        stored["slow_link"] = {
+            **results,
+            "seconds": time.monotonic() - started,
+            "log_problems": problems[:20],
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(stored, indent=2) + "\n")
+        print(headline)
+        return 0
     pipelines, stalls_too = args.only in (None, "pipelines"), args.only in (None, "stalls")
     steps = "none (target never reached)" if args.target_batch_size >= NO_STEP else args.target_batch_size
     print(

@@ -158,6 +158,24 @@ class NodeConfig:
     average_state_every: int = field(
         default=5, metadata=_help("ignored: peers step on the same numbers (kept for old command lines)")
     )
+    averaging: Literal["gradients", "diloco"] = field(
+        default="gradients",
+        metadata=_help(
+            "how a stage's peers stay together: gradients (every step on the averaged gradient) or "
+            "diloco (each peer steps on its own micro-batches; every --outer-every steps the peers "
+            "average their parameter deltas and take an outer Nesterov step); all peers must agree"
+        ),
+    )
+    outer_every: int = field(default=6, metadata=_help("diloco: optimizer steps between outer steps"))
+    outer_lr: float = field(default=0.7, metadata=_help("diloco: outer Nesterov learning rate"))
+    outer_momentum: float = field(default=0.9, metadata=_help("diloco: outer Nesterov momentum, in [0, 1)"))
+    averaging_codec: Literal["none", "int8"] = field(
+        default="none",
+        metadata=_help(
+            "averaging payloads between stage-mates (gradients or deltas): none (float32) or int8 "
+            "(blockwise, with error feedback)"
+        ),
+    )
     seed: int = field(default=0, metadata=_help("seed of the initial weights when training from a config"))
     checkpoint_dir: str | None = field(
         default=None, metadata=_help("save the stage's state here (and resume from it)", metavar="DIR")
@@ -204,7 +222,7 @@ class NodeConfig:
             raise ConfigError(f"--stage must be 'auto' or a stage index, got {self.stage!r}")
         for name in (
             *("num_stages", "target_batch_size", "lr", "matchmaking_time", "averaging_timeout"),
-            *("average_state_every", "checkpoint_every"),
+            *("average_state_every", "checkpoint_every", "outer_every", "outer_lr"),
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
@@ -216,6 +234,8 @@ class NodeConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        if not 0 <= self.outer_momentum < 1:
+            raise ConfigError(f"--outer-momentum must be in [0, 1), got {self.outer_momentum}")
         if self.slowdown < 1:
             raise ConfigError(f"--slowdown must be >= 1, got {self.slowdown}")
         if not 0 <= self.corrupt_rate <= 1:

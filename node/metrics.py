@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Final, Literal, Protocol
+from typing import TYPE_CHECKING, Final, Literal, Protocol
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+if TYPE_CHECKING:
+    from swarm.training.collaboration import RoundStats
 
 RPCS: Final = ("Info", "Forward", "Backward", "Inference", "Ping", "CheckReachability")
 STATES: Final = ("joining", "online", "draining", "offline")
@@ -112,16 +116,30 @@ class NodeMetrics:
         )
         self.averaging_bytes = Counter(
             "swarm_node_averaging_bytes",
-            "Bytes of gradients and state exchanged with stage-mates (training nodes).",
+            "Bytes of averaging rounds (gradients, or diloco deltas) exchanged with stage-mates (training "
+            "nodes); per sample: rate of this over rate of swarm_node_training_samples_total.",
             ["direction"],
             registry=r,
         )
+        self.state_transfer_bytes = Counter(
+            "swarm_node_state_transfer_bytes",
+            "Bytes of whole stage states sent to or loaded from stage-mates (joining, catching up).",
+            ["direction"],
+            registry=r,
+        )
+        self.training_samples = Counter(
+            "swarm_node_training_samples",
+            "Samples of the optimizer steps this training node took with its stage.",
+            registry=r,
+        )
         self.info = Info("swarm_node", "Static facts about this node.", registry=r)
+        self._averaging_lock = threading.Lock()
         self._initialise_series()
 
     def _initialise_series(self) -> None:
         for direction in ("sent", "received"):
             self.averaging_bytes.labels(direction=direction)
+            self.state_transfer_bytes.labels(direction=direction)
         # Export known label sets at 0 from the start, so rate() and dashboards see the series before traffic.
         # observe_wire runs twice per request: keep its children instead of looking them up each time
         self._wire_children = {
@@ -165,6 +183,22 @@ class NodeMetrics:
                 "peer_id": peer_id,
             }
         )
+
+    def count_averaging(self, stats: RoundStats, counted: RoundStats) -> None:
+        """Add what a collaboration's `stats` gained since `counted` (then updated) to the counters."""
+        with self._averaging_lock:  # the compute thread and the event loop both report
+            self._count_averaging(stats, counted)
+
+    def _count_averaging(self, stats: RoundStats, counted: RoundStats) -> None:
+        for counter, (sent, received) in (
+            (self.averaging_bytes, ("sent_bytes", "received_bytes")),
+            (self.state_transfer_bytes, ("state_sent_bytes", "state_received_bytes")),
+        ):
+            counter.labels(direction="sent").inc(getattr(stats, sent) - getattr(counted, sent))
+            counter.labels(direction="received").inc(getattr(stats, received) - getattr(counted, received))
+        self.training_samples.inc(stats.samples - counted.samples)
+        for name in ("sent_bytes", "received_bytes", "state_sent_bytes", "state_received_bytes", "samples"):
+            setattr(counted, name, getattr(stats, name))
 
     def set_cache(self, used_bytes: int, total_bytes: int) -> None:
         self.cache_used_bytes.set(used_bytes)

@@ -5,7 +5,9 @@ each Backward hands its request's weight gradients to it, and all peers step at 
 same averaged gradient, when the stage has accumulated `--target-batch-size` samples, so the
 peers stay identical. A peer that joins a stage others already train loads their state
 (weights, AdamW moments, epoch) before it serves; the stage's averaging RPCs
-(swarm.v1.AveragingService) share the node's gRPC server.
+(swarm.v1.AveragingService) share the node's gRPC server. With `--averaging diloco` each peer
+steps on its own gradients and the peers average parameter deltas every `--outer-every` steps
+(swarm.training.diloco).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from swarm.node.runtime import serve_metrics, stop_on_signals
 from swarm.node.server import SERVICE_NAME, BlockServicer, ServerLimits, start_grpc_server
 from swarm.records import NodeIdentity, ServerRecord, ServerState, fetch_records, latest_per_peer
 from swarm.training.averaging import AveragingConfig, LocalState
-from swarm.training.collaboration import Collaboration
+from swarm.training.collaboration import Collaboration, RoundStats
 from swarm.training.peers import AveragingServicer, DHTMembership
 from swarm.training.stages import has_weights, model_name, read_config, run_id, save_atomically, stage_span
 
@@ -116,6 +118,11 @@ def averaging_config(cfg: NodeConfig) -> AveragingConfig:
         weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup_steps,
         round_timeout=cfg.averaging_timeout,
+        mode=cfg.averaging,
+        outer_every=cfg.outer_every,
+        outer_lr=cfg.outer_lr,
+        outer_momentum=cfg.outer_momentum,
+        codec=cfg.averaging_codec,
     )
 
 
@@ -284,14 +291,11 @@ async def _serve_stage(
         slowdown=cfg.slowdown,
     )
 
-    counted = [0, 0]  # averaging bytes already in the metrics: sent, received
+    counted = RoundStats()  # what is in the metrics already
 
     def on_step(epoch: int) -> None:
         metrics.training_steps.inc()
-        stats = holder[0].stats
-        metrics.averaging_bytes.labels(direction="sent").inc(stats.sent_bytes - counted[0])
-        metrics.averaging_bytes.labels(direction="received").inc(stats.received_bytes - counted[1])
-        counted[:] = [stats.sent_bytes, stats.received_bytes]
+        metrics.count_averaging(holder[0].stats, counted)
         if saved is not None and epoch % cfg.checkpoint_every == 0:
             save_stage_checkpoint(saved, blocks, state)
 
@@ -305,6 +309,7 @@ async def _serve_stage(
         on_step=on_step,
     )
     holder.append(collab)
+    collab.on_traffic = lambda: metrics.count_averaging(collab.stats, counted)
     collab.members = dict(mates)
     averaging = AveragingServicer()
     averaging.collaborations[collab.run_id] = collab

@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 import torch
 
 from swarm.errors import ConfigError
+from swarm.training.diloco import AVERAGING_CODECS, AVERAGING_MODES, OuterState
 from swarm.training.stages import warmup_factor
 
 log = logging.getLogger("swarm.training")
@@ -55,6 +56,11 @@ class AveragingConfig:
     state_timeout: float = 60.0  # one state download
     report_period: float = 0.5  # a mate reports at least this often (and after every request)
     fresh_seconds: float = 3.0  # a mate's report older than this does not count towards a round
+    mode: str = "gradients"  # or "diloco": inner AdamW per peer, outer Nesterov step every outer_every
+    outer_every: int = 6  # diloco: steps between outer steps (25x fewer bytes at +0.08, benchmarks.md)
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    codec: str = "none"  # averaging payloads: "none" (float32) or "int8" (blockwise, with error feedback)
 
     def __post_init__(self) -> None:
         for name in ("target_batch_size", "lr", "round_timeout", "leader_timeout", "state_timeout"):
@@ -65,6 +71,19 @@ class AveragingConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.mode not in AVERAGING_MODES:
+            raise ConfigError(f"averaging must be one of {AVERAGING_MODES}, got {self.mode!r}")
+        if self.codec not in AVERAGING_CODECS:
+            raise ConfigError(f"averaging codec must be one of {AVERAGING_CODECS}, got {self.codec!r}")
+        if self.outer_every < 1 or self.outer_lr <= 0 or not 0 <= self.outer_momentum < 1:
+            raise ConfigError(
+                f"outer_every must be >= 1, outer_lr > 0 and outer_momentum in [0, 1), got "
+                f"{self.outer_every}, {self.outer_lr} and {self.outer_momentum}"
+            )
+
+    @property
+    def diloco(self) -> bool:
+        return self.mode == "diloco"
 
 
 # ---- pure decisions ---------------------------------------------------------------------------
@@ -162,12 +181,21 @@ class LocalState:
     def __init__(self, params: list[torch.nn.Parameter], cfg: AveragingConfig) -> None:
         self.params, self.cfg = params, cfg
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.outer = OuterState(params, cfg.outer_lr, cfg.outer_momentum) if cfg.diloco else None
         self.epoch = 0
         self.fingerprints: OrderedDict[int, list[float]] = OrderedDict()
         self.note_epoch()
 
-    def step(self, grads: list[torch.Tensor]) -> list[float]:
-        """One AdamW step on `grads` (the collaboration's averaged gradient); call exclusively."""
+    def step(self, grads: list[torch.Tensor] | None) -> list[float]:
+        """One AdamW step on `grads` (the collaboration's averaged gradient, or with diloco this
+        peer's own; None: no samples, only the epoch moves on); call exclusively."""
+        if grads is not None:
+            self.inner_step(grads)
+        self.epoch += 1
+        return self.note_epoch()
+
+    def inner_step(self, grads: list[torch.Tensor]) -> None:
+        """The AdamW step alone, the epoch unchanged; call exclusively."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.lr * warmup_factor(self.cfg.warmup_steps, self.epoch)
         for p, g in zip(self.params, grads, strict=True):
@@ -175,6 +203,12 @@ class LocalState:
         self.optimizer.step()
         for p in self.params:
             p.grad = None
+
+    def outer_step(self, mean_delta: list[torch.Tensor]) -> list[float]:
+        """diloco: the outer Nesterov step on the stage's mean delta, which closes the epoch; call
+        exclusively (after this peer's own inner step of the epoch)."""
+        assert self.outer is not None, "outer_step needs --averaging diloco"
+        self.outer.step(mean_delta)
         self.epoch += 1
         return self.note_epoch()
 
@@ -186,14 +220,18 @@ class LocalState:
         return fingerprint
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Copies of everything a peer needs to take over: "param.I", "exp_avg.I", ...; call exclusively."""
+        """Copies of everything a peer needs to take over: "param.I", "exp_avg.I", ... (with diloco
+        the weights are the anchor, plus "anchor.I" and "outer_velocity.I"); call exclusively."""
         out: dict[str, torch.Tensor] = {}
         for i, p in enumerate(self.params):
-            out[f"param.{i}"] = p.detach().to("cpu", copy=True)
+            weights = p.detach() if self.outer is None else self.outer.anchor[i]
+            out[f"param.{i}"] = weights.to("cpu", copy=True)
             state = self.optimizer.state.get(p, {})
             for name in ("exp_avg", "exp_avg_sq", "step"):
                 if name in state:
                     out[f"{name}.{i}"] = torch.as_tensor(state[name]).detach().to("cpu", copy=True)
+        if self.outer is not None:
+            out.update(self.outer.tensors())
         return out
 
     def load_tensors(self, epoch: int, tensors: dict[str, torch.Tensor]) -> None:
@@ -215,13 +253,28 @@ class LocalState:
                     }
                 else:
                     self.optimizer.state.pop(p, None)
+        if self.outer is not None:  # the stage's last outer state: its anchor becomes our weights
+            if "anchor.0" in tensors:
+                self.outer.load_tensors(tensors)
+            else:  # from a peer that averages gradients: start the outer state here
+                self.outer = OuterState(self.params, self.cfg.outer_lr, self.cfg.outer_momentum)
         self.epoch = epoch
         self.note_epoch()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "optimizer": self.optimizer.state_dict()}
+        out = {"epoch": self.epoch, "optimizer": self.optimizer.state_dict()}
+        if self.outer is not None:
+            out["outer"] = self.outer.tensors()
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.outer is not None and "outer" in state:
+            with torch.no_grad():  # the weights stay as saved: inner progress since the anchor is kept
+                for i, a in enumerate(self.outer.anchor):
+                    a.copy_(state["outer"][f"anchor.{i}"])
+                    self.outer.velocity[i].copy_(state["outer"][f"outer_velocity.{i}"])
+        elif self.outer is not None:
+            self.outer = OuterState(self.params, self.cfg.outer_lr, self.cfg.outer_momentum)
         self.epoch = int(state["epoch"])
         self.note_epoch()

@@ -32,6 +32,7 @@ from swarm.training.averaging import (
     same_weights,
     weighted_mean,
 )
+from swarm.training.diloco import ErrorFeedback, outer_between, outer_due
 from swarm.training.peers import DHTMembership
 
 log = logging.getLogger("swarm.training")
@@ -56,13 +57,22 @@ class Frozen:
     sums: list[torch.Tensor] | None
     samples: int
     since: float = field(default_factory=time.monotonic)
+    # diloco outer round: the inner step is taken and this delta sent (a retried Collect gets it again)
+    reply: swarm_pb2.CollectResponse | None = None
+
+
+def mean_of(sums: list[torch.Tensor] | None, samples: int) -> list[torch.Tensor] | None:
+    return None if sums is None or samples <= 0 else [s / samples for s in sums]
 
 
 @dataclass
 class RoundStats:
     steps: int = 0
-    sent_bytes: int = 0
+    sent_bytes: int = 0  # averaging rounds (Collect, Apply)
     received_bytes: int = 0
+    state_sent_bytes: int = 0  # whole states handed to peers that join or fell behind
+    state_received_bytes: int = 0
+    samples: int = 0  # samples of the steps this peer took with its stage
 
 
 class Collaboration:
@@ -79,6 +89,7 @@ class Collaboration:
     ) -> None:
         self.run_id, self.me, self.state, self.cfg = run_id, me, state, cfg
         self.exclusive, self.membership, self.on_step = exclusive, membership, on_step
+        self.on_traffic: Callable[[], None] = lambda: None  # after stats changed (for metrics)
         self.accumulator = Accumulator()
         self.members: dict[str, tls.Endpoint] = {}  # peer id -> where it serves (TLS pinned)
         self.suspected: dict[str, float] = {}
@@ -87,6 +98,9 @@ class Collaboration:
         self.frozen: Frozen | None = None
         self.stats = RoundStats()
         self._catch_up_from: str | None = None
+        self._catch_up_epoch: int | None = None  # the epoch we saw it at (None: unknown, download)
+        self.uplink = ErrorFeedback(cfg.codec)  # what this peer hands in (gradients or deltas)
+        self.downlink = ErrorFeedback(cfg.codec)  # the means it sends as a leader
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._channels: dict[tls.Endpoint, grpc.aio.Channel] = {}
@@ -121,13 +135,24 @@ class Collaboration:
         if not self.live_mates() and self.frozen is None and total >= self.cfg.target_batch_size:
             sums, n = self.accumulator.take()
             if sums is not None:
-                self._step([s.div_(n) for s in sums])
+                self._step_alone([s.div_(n) for s in sums], n)
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._wake.set)
 
-    def _step(self, grads: list[torch.Tensor]) -> list[float]:
-        fingerprint = self.state.step(grads)
+    def _step_alone(self, mean: list[torch.Tensor], samples: int) -> None:
+        if self.cfg.diloco and outer_due(self.epoch, self.cfg.outer_every):
+            assert self.state.outer is not None
+            self.state.inner_step(mean)
+            self._stepped_with(self.state.outer_step(self.state.outer.delta()), samples)
+        else:
+            self._step(mean, samples)
+
+    def _step(self, grads: list[torch.Tensor] | None, samples: int) -> list[float]:
+        return self._stepped_with(self.state.step(grads), samples)
+
+    def _stepped_with(self, fingerprint: list[float], samples: int) -> list[float]:
         self.stats.steps += 1
+        self.stats.samples += samples
         self.on_step(self.state.epoch)
         self._announce_epoch()
         return fingerprint
@@ -216,7 +241,15 @@ class Collaboration:
 
     async def _tick(self) -> None:
         if self._catch_up_from is not None:
-            await self.catch_up(self._catch_up_from)
+            peer, their_epoch = self._catch_up_from, self._catch_up_epoch
+            if (
+                self.cfg.diloco
+                and their_epoch is not None
+                and not outer_between(self.epoch, their_epoch, self.cfg.outer_every)
+            ):
+                await self._move_on(their_epoch)
+            else:
+                await self.catch_up(peer)
             return
         now = time.monotonic()
         leader = self.leader(now)
@@ -276,7 +309,9 @@ class Collaboration:
         ]
         own, own_samples = self.accumulator.take()
         replies = await asyncio.gather(*(self._collect(peer, epoch) for peer in mates))
-        contributions = [(own, own_samples)] if own is not None else []
+        contributions: list[tuple[list[torch.Tensor] | None, int]] = []
+        if own is not None:
+            contributions.append((own, own_samples))
         contributors = []
         for peer, reply in zip(mates, replies, strict=True):
             if reply is not None and reply[0] is not None:
@@ -284,21 +319,56 @@ class Collaboration:
                 contributors.append(peer)
             elif reply is not None:  # accepted with nothing: it still steps with us
                 contributors.append(peer)
+                contributions.append((None, reply[1]))
         total = sum(n for _, n in contributions)
         if not total or self.epoch != epoch:  # nothing to average, or we caught up meanwhile
             self.accumulator.put_back(own, own_samples)
             return
-        mean = weighted_mean(contributions)
-        fingerprint = await self.exclusive(lambda: self._step(mean))
+        encoded, fingerprint = await self._close(epoch, own, own_samples, contributions, total)
         for peer in mates:
             self.reports[peer] = (epoch + 1, 0, now)
-        encoded = [wire.encode_tensor(t) for t in mean]
         await asyncio.gather(
             *(self._apply(peer, epoch, total, encoded, fingerprint) for peer in contributors)
         )
+        self.on_traffic()
         log.debug(
             "%s: epoch %d closed with %d samples from %d peers", self.run_id, epoch, total, len(contributions)
         )
+
+    async def _close(
+        self,
+        epoch: int,
+        own: list[torch.Tensor] | None,
+        own_samples: int,
+        contributions: list[tuple[list[torch.Tensor] | None, int]],
+        total: int,
+    ) -> tuple[list[swarm_pb2.Tensor], list[float]]:
+        """The leader's step closing `epoch`: (what its mates' Apply carries, its weights' fingerprint).
+
+        gradients: everyone steps on the mean of the gradients (as it decodes on the wire).
+        diloco, inner epoch: everyone steps on its own gradients; nothing but the count travels.
+        diloco, outer epoch: the mates handed in their deltas (after their inner step); the leader
+        takes its inner step, averages the deltas with its own and everyone applies the outer step."""
+        if not self.cfg.diloco:
+            mean = weighted_mean([(g, n) for g, n in contributions if g is not None])
+            encoded, decoded = self.downlink.encode(mean)
+            return encoded, await self.exclusive(lambda: self._step(decoded, total))
+        own_mean = mean_of(own, own_samples)
+        if not outer_due(epoch, self.cfg.outer_every):
+            return [], await self.exclusive(lambda: self._step(own_mean, total))
+        outer = self.state.outer
+        assert outer is not None
+
+        def inner_then_delta() -> list[torch.Tensor]:
+            if own_mean is not None:
+                self.state.inner_step(own_mean)
+            return outer.delta()
+
+        deltas = [await self.exclusive(inner_then_delta)]
+        deltas += [g for g, _ in contributions[1 if own is not None else 0 :] if g is not None]
+        encoded, decoded = self.downlink.encode(weighted_mean([(d, 1) for d in deltas]))
+        fingerprint = await self.exclusive(lambda: self._stepped_with(self.state.outer_step(decoded), total))
+        return encoded, fingerprint
 
     async def _collect(self, peer: str, epoch: int) -> tuple[list[torch.Tensor] | None, int] | None:
         """A mate's sums for `epoch` (None for either part when it has none / did not take part)."""
@@ -321,7 +391,7 @@ class Collaboration:
             self._refused(peer, reply.epoch, reply.leader)
             return None
         if not reply.grads:
-            return (None, 0)
+            return (None, int(reply.samples))
         return [wire.decode_tensor(t) for t in reply.grads], int(reply.samples)
 
     async def _apply(
@@ -354,9 +424,42 @@ class Collaboration:
             # without us, so follow its leader and take its state.
             log.info("%s: %s follows %s: following it too", self.run_id, peer, their_leader)
             self.follow = (their_leader, time.monotonic() + self.cfg.suspect_seconds)
-            self._catch_up_from = their_leader
+            self._catch_up_from, self._catch_up_epoch = their_leader, None
         elif their_epoch > self.epoch:
-            self._catch_up_from = peer
+            self._behind(peer, their_epoch)
+
+    def _behind(self, peer: str, their_epoch: int) -> None:
+        """`peer` is at a later epoch than this peer: take its state (or, with diloco and no outer
+        step in between, just move the epoch on: see _tick)."""
+        if self._catch_up_from is None:
+            self._catch_up_from, self._catch_up_epoch = peer, their_epoch
+
+    async def _move_on(self, epoch: int) -> None:
+        """diloco: the stage closed inner epochs without us (we missed their Apply): step on what we
+        hold and take the stage's epoch, keeping our own weights; the next outer step averages them."""
+        self._catch_up_from = self._catch_up_epoch = None
+        if self.frozen is not None:
+            self.accumulator.put_back(self.frozen.sums, self.frozen.samples)
+            self.frozen = None
+        sums, samples = self.accumulator.take()
+        mean, behind = mean_of(sums, samples), epoch - self.epoch
+
+        def move() -> None:
+            if mean is not None:
+                self.state.inner_step(mean)
+            self.state.epoch = epoch
+            self.state.note_epoch()
+
+        await self.exclusive(move)
+        self.on_step(self.state.epoch)
+        self._announce_epoch()
+        log.info(
+            "%s: the stage closed %d inner step(s) without this peer: moving on to epoch %d with its own "
+            "weights (no outer step was missed)",
+            self.run_id,
+            behind,
+            epoch,
+        )
 
     # ---- following --------------------------------------------------------------------------------
 
@@ -388,7 +491,7 @@ class Collaboration:
             self.follow = (reply.leader, now + self.cfg.suspect_seconds)
         applying = self.frozen is not None and now - self.frozen.since < 2 * self.cfg.round_timeout
         if reply.epoch > self.epoch + applying:  # not just the step whose Apply is on its way
-            self._catch_up_from = leader
+            self._behind(leader, int(reply.epoch))
         elif self.frozen is not None and reply.epoch == self.frozen.epoch:
             if now - self.frozen.since > 2 * self.cfg.round_timeout:  # that round never finished
                 frozen, self.frozen = self.frozen, None
@@ -397,8 +500,9 @@ class Collaboration:
             pass  # the leader is behind: it catches up from us when it sees our report
 
     async def catch_up(self, peer: str) -> None:
-        """Download `peer`'s state (weights, AdamW moments, epoch), bounded and retried."""
-        self._catch_up_from = None
+        """Download `peer`'s state (weights, AdamW moments, epoch; with diloco its outer state, whose
+        anchor becomes this peer's weights), bounded and retried."""
+        self._catch_up_from = self._catch_up_epoch = None
 
         async def attempt(n: int) -> tuple[int, dict[str, torch.Tensor]]:
             try:
@@ -429,7 +533,7 @@ class Collaboration:
         stub = await self._stub(peer)
         async for chunk in stub.DownloadState(request, timeout=self.cfg.state_timeout):
             epoch = int(chunk.epoch)
-            self.stats.received_bytes += chunk.ByteSize()
+            self.stats.state_received_bytes += chunk.ByteSize()
             for named in chunk.tensors:
                 tensors[named.name] = wire.decode_tensor(named.tensor)
         if epoch < 0:
@@ -445,28 +549,51 @@ class Collaboration:
         leader = self.leader(now)
         if leader == self.me:
             self.reports[sender] = (epoch, samples, now)
-            if epoch > self.epoch and self._catch_up_from is None:
-                self._catch_up_from = sender  # a mate is ahead of its leader: we missed a step
+            if epoch > self.epoch:
+                self._behind(sender, epoch)  # a mate is ahead of its leader: we missed a step
             self._wake.set()
         return leader, self.epoch
 
-    def on_collect(self, sender: str, epoch: int) -> swarm_pb2.CollectResponse:
+    async def on_collect(self, sender: str, epoch: int) -> swarm_pb2.CollectResponse:
         leader = self.leader()
         if sender != leader or epoch != self.epoch:
             if epoch > self.epoch and sender == leader:
-                self._catch_up_from = sender
+                self._behind(sender, epoch)
             return swarm_pb2.CollectResponse(accepted=False, epoch=self.epoch, leader=leader)
+        self._leader_ok = time.monotonic()
+        if self.frozen is not None and self.frozen.epoch == epoch and self.frozen.reply is not None:
+            reply = self.frozen.reply  # an earlier attempt at this outer round: the same delta again
+        else:
+            reply = await self._hand_in(leader, epoch)
+        self.stats.sent_bytes += reply.ByteSize()
+        self.on_traffic()
+        return reply
+
+    async def _hand_in(self, leader: str, epoch: int) -> swarm_pb2.CollectResponse:
+        """What this peer contributes to the round closing `epoch`: gradients; with diloco nothing
+        (inner epoch), or its delta since the anchor after its own inner step (outer epoch)."""
         sums, samples = self.accumulator.take()
         if self.frozen is not None and self.frozen.epoch == epoch:  # an earlier attempt at this round
             self.accumulator.put_back(self.frozen.sums, self.frozen.samples)
             sums, samples = self.accumulator.take()
-        self.frozen = Frozen(epoch, sums, samples)
-        self._leader_ok = time.monotonic()
-        grads = [wire.encode_tensor(t) for t in sums] if sums is not None else []
+        grads: list[swarm_pb2.Tensor] = []
+        if not self.cfg.diloco:
+            grads = self.uplink.encode(sums)[0] if sums is not None else []
+        elif outer_due(epoch, self.cfg.outer_every):
+            outer, mean = self.state.outer, mean_of(sums, samples)
+            assert outer is not None
+
+            def inner_then_delta() -> list[torch.Tensor]:
+                if mean is not None:
+                    self.state.inner_step(mean)
+                return outer.delta()
+
+            grads = self.uplink.encode(await self.exclusive(inner_then_delta))[0]
+            sums = None  # stepped on: a round that fails does not give them back
         reply = swarm_pb2.CollectResponse(
             accepted=True, epoch=epoch, leader=leader, samples=samples, grads=grads
         )
-        self.stats.sent_bytes += reply.ByteSize()
+        self.frozen = Frozen(epoch, sums, samples, reply=reply if grads and self.cfg.diloco else None)
         return reply
 
     async def on_apply(self, request: swarm_pb2.ApplyRequest) -> swarm_pb2.ApplyResponse:
@@ -475,14 +602,24 @@ class Collaboration:
         self.stats.received_bytes += request.ByteSize()
         if sender != leader or epoch != self.epoch:
             if epoch > self.epoch and sender == leader:
-                self._catch_up_from = sender
+                self._behind(sender, epoch)
             return swarm_pb2.ApplyResponse(accepted=False, epoch=self.epoch, leader=leader)
+        frozen = self.frozen if self.frozen is not None and self.frozen.epoch == epoch else None
         grads = [wire.decode_tensor(t) for t in request.grads]
-        fingerprint = await self.exclusive(lambda: self._step(grads))
-        if self.frozen is not None and self.frozen.epoch == epoch:
+        samples, inner = int(request.samples), self.cfg.diloco and not outer_due(epoch, self.cfg.outer_every)
+        if inner:  # our own gradients, handed to nobody
+            own = mean_of(frozen.sums, frozen.samples) if frozen is not None else None
+            fingerprint = await self.exclusive(lambda: self._step(own, samples))
+        elif self.cfg.diloco:
+            fingerprint = await self.exclusive(
+                lambda: self._stepped_with(self.state.outer_step(grads), samples)
+            )
+        else:
+            fingerprint = await self.exclusive(lambda: self._step(grads, samples))
+        if frozen is not None:
             self.frozen = None
         self._leader_ok = time.monotonic()
-        if not same_weights(fingerprint, list(request.fingerprint)):
+        if not inner and not same_weights(fingerprint, list(request.fingerprint)):
             log.warning(
                 "%s: weights differ from %s's after epoch %d: taking its state", self.run_id, sender, epoch
             )
@@ -500,7 +637,8 @@ class Collaboration:
                 for n in names[i : i + CHUNK_TENSORS]
             ]
             chunks.append(swarm_pb2.DownloadStateChunk(epoch=epoch, tensors=named))
-        self.stats.sent_bytes += sum(c.ByteSize() for c in chunks)
+        self.stats.state_sent_bytes += sum(c.ByteSize() for c in chunks)
+        self.on_traffic()
         return chunks
 
     # ---- plumbing ---------------------------------------------------------------------------------

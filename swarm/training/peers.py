@@ -126,7 +126,7 @@ class AveragingServicer(swarm_pb2_grpc.AveragingServiceServicer):
         if collab is None:
             await self._missing(context, request.header)
             raise AssertionError("unreachable")
-        return collab.on_collect(request.header.sender, int(request.header.epoch))
+        return await collab.on_collect(request.header.sender, int(request.header.epoch))
 
     async def Apply(self, request: Any, context: grpc.aio.ServicerContext) -> swarm_pb2.ApplyResponse:
         collab = self._find(request.header)
