@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 
+from swarm import tls
 from swarm.errors import ConfigError, PeerUnavailable
 from swarm.localswarm import LocalSwarm, NodeProcess
 from swarm.training.averaging import AveragingConfig, LocalState
@@ -102,7 +103,7 @@ DILOCO = (
 
 
 def prints(node: NodeProcess) -> dict[int, list[float]]:
-    return get_state(node.info["grpc_address"])[2]
+    return get_state(node.info)[2]
 
 
 def distance(a: NodeProcess, b: NodeProcess) -> tuple[float, float]:
@@ -111,7 +112,7 @@ def distance(a: NodeProcess, b: NodeProcess) -> tuple[float, float]:
     AdamW moves each weight by about lr per step (|m/sqrt(v)| stays near 1), so after at most H
     inner steps from the same anchor two peers are at most 2 H lr sqrt(N) apart; the factor 2 more
     covers reading them a step apart (one of them past the next outer step already)."""
-    (_, wa, _), (_, wb, _) = get_state(a.info["grpc_address"]), get_state(b.info["grpc_address"])
+    (_, wa, _), (_, wb, _) = get_state(a.info), get_state(b.info)
     diff = sum(float((wa[n] - wb[n]).square().sum()) for n in wa)
     numel = sum(t.numel() for t in wa.values())
     return diff**0.5, 4 * H * LR * numel**0.5
@@ -155,7 +156,7 @@ def test_diloco_peers_match_after_every_outer_step_and_a_replacement_loads_the_o
 
             def epoch_at_least(node: NodeProcess, n: int) -> bool:
                 distances.append(distance(a, b))
-                return get_state(node.info["grpc_address"])[0] >= n
+                return get_state(node.info)[0] >= n
 
             wait_for(lambda: epoch_at_least(a, 2 * H + 1), f"two outer steps ({2 * H} epochs)")
             pa, pb = prints(a), prints(b)
@@ -164,7 +165,7 @@ def test_diloco_peers_match_after_every_outer_step_and_a_replacement_loads_the_o
             joined_at = int(replacement.info["epoch"])
             assert joined_at >= 2 * H  # it loaded the stage's state, not fresh weights
             joined, survivor = prints(replacement), prints(a)
-            took_part = lambda: get_state(replacement.info["grpc_address"])[0] >= joined_at + H + 1  # noqa: E731
+            took_part = lambda: get_state(replacement.info)[0] >= joined_at + H + 1  # noqa: E731
             wait_for(took_part, "an outer step with the replacement")
         finally:
             trainer.stop()
@@ -212,7 +213,8 @@ def test_a_diloco_peer_behind_moves_on_within_an_inner_stretch_and_downloads_acr
     state = LocalState(list(model.parameters()), cfg)
     assert state.outer is not None
     collab = Collaboration("test-stage0", "me", state, cfg, exclusive=inline, membership=None)
-    collab.members = {"mate": "127.0.0.1:1"}  # a mate that leads (its id is smaller) and never answers
+    # a mate that leads (its id is smaller) and never answers
+    collab.members = {"mate": tls.Endpoint("127.0.0.1:1", None)}
     before = [p.detach().clone() for p in model.parameters()]
     collab.accumulate([torch.ones_like(p) for p in model.parameters()], 4)  # short of the target
     collab._behind("mate", 3)  # the stage closed epochs 0-2 without us: no outer step in between

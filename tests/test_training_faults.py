@@ -42,14 +42,14 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str, poll: C
 
 
 def epoch_of(node: NodeProcess) -> int:
-    return get_state(node.info["grpc_address"])[0]
+    return get_state(node.info)[0]
 
 
 def assert_same_weights(a: NodeProcess, b: NodeProcess, timeout: float = 30.0) -> int:
     """The two peers reach the same epoch with exactly equal weights (they step on the same numbers)."""
     deadline = time.monotonic() + timeout
     while True:
-        (ea, wa, _), (eb, wb, _) = get_state(a.info["grpc_address"]), get_state(b.info["grpc_address"])
+        (ea, wa, _), (eb, wb, _) = get_state(a.info), get_state(b.info)
         if ea == eb:
             assert wa.keys() == wb.keys()
             for name in wa:
