@@ -93,6 +93,39 @@ def test_a_lone_diloco_peer_steps_inner_adamw_and_an_outer_step_every_h() -> Non
     assert {"anchor.0", "outer_velocity.0", "param.0"} <= set(handed)
 
 
+async def tick(collab: Collaboration) -> None:
+    """One round of the collaboration's loop, then its channels closed: a gRPC channel left open
+    keeps gRPC's threads busy, and a DHT forked later in this process (the next tests') can hang."""
+    try:
+        await collab._tick()
+    finally:
+        for channel in collab._channels.values():
+            await channel.close()
+        collab._channels.clear()
+
+
+def test_a_diloco_peer_behind_moves_on_within_an_inner_stretch_and_downloads_across_an_outer_step() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    cfg = AveragingConfig(target_batch_size=8, lr=1e-2, mode="diloco", outer_every=4, state_timeout=0.5)
+    state = LocalState(list(model.parameters()), cfg)
+    assert state.outer is not None
+    collab = Collaboration("test-stage0", "me", state, cfg, exclusive=inline, membership=None)
+    # a mate that leads (its id is smaller) and never answers
+    collab.members = {"mate": tls.Endpoint("127.0.0.1:1", None)}
+    before = [p.detach().clone() for p in model.parameters()]
+    collab.accumulate([torch.ones_like(p) for p in model.parameters()], 4)  # short of the target
+    collab._behind("mate", 3)  # the stage closed epochs 0-2 without us: no outer step in between
+    asyncio.run(tick(collab))
+    assert state.epoch == 3
+    assert not torch.equal(before[0], model.weight.detach())  # it stepped on the gradients it held
+    assert torch.equal(state.outer.anchor[0], before[0])  # and kept its own weights, anchor untouched
+    collab._behind("mate", 5)  # the stage took the outer step of epoch 3 -> 4 without us
+    with pytest.raises(PeerUnavailable, match="state download from mate failed"):
+        asyncio.run(tick(collab))  # so it loads the stage's outer state (the mate is gone here)
+    assert state.epoch == 3
+
+
 # ---- two real peers of a stage ---------------------------------------------------------------------
 
 DILOCO = (
@@ -204,25 +237,3 @@ def inline(fn: Callable[[], Any]) -> Any:
         return fn()
 
     return run()
-
-
-def test_a_diloco_peer_behind_moves_on_within_an_inner_stretch_and_downloads_across_an_outer_step() -> None:
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 3)
-    cfg = AveragingConfig(target_batch_size=8, lr=1e-2, mode="diloco", outer_every=4, state_timeout=0.5)
-    state = LocalState(list(model.parameters()), cfg)
-    assert state.outer is not None
-    collab = Collaboration("test-stage0", "me", state, cfg, exclusive=inline, membership=None)
-    # a mate that leads (its id is smaller) and never answers
-    collab.members = {"mate": tls.Endpoint("127.0.0.1:1", None)}
-    before = [p.detach().clone() for p in model.parameters()]
-    collab.accumulate([torch.ones_like(p) for p in model.parameters()], 4)  # short of the target
-    collab._behind("mate", 3)  # the stage closed epochs 0-2 without us: no outer step in between
-    asyncio.run(collab._tick())
-    assert state.epoch == 3
-    assert not torch.equal(before[0], model.weight.detach())  # it stepped on the gradients it held
-    assert torch.equal(state.outer.anchor[0], before[0])  # and kept its own weights, anchor untouched
-    collab._behind("mate", 5)  # the stage took the outer step of epoch 3 -> 4 without us
-    with pytest.raises(PeerUnavailable, match="state download from mate failed"):
-        asyncio.run(collab._tick())  # so it loads the stage's outer state (the mate is gone here)
-    assert state.epoch == 3
