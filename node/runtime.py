@@ -26,7 +26,7 @@ from hivemind.dht import DHT
 from rich.progress import Progress
 
 import swarm
-from swarm import checkpoint, tls
+from swarm import checkpoint, receipts, tls
 from swarm.errors import ConfigError, SwarmError
 from swarm.models.llama import LayerCache, LlamaBlock, LlamaConfig
 from swarm.node import device as devices
@@ -383,7 +383,7 @@ async def serve(
         limits,
         quant=cfg.quant,
         metrics=metrics,
-        signer=identity.private_key,
+        signer=receipts.ReceiptSigner(identity.private_key),
         corrupt_rate=cfg.corrupt_rate,
     )
     # A fresh certificate per start: the records announced below pin it, so nothing needs storing.

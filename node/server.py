@@ -22,7 +22,6 @@ import torch
 from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from hivemind.utils.crypto import RSAPrivateKey
 
 import swarm
 from swarm import receipts, tls, wire
@@ -69,7 +68,7 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
         quant: str = "none",
         metrics: NodeMetrics | None = None,
         *,
-        signer: RSAPrivateKey | None = None,
+        signer: receipts.ReceiptSigner | None = None,
         corrupt_rate: float = 0.0,
     ) -> None:
         self.backend = backend

@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hivemind.dht import DHT
 
 import swarm
-from swarm import checkpoint, tls
+from swarm import checkpoint, receipts, tls
 from swarm.errors import ConfigError, PeerUnavailable, SwarmError
 from swarm.models.llama import LlamaBlock, LlamaConfig, init_weights
 from swarm.node import device as devices
@@ -322,7 +322,7 @@ async def _serve_stage(
         me,
         limits,
         metrics=metrics,
-        signer=identity.private_key,
+        signer=receipts.ReceiptSigner(identity.private_key),
         corrupt_rate=cfg.corrupt_rate,
     )
     servicer.training_status = lambda: (state.epoch, dict(state.fingerprints))

@@ -4,6 +4,12 @@ Every Forward, Backward and Inference answer of a node carries a `Receipt`: the 
 key and its signature over a digest of the request and of the response. The key's libp2p id is the
 node's peer id (records.py binds the two), so a receipt proves which node said what, to anyone.
 
+The answer itself is signed with an Ed25519 *receipt key* that the node draws at start and that its
+RSA key endorses once (the endorsement travels in every receipt). An RSA-2048 signature costs about
+a millisecond of CPU, and every inference step of every hop would pay it on the token's critical
+path; Ed25519 signs in tens of microseconds. A receipt without a receipt key is an RSA signature
+over the same bytes (nodes before this change); both verify.
+
 A client whose spot check proves a node wrong (a second and a third server agree, the node does
 not) stores `Evidence` in the DHT under ``"{model}.evidence"``: the request bytes and the signed
 response bytes. The evidence is not signed by its reporter (anyone may report), so a reader
@@ -21,6 +27,9 @@ import logging
 from typing import Any, Final
 
 import pydantic
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from google.protobuf.message import DecodeError, Message
 from hivemind.dht import DHT, DHTNode
 from hivemind.dht.crypto import RSASignatureValidator
@@ -34,6 +43,7 @@ __all__ = [
     "CHAIN_START",
     "MAX_EVIDENCE_BYTES",
     "Evidence",
+    "ReceiptSigner",
     "chain_digest",
     "evidence_key",
     "fetch_evidence",
@@ -53,6 +63,7 @@ CHAIN_START: Final = bytes(32)  # request digest of an Inference stream before i
 MAX_EVIDENCE_BYTES: Final = 1 << 20
 EVIDENCE_TTL: Final = 24 * 3600.0  # seconds a report stays readable
 _DOMAIN: Final = b"swarm.v1.receipt\0"
+_ENDORSE_DOMAIN: Final = b"swarm.v1.receipt-key\0"
 
 
 def message_digest(message: Message) -> bytes:
@@ -79,17 +90,34 @@ def _signed_bytes(method: str, request_digest: bytes, answer_digest: bytes) -> b
     return hashlib.sha256(_DOMAIN + method.encode() + b"\0" + request_digest + answer_digest).digest()
 
 
-def sign_response(key: RSAPrivateKey, method: str, request_digest: bytes, response: Message) -> None:
-    """Attach the node's receipt to `response` (which must not have one yet)."""
-    data = _signed_bytes(method, request_digest, message_digest(response))
-    receipt = response.receipt  # type: ignore[attr-defined]
-    receipt.public_key = _public_key(key)
-    receipt.signature = key.sign(data)
+class ReceiptSigner:
+    """A node's receipt key: an Ed25519 key drawn at start, endorsed once by the node's RSA key."""
+
+    def __init__(self, identity: RSAPrivateKey) -> None:
+        self._key = Ed25519PrivateKey.generate()
+        self.receipt_key = self._key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        self.public_key = identity.get_public_key().to_bytes()
+        self.endorsement = identity.sign(_endorsed_bytes(self.receipt_key))
+
+    def sign(self, method: str, request_digest: bytes, response: Message) -> None:
+        """Attach the receipt to `response` (which must not have one yet)."""
+        data = _signed_bytes(method, request_digest, message_digest(response))
+        receipt = response.receipt  # type: ignore[attr-defined]
+        receipt.public_key = self.public_key
+        receipt.receipt_key = self.receipt_key
+        receipt.receipt_key_signature = self.endorsement
+        receipt.signature = self._key.sign(data)
 
 
-@functools.lru_cache(maxsize=8)  # a node signs every answer with the same key
-def _public_key(key: RSAPrivateKey) -> bytes:
-    return key.get_public_key().to_bytes()
+def _endorsed_bytes(receipt_key: bytes) -> bytes:
+    return hashlib.sha256(_ENDORSE_DOMAIN + receipt_key).digest()
+
+
+def sign_response(signer: ReceiptSigner, method: str, request_digest: bytes, response: Message) -> None:
+    """Attach `signer`'s receipt to `response` (which must not have one yet)."""
+    signer.sign(method, request_digest, response)
 
 
 def key_peer_id(public_key: bytes) -> str | None:
@@ -104,12 +132,29 @@ def verify_receipt(peer_id: str, method: str, request_digest: bytes, response: M
     receipt = response.receipt  # type: ignore[attr-defined]
     if key_peer_id(receipt.public_key) != peer_id:
         return False
+    data = _signed_bytes(method, request_digest, response_digest(response))
+    if not receipt.receipt_key:  # a node before receipt keys: the RSA key signed the answer itself
+        return _rsa_verifies(receipt.public_key, data, receipt.signature)
+    if not _endorsed(receipt.public_key, receipt.receipt_key, receipt.receipt_key_signature):
+        return False
     try:
-        key = RSAPublicKey.from_bytes(receipt.public_key)
+        Ed25519PublicKey.from_public_bytes(receipt.receipt_key).verify(receipt.signature, data)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=1024)  # a node's endorsement is the same in all its receipts
+def _endorsed(public_key: bytes, receipt_key: bytes, endorsement: bytes) -> bool:
+    return _rsa_verifies(public_key, _endorsed_bytes(receipt_key), endorsement)
+
+
+def _rsa_verifies(public_key: bytes, data: bytes, signature: bytes) -> bool:
+    try:
+        key = RSAPublicKey.from_bytes(public_key)
     except (ValueError, TypeError):
         return False
-    data = _signed_bytes(method, request_digest, response_digest(response))
-    return bool(key.verify(data, receipt.signature))
+    return bool(key.verify(data, signature))
 
 
 # ---------------------------------------------------------------------------------------- evidence ---

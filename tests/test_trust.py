@@ -111,7 +111,9 @@ def test_a_receipt_verifies_only_for_its_signer_request_and_response() -> None:
     identity = NodeIdentity.generate()
     request = swarm_pb2.ForwardRequest(hidden_states=wire.encode_tensor(torch.ones(1, 2, 4), "none"))
     response = swarm_pb2.ForwardResponse(hidden_states=wire.encode_tensor(torch.zeros(1, 2, 4), "none"))
-    receipts.sign_response(identity.private_key, "Forward", receipts.message_digest(request), response)
+    receipts.sign_response(
+        receipts.ReceiptSigner(identity.private_key), "Forward", receipts.message_digest(request), response
+    )
     digest = receipts.message_digest(request)
     assert receipts.verify_receipt(identity.peer_id, "Forward", digest, response)
     assert not receipts.verify_receipt(NodeIdentity.generate().peer_id, "Forward", digest, response)
@@ -126,6 +128,29 @@ def test_a_receipt_verifies_only_for_its_signer_request_and_response() -> None:
     forged.CopyFrom(response)
     forged.receipt.signature = RSAPrivateKey().sign(b"anything")
     assert not receipts.verify_receipt(identity.peer_id, "Forward", digest, forged)
+    # a receipt key that this node's RSA key did not endorse: refused, though its signature is right
+    stranger = receipts.ReceiptSigner(RSAPrivateKey())
+    impostor = swarm_pb2.ForwardResponse()
+    impostor.CopyFrom(response)
+    impostor.ClearField("receipt")
+    stranger.sign("Forward", digest, impostor)
+    impostor.receipt.public_key = response.receipt.public_key
+    assert not receipts.verify_receipt(identity.peer_id, "Forward", digest, impostor)
+    impostor.receipt.receipt_key_signature = response.receipt.receipt_key_signature
+    assert not receipts.verify_receipt(identity.peer_id, "Forward", digest, impostor)
+
+
+def test_a_receipt_of_a_node_without_a_receipt_key_still_verifies() -> None:
+    """Nodes before receipt keys signed each answer with their RSA key: such receipts stay valid."""
+    identity = NodeIdentity.generate()
+    request = swarm_pb2.ForwardRequest(hidden_states=wire.encode_tensor(torch.ones(1, 2, 4), "none"))
+    response = swarm_pb2.ForwardResponse(hidden_states=wire.encode_tensor(torch.zeros(1, 2, 4), "none"))
+    digest = receipts.message_digest(request)
+    signed = receipts._signed_bytes("Forward", digest, receipts.message_digest(response))
+    response.receipt.public_key = identity.private_key.get_public_key().to_bytes()
+    response.receipt.signature = identity.private_key.sign(signed)
+    assert receipts.verify_receipt(identity.peer_id, "Forward", digest, response)
+    assert not receipts.verify_receipt(identity.peer_id, "Backward", digest, response)
 
 
 # ---- real node processes --------------------------------------------------------------------------

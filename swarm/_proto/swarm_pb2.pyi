@@ -83,12 +83,16 @@ class RequestHeader(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., model: _Optional[str] = ..., span: _Optional[_Union[Span, _Mapping]] = ..., response_codec: _Optional[_Union[Codec, str]] = ..., adapter: _Optional[str] = ..., min_epoch: _Optional[int] = ..., step: _Optional[int] = ..., check: _Optional[bool] = ...) -> None: ...
 
 class Receipt(_message.Message):
-    __slots__ = ("public_key", "signature")
+    __slots__ = ("public_key", "signature", "receipt_key", "receipt_key_signature")
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_KEY_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_KEY_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     public_key: bytes
     signature: bytes
-    def __init__(self, public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    receipt_key: bytes
+    receipt_key_signature: bytes
+    def __init__(self, public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., receipt_key: _Optional[bytes] = ..., receipt_key_signature: _Optional[bytes] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ("protocol_version",)
