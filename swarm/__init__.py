@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
+
+# gRPC core logs INFO lines such as "Other threads are currently calling into gRPC, skipping fork()
+# handlers" whenever a process with live gRPC threads forks (a DHT, a node subprocess), unless its
+# verbosity is set before grpc is first imported; a user's own setting wins.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 __version__ = "0.1.0"
 PROTOCOL_VERSION = 1

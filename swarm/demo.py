@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -138,8 +137,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps to train")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    # gRPC core's INFO lines ("skipping fork() handlers" when the sampling client's DHT forks).
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("hivemind").setLevel(logging.WARNING)  # the trainer's averaging chatter
     try:
