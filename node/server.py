@@ -93,6 +93,9 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
         # The second argument is the caller's time left (None: no deadline): the wait leaves half of
         # it for the computation, so a stage that lags makes a request stale, never late.
         self.await_epoch: Callable[[int, float | None], Awaitable[None]] | None = None
+        # Training nodes: the epoch of the stage's common weights held now (None: own weights), so
+        # a spot check compares stage peers only on answers from the same weights.
+        self.shared_epoch: Callable[[], int | None] | None = None
         # Requests and sessions in progress; draining waits for `idle`.
         self.active = 0
         self.idle = asyncio.Event()
@@ -182,6 +185,11 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
         self.metrics.observe_wire("sent", wire.raw_nbytes(t), wire.encoded_nbytes(msg))
         return msg
 
+    def _shared_epoch(self) -> int | None:
+        # Read on the event loop: optimizer steps run on the compute thread, exclusively of any
+        # computation, so the same value before and after a computation is the one it used.
+        return None if self.shared_epoch is None else self.shared_epoch()
+
     def _sign(self, method: str, request: Message | bytes, response: R) -> R:
         """Attach the node's receipt; `request`: the request, or the stream's chained digest."""
         if self.signer is not None:
@@ -240,11 +248,14 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
                 if request.header.min_epoch and self.await_epoch is not None:
                     await self.await_epoch(request.header.min_epoch, context.time_remaining())
                 deadline = deadline_after(context.time_remaining())
+                before = self._shared_epoch()
                 out = await self._backend().forward(
                     hidden, start, end, adapter=adapter, prompts=prompts, deadline=deadline
                 )
                 self._count_tokens("Forward", hidden)
                 response = swarm_pb2.ForwardResponse(hidden_states=self._encode(out, request.header))
+                if before is not None and before == self._shared_epoch():
+                    response.epoch = before
                 return self._sign("Forward", request, response)
             except Exception as e:
                 await _abort(context, e)
@@ -264,6 +275,7 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
                     await self.await_epoch(request.header.min_epoch, context.time_remaining())
                 deadline = deadline_after(context.time_remaining())
                 step = request.header.step if request.header.HasField("step") else None
+                before = self._shared_epoch()
                 result = await self._backend().backward(
                     hidden,
                     grad_out,
@@ -282,6 +294,8 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
                 )
                 if result.grad_prompts is not None:
                     response.grad_prompts.CopyFrom(self._encode(result.grad_prompts, request.header))
+                if before is not None and before == self._shared_epoch():
+                    response.epoch = before
                 return self._sign("Backward", request, response)
             except Exception as e:
                 await _abort(context, e)

@@ -326,6 +326,7 @@ async def _serve_stage(
         corrupt_rate=cfg.corrupt_rate,
     )
     servicer.training_status = lambda: (state.epoch, dict(state.fingerprints))
+    servicer.shared_epoch = state.shared_epoch
 
     async def await_epoch(epoch: int, time_left: float | None) -> None:
         await collab.wait_for_epoch(epoch, None if time_left is None else time_left / 2)

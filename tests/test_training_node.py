@@ -207,6 +207,11 @@ def test_two_stages_of_two_peers_train_in_step(training_swarm: LocalSwarm, confi
     assert progress.step >= 16
     assert progress.issued == progress.completed == len(losses)
     assert progress.recent_loss(5) < 0.85 * losses[0], losses
+    # The trainer spot-checked the stage peers against each other, and compared answers only when
+    # both came from the same stage weights: a mate one step ahead is no liar.
+    checker = trainer.checker
+    assert checker.checks > checker.incomparable, (checker.checks, checker.incomparable)
+    assert checker.disagreements == 0 and checker.convicted == []
 
     config = LlamaConfig.from_hf_dict(HF_CONFIG)
     states = [get_state(node.info) for node in nodes]

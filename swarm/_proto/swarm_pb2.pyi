@@ -143,12 +143,14 @@ class ForwardRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("hidden_states", "receipt")
+    __slots__ = ("hidden_states", "receipt", "epoch")
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     hidden_states: Tensor
     receipt: Receipt
-    def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., receipt: _Optional[_Union[Receipt, _Mapping]] = ...) -> None: ...
+    epoch: int
+    def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., receipt: _Optional[_Union[Receipt, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
     __slots__ = ("header", "hidden_states", "grad_outputs", "prompts")
@@ -163,16 +165,18 @@ class BackwardRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., grad_outputs: _Optional[_Union[Tensor, _Mapping]] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class BackwardResponse(_message.Message):
-    __slots__ = ("grad_inputs", "grad_prompts", "adapter_grads", "receipt")
+    __slots__ = ("grad_inputs", "grad_prompts", "adapter_grads", "receipt", "epoch")
     GRAD_INPUTS_FIELD_NUMBER: _ClassVar[int]
     GRAD_PROMPTS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_GRADS_FIELD_NUMBER: _ClassVar[int]
     RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     grad_inputs: Tensor
     grad_prompts: Tensor
     adapter_grads: _containers.RepeatedCompositeFieldContainer[AdapterTensor]
     receipt: Receipt
-    def __init__(self, grad_inputs: _Optional[_Union[Tensor, _Mapping]] = ..., grad_prompts: _Optional[_Union[Tensor, _Mapping]] = ..., adapter_grads: _Optional[_Iterable[_Union[AdapterTensor, _Mapping]]] = ..., receipt: _Optional[_Union[Receipt, _Mapping]] = ...) -> None: ...
+    epoch: int
+    def __init__(self, grad_inputs: _Optional[_Union[Tensor, _Mapping]] = ..., grad_prompts: _Optional[_Union[Tensor, _Mapping]] = ..., adapter_grads: _Optional[_Iterable[_Union[AdapterTensor, _Mapping]]] = ..., receipt: _Optional[_Union[Receipt, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class InferenceOpen(_message.Message):
     __slots__ = ("max_length", "batch_size")

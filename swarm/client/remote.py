@@ -171,6 +171,7 @@ class BackwardReply:
     grad_inputs: torch.Tensor
     grad_prompts: torch.Tensor | None = None
     adapter_grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    epoch: int | None = None  # training nodes: the stage epoch of the weights used (BackwardResponse)
 
 
 def forward_request(
@@ -264,7 +265,8 @@ async def call_backward(
         raise ProtocolError(f"{hop.peer_id} returned gradients for other adapter tensors than it was sent")
     if tuning.prompts is not None and (grad_prompts is None or grad_prompts.shape != tuning.prompts.shape):
         raise ProtocolError(f"{hop.peer_id} returned no (or misshapen) prompt gradients")
-    return BackwardReply(wire.decode_tensor(response.grad_inputs), grad_prompts, adapter_grads)
+    epoch = response.epoch if response.HasField("epoch") else None
+    return BackwardReply(wire.decode_tensor(response.grad_inputs), grad_prompts, adapter_grads, epoch)
 
 
 async def remote_backward(

@@ -45,6 +45,7 @@ class Rerun(Generic[A]):
     server: ServerRecord
     output: torch.Tensor
     answer: A
+    epoch: int | None = None  # a training peer's: the stage epoch of the weights it used
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,11 @@ class SpotChecker:
         self.convicted: list[str] = []  # in the order caught (tests, benchmarks)
         self.checks = 0  # re-runs done
         self.disagreements = 0  # checks whose second server answered otherwise (a referee was asked)
+        # Training peers' answers are compared only when computed with the same stage weights
+        # (Forward/BackwardResponse.epoch): a mate one optimizer step ahead answers otherwise,
+        # honestly. Set when `eligible` limits checks to training peers.
+        self.same_weights_only = eligible is not None
+        self.incomparable = 0  # checks skipped because the answers came from different weights
         self._reviewed: set[str] = set()  # evidence digests already judged
         self._last_review = -float("inf")
         self._background: set[asyncio.Task[None]] = set()
@@ -116,8 +122,10 @@ class SpotChecker:
         *,
         codec: str,
         evidence: Callable[[Rerun[A] | None], receipts.Evidence | None] = lambda r: None,
+        epoch: int | None = None,
     ) -> Judgement[A]:
-        """Check `output`, hop's server's answer, against `rerun` on other servers of its blocks.
+        """Check `output`, hop's server's answer (computed at training `epoch`), against `rerun` on
+        other servers of its blocks.
 
         `evidence(None)` is the checked server's evidence, `evidence(r)` that of a lying verifier.
         With no other server, or only failing ones, the answer stands unchecked.
@@ -126,9 +134,23 @@ class SpotChecker:
         second = await self._first_answer(hop, candidates, rerun)
         if second is None:
             return Judgement(output, None, False)
+        if not self._comparable(epoch, second.epoch):
+            self.incomparable += 1
+            log.debug(
+                "no check of blocks %d:%d: answers from epochs %s and %s",
+                hop.start,
+                hop.end,
+                epoch,
+                second.epoch,
+            )
+            return Judgement(output, None, False)
         return await self.settle(
             hop, output, second, rerun, lambda: _ready(candidates), codec=codec, evidence=evidence
         )
+
+    def _comparable(self, *epochs: int | None) -> bool:
+        """Whether answers computed at these training epochs came from the same weights."""
+        return not self.same_weights_only or (None not in epochs and len(set(epochs)) == 1)
 
     async def settle(
         self,
@@ -150,6 +172,8 @@ class SpotChecker:
             return Judgement(output, None, False)
         self.disagreements += 1
         third = await self._first_answer(hop, await referees(), rerun)
+        if third is not None and not self._comparable(second.epoch, third.epoch):
+            third = None  # a referee on other weights cannot settle it
         tol = self.tolerance([hop.server, second.server, *([third.server] if third else [])], codec)
         decided = verdict(output, second.output, third.output if third else None, tol)
         referee = third.server.peer_id if third else "nobody"
@@ -233,7 +257,8 @@ class SpotChecker:
         async def rerun(other: Hop) -> Rerun[tuple[swarm_pb2.ForwardRequest, swarm_pb2.ForwardResponse]]:
             sent = as_check(request)
             answer = await call_forward(self.pool, model, other, sent, self.config, adapter)
-            return Rerun(other.server, wire.decode_tensor(answer.hidden_states), (sent, answer))
+            epoch = answer.epoch if answer.HasField("epoch") else None
+            return Rerun(other.server, wire.decode_tensor(answer.hidden_states), (sent, answer), epoch)
 
         def evidence(
             lying: Rerun[tuple[swarm_pb2.ForwardRequest, swarm_pb2.ForwardResponse]] | None,
@@ -255,7 +280,8 @@ class SpotChecker:
                 response=answer.SerializeToString(deterministic=True),
             )
 
-        judged = await self.judge(hop, output, rerun, codec=codec, evidence=evidence)
+        epoch = response.epoch if response.HasField("epoch") else None
+        judged = await self.judge(hop, output, rerun, codec=codec, evidence=evidence, epoch=epoch)
         return judged.output
 
     async def check_backward(
@@ -272,9 +298,9 @@ class SpotChecker:
 
         async def rerun(other: Hop) -> Rerun[BackwardReply]:
             answer = await call_backward(self.pool, model, other, as_check(request), self.config, tuning)
-            return Rerun(other.server, answer.grad_inputs, answer)
+            return Rerun(other.server, answer.grad_inputs, answer, answer.epoch)
 
-        judged = await self.judge(hop, reply.grad_inputs, rerun, codec=codec)
+        judged = await self.judge(hop, reply.grad_inputs, rerun, codec=codec, epoch=reply.epoch)
         return judged.answer if judged.answer is not None else reply
 
     # ---- evidence published by others --------------------------------------------------------

@@ -183,14 +183,24 @@ class LocalState:
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.outer = OuterState(params, cfg.outer_lr, cfg.outer_momentum) if cfg.diloco else None
         self.epoch = 0
+        # Inner steps taken since the weights were last the stage's common ones (diloco: each peer
+        # steps on its own gradients between outer steps; averaged gradients keep peers equal).
+        self.inner_steps = 0
         self.fingerprints: OrderedDict[int, list[float]] = OrderedDict()
         self.note_epoch()
+
+    def shared_epoch(self) -> int | None:
+        """The epoch whose common stage weights this peer holds now, or None when its weights are
+        its own (diloco, between outer steps): what a spot check of stage peers must compare."""
+        return self.epoch if self.outer is None or self.inner_steps == 0 else None
 
     def step(self, grads: list[torch.Tensor] | None) -> list[float]:
         """One AdamW step on `grads` (the collaboration's averaged gradient, or with diloco this
         peer's own; None: no samples, only the epoch moves on); call exclusively."""
         if grads is not None:
             self.inner_step(grads)
+        if self.outer is None:
+            self.inner_steps = 0  # an averaged step: the stage's weights again
         self.epoch += 1
         return self.note_epoch()
 
@@ -203,12 +213,14 @@ class LocalState:
         self.optimizer.step()
         for p in self.params:
             p.grad = None
+        self.inner_steps += 1
 
     def outer_step(self, mean_delta: list[torch.Tensor]) -> list[float]:
         """diloco: the outer Nesterov step on the stage's mean delta, which closes the epoch; call
         exclusively (after this peer's own inner step of the epoch)."""
         assert self.outer is not None, "outer_step needs --averaging diloco"
         self.outer.step(mean_delta)
+        self.inner_steps = 0
         self.epoch += 1
         return self.note_epoch()
 
@@ -253,6 +265,7 @@ class LocalState:
                     }
                 else:
                     self.optimizer.state.pop(p, None)
+        self.inner_steps = 0
         if self.outer is not None:  # the stage's last outer state: its anchor becomes our weights
             if "anchor.0" in tensors:
                 self.outer.load_tensors(tensors)
@@ -277,4 +290,5 @@ class LocalState:
         elif self.outer is not None:
             self.outer = OuterState(self.params, self.cfg.outer_lr, self.cfg.outer_momentum)
         self.epoch = int(state["epoch"])
+        self.inner_steps = 0 if self.outer is None else 1  # saved weights may hold inner progress
         self.note_epoch()
