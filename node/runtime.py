@@ -478,6 +478,7 @@ async def shut_down(node: Node, server: grpc.aio.Server, health: Any) -> None:
     node.metrics.set_state("offline")
     await node.announcer.withdraw()
     await server.stop(grace=2)
+    await node.servicer.close()  # its push channels to other nodes
     node.unload()
 
 
