@@ -371,7 +371,7 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
                     if by_push:
                         self.metrics.pushes_received.inc()
                 response.accepts_push = inbox is not None
-                if link is not None and step.HasField("push"):
+                if link is not None and step.push.step_id:  # step_id 0: only dial (the first step)
                     # Before answering: the next node starts while this answer travels.
                     response.pushed = await link.send(step.push, response.hidden_states)
                     counter = self.metrics.pushes_sent if response.pushed else self.metrics.push_failures
