@@ -214,8 +214,11 @@ class PushLink:
         try:
             async with asyncio.timeout(PUSH_WRITE_TIMEOUT):
                 await opening.result().write(message)
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError, TimeoutError) as e:
-            self._fail(f"push to {target.peer_id} failed: {type(e).__name__} {e}".strip())
+        except TimeoutError:
+            self._fail(f"push to {target.peer_id} took over {PUSH_WRITE_TIMEOUT} s (it stopped reading)")
+            return False
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+            self._fail(f"push stream to {target.peer_id} ended (the node went away, or closed the session)")
             return False
         return True
 

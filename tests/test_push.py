@@ -105,7 +105,7 @@ def test_push_gives_the_local_tokens_and_is_really_used(local_swarm: LocalSwarm,
 
 
 def middle_fault(
-    local: LocalSwarm, at: int, act: Callable[[NodeProcess], None], hit: list[NodeProcess]
+    local: LocalSwarm, at: int, act: Callable[[NodeProcess], object], hit: list[NodeProcess]
 ) -> object:
     """A fault callback for session_tokens: at position `at`, `act` on the route's middle node."""
 
