@@ -385,6 +385,7 @@ async def serve(
         metrics=metrics,
         signer=identity.private_key,
         corrupt_rate=cfg.corrupt_rate,
+        push=cfg.push,
     )
     # A fresh certificate per start: the records announced below pin it, so nothing needs storing.
     certificate = tls.NodeCertificate.generate(str(dht.peer_id)) if cfg.tls else None

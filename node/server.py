@@ -72,6 +72,7 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
         *,
         signer: RSAPrivateKey | None = None,
         corrupt_rate: float = 0.0,
+        push: bool = True,
     ) -> None:
         self.backend = backend
         self.model = model
@@ -97,6 +98,7 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
         self.await_epoch: Callable[[int, float | None], Awaitable[None]] | None = None
         # Server-to-server push: sessions that take pushed inputs, by push id, and the channels
         # this node pushes its sessions' outputs over.
+        self.push = push  # False (--no-push): ignore push ids and targets, as a node that predates push
         self._push_inboxes: dict[bytes, SessionInbox] = {}
         self._push_channels = PushChannels()
         # Requests and sessions in progress; draining waits for `idle`.
@@ -359,7 +361,7 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
                     if waited is not None:  # the client's copy of a pushed input came first
                         step = waited
                         self.metrics.push_fallbacks.inc()
-                if step.HasField("push"):
+                if step.HasField("push") and self.push:
                     link = link or PushLink(self._push_channels)
                     link.prepare(step.push)  # dials beside the computation, once per target
                 assert session is not None  # pushes reach only an open session's inbox
@@ -411,7 +413,7 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
 
     def _register_push(self, push_id: bytes, requests: AsyncIterator[swarm_pb2.InferenceRequest]) -> bytes:
         """Make the session reachable by Push under the client's id (b"": the client wants no push)."""
-        if not push_id:
+        if not push_id or not self.push:
             return b""
         if len(push_id) != PUSH_ID_BYTES:
             raise ProtocolError(f"push_id must be {PUSH_ID_BYTES} random bytes, got {len(push_id)}")
@@ -428,6 +430,10 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
         with self.metrics.track_request("Push", context):
             try:
                 async for message in request_iterator:
+                    if len(message.push_id) != PUSH_ID_BYTES:
+                        raise ProtocolError(
+                            f"push_id must be {PUSH_ID_BYTES} bytes, got {len(message.push_id)}"
+                        )
                     inbox = self._push_inboxes.get(message.push_id)
                     if inbox is None:
                         raise SessionGone("no inference session here has this push_id (closed?)")

@@ -5,6 +5,8 @@ a middle node killed (SIGKILL) or hung (SIGSTOP) mid-session is replaced with id
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -149,3 +151,39 @@ def test_push_survives_a_hung_middle_node(local_swarm: LocalSwarm, model_path: P
     assert hung[0].info["peer_id"] not in route
     assert got.tolist() == expected.tolist()
     assert fallbacks >= 1  # the hop after the hung one got its input from the client
+
+
+def test_cli_no_push_relays_every_hop(local_swarm: LocalSwarm, model_path: Path) -> None:
+    """`swarm generate --no-push`: the same tokens, and no node pushes anything."""
+    prompt = PROMPT[:1]
+    expected = local_greedy(model_path, prompt, 6)[0, prompt.shape[1] :].tolist()
+    nodes = [p for p in local_swarm.processes[1:] if p.proc.poll() is None]
+    before = [pushes(n) for n in nodes]
+    command = [sys.executable, "-m", "swarm.cli", "generate", "--model", str(model_path), "--no-push"]
+    command += ["--initial-peers", *local_swarm.initial_peers, "--max-new-tokens", "6", "--prompt-ids"]
+    result = subprocess.run(
+        [*command, *map(str, prompt[0].tolist())], capture_output=True, text=True, timeout=240, check=True
+    )
+    assert [int(t) for t in result.stdout.split()] == expected
+    assert [pushes(n) for n in nodes] == before
+
+
+def test_push_skips_only_the_hops_of_a_node_without_push(tmp_path: Path, model_path: Path) -> None:
+    """The last node runs with --no-push (as a node that predates push): the first hop still pushes
+    to the second, and the client relays the second hop's output to the last itself."""
+    expected = local_greedy(model_path, PROMPT, NEW_TOKENS)
+    with LocalSwarm(tmp_path / "swarm") as local:
+        local.start_dht()
+        nodes = [
+            local.start_node(model_path, "0:3", "--metrics-port", "0"),
+            local.start_node(model_path, "3:6", "--metrics-port", "0"),
+            local.start_node(model_path, "6:8", "--metrics-port", "0", "--no-push"),
+        ]
+        with DistributedModelForCausalLM.from_pretrained(model_path, local.initial_peers) as client:
+            got, fallbacks, _ = session_tokens(client, PROMPT, NEW_TOKENS)
+        first, middle, last = (pushes(n) for n in nodes)
+    assert got.tolist() == expected.tolist()
+    steps = NEW_TOKENS - 1
+    assert first["sent"] == middle["received"] == steps, (first, middle)
+    assert middle["sent"] == last["received"] == last["sent"] == 0, (middle, last)
+    assert fallbacks == 0

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable
 from functools import partial
+from itertools import pairwise
 
 import torch
 
@@ -143,12 +144,13 @@ class InferenceSession:
         return out
 
     def _can_push(self) -> bool:
-        """Push this step? Every hop's node must take pushes (older nodes do not) and hold the
-        session's tokens (a hop that failed a step is re-routed on the plain path first)."""
+        """Push this step? Some two consecutive hops must take pushes (older nodes do not), and
+        every hop must hold the session's tokens (one that failed a step is re-routed plainly first)."""
+        streams = self.streams
         return (
             not self._push_off
-            and len(self.streams) > 1
-            and all(s.accepts_push and s.position == self.position for s in self.streams)
+            and any(a.accepts_push and b.accepts_push for a, b in pairwise(streams))
+            and all(s.position == self.position for s in streams)
         )
 
     def _dial_next(self, i: int) -> swarm_pb2.PushTarget | None:
@@ -160,26 +162,30 @@ class InferenceSession:
 
     async def _pushed_step(self, hidden: torch.Tensor) -> torch.Tensor:
         """One step with server-to-server push: the client sends the input to the first hop and
-        tells every later hop that its input comes from the hop before (each hop's step names the
-        next hop's session as its PushTarget); then it reads every hop's answer in route order,
-        sending an input itself where a push did not happen, and re-routing a hop that fails as in
-        the plain path."""
+        tells every hop that the hop before pushes to (both take pushes) that its input comes by
+        push (each such hop's step names the next hop's session as its PushTarget). Then it reads
+        every hop's answer in route order, sending an input itself where a push did not happen
+        (and to a hop after one that does not push), and re-routing a hop that fails as in the
+        plain path."""
         streams, tokens = list(self.streams), hidden.shape[1]
-        targets = [s.push_target() for s in streams[1:]]
+        targets: dict[InferenceStream, swarm_pb2.PushTarget] = {
+            a: b.push_target() for a, b in pairwise(streams) if a.accepts_push and b.accepts_push
+        }
         first = wire.encode_tensor(hidden, self.config.codec)
         expects: dict[InferenceStream, bool] = {}  # sent this step; True: its input comes by push
         try:
             for i, stream in enumerate(streams):
-                push = targets[i] if i < len(targets) else None
-                await stream.send(first if i == 0 else None, tokens, push)
-                expects[stream] = i > 0
+                fed = i > 0 and streams[i - 1] in targets
+                if i == 0 or fed:
+                    await stream.send(None if fed else first, tokens, targets.get(stream))
+                    expects[stream] = fed
         except SwarmError as e:  # this stream (and those after it) take the plain path below
             log.debug("could not send a pushed step: %s", e)
         out, out_msg = hidden, first
         delivered = False  # whether the previous hop pushed its output to the current one
         i = 0
         while i < len(self.streams):
-            out, reply = await self._hop(i, out, out_msg, (expects, delivered))
+            out, reply = await self._hop(i, out, out_msg, (expects, delivered), targets)
             nxt = self.streams[i + 1] if i + 1 < len(self.streams) else None
             delivered = reply.pushed and nxt is not None and expects.get(nxt, False)
             out_msg = reply.hidden_states
@@ -192,10 +198,12 @@ class InferenceSession:
         x: torch.Tensor,
         x_msg: swarm_pb2.Tensor | None,
         pushed: tuple[dict[InferenceStream, bool], bool] | None,
+        targets: dict[InferenceStream, swarm_pb2.PushTarget] | None = None,
     ) -> tuple[torch.Tensor, swarm_pb2.InferenceResponse]:
         """Stream i's answer for input x (x_msg: as the previous hop answered it), retried on other
         servers of its span (re-routed, inputs replayed) when it fails. `pushed`: the streams sent
-        this step already and whether x was pushed to stream i (None: a plain step)."""
+        this step already and whether x was pushed to stream i (None: a plain step); `targets`: where
+        each stream pushes its output this step (a stream not sent yet still pushes when it runs)."""
         sent = pushed[0].pop(self.streams[i], None) if pushed is not None else None
         delivered = pushed is not None and pushed[1]
 
@@ -204,7 +212,9 @@ class InferenceSession:
                 await self._reroute(i)
             stream = self.streams[i]
             if n > 1 or sent is None or x_msg is None:
-                return await self._timed(i, x.shape[1], stream.step_reply(x, self._dial_next(i)))
+                push = (targets or {}).get(stream) if n == 1 else None
+                push = push or self._dial_next(i)
+                return await self._timed(i, x.shape[1], stream.step_reply(x, push))
             if sent and not delivered:  # the previous hop did not push: send the input ourselves
                 self.push_fallbacks += 1
                 await stream.send_copy(x_msg)
