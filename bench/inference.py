@@ -518,12 +518,12 @@ def bench_wan_proxy(
 
 # ---- output ------------------------------------------------------------------------------------
 
-HEADER = f"{'case':8} {'rep':>3} {'tokens':>6} {'seconds':>8} {'tok/s':>8} {'decode/s':>9} {'match':>5}  note"
+HEADER = f"{'case':10} {'rep':>3} {'tokens':>6} {'seconds':>8} {'tok/s':>8} {'decode/s':>9} {'match':>5}  note"
 
 
 def print_run(r: Run) -> None:
     print(
-        f"{r.case:8} {r.rep:>3} {r.tokens:>6} {r.seconds:>8.2f} {r.tokens_per_s:>8.1f} "
+        f"{r.case:10} {r.rep:>3} {r.tokens:>6} {r.seconds:>8.2f} {r.tokens_per_s:>8.1f} "
         f"{r.decode_steps_per_s:>9.1f} {'yes' if r.match else 'NO':>5}  {r.note}",
         flush=True,
     )
