@@ -518,7 +518,9 @@ def bench_wan_proxy(
 
 # ---- output ------------------------------------------------------------------------------------
 
-HEADER = f"{'case':10} {'rep':>3} {'tokens':>6} {'seconds':>8} {'tok/s':>8} {'decode/s':>9} {'match':>5}  note"
+HEADER = (
+    f"{'case':10} {'rep':>3} {'tokens':>6} {'seconds':>8} {'tok/s':>8} {'decode/s':>9} {'match':>5}  note"
+)
 
 
 def print_run(r: Run) -> None:
