@@ -81,7 +81,7 @@ EXTRA_TARGET_S = 5.0  # (c) extra seconds
 
 @dataclass
 class Run:
-    case: str  # local | swarm | swarm4 | killed | wan
+    case: str  # local | swarm | nopush | swarm4 | killed | wan | wan-nopush (+ 32k cases)
     rep: int
     tokens: int
     seconds: float  # whole generate call, session opening included
@@ -101,8 +101,12 @@ class Wan:
     rtt_s: float = 0.0
     compute_s: float = 0.0
     bound_steps_per_s: float = 0.0
-    steps_per_s: float = 0.0
+    steps_per_s: float = 0.0  # with server-to-server push (the default)
     ratio: float = 0.0
+    steps_per_s_no_push: float = 0.0  # ClientConfig(push=False): the client relays every hop
+    ratio_no_push: float = 0.0
+    # With push a token costs one one-way leg per hop plus one back: 1 / ((hops + 1) x RTT/2 + compute).
+    push_bound_steps_per_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -191,17 +195,19 @@ def session_generate(
 
 def alternate(
     local: Local,
-    client: DistributedModelForCausalLM,
+    clients: tuple[DistributedModelForCausalLM, DistributedModelForCausalLM],
     input_ids: torch.Tensor,
     cfg: SamplingConfig,
     reps: int,
     expected: torch.Tensor,
     first: Run,
-    cases: tuple[str, str] = ("local", "swarm"),
+    cases: tuple[str, str, str] = ("local", "swarm", "nopush"),
 ) -> list[Run]:
-    """(a) and (b) alternately, `reps` times each (the first (a) run is `first`), printed as they come."""
+    """(a), (b) with push and (b) without push (clients: push on, push off) in turn, `reps` times
+    each (the first (a) run is `first`), printed as they come."""
     runs: list[Run] = []
-    client.generate(input_ids, max_new_tokens=2, eos_token_id=[])  # warm-up: channels, allocations
+    for client in clients:
+        client.generate(input_ids, max_new_tokens=2, eos_token_id=[])  # warm-up: channels, allocations
     for rep in range(reps):
         if rep:
             _, r = local.generate(input_ids, cfg, rep, expected)
@@ -210,9 +216,24 @@ def alternate(
         r.case = cases[0]
         runs.append(r)
         print_run(r)
-        runs.append(swarm_generate(client, input_ids, cfg.max_new_tokens, cases[1], rep, expected))
-        print_run(runs[-1])
+        for client, case in zip(clients, cases[1:], strict=True):
+            runs.append(swarm_generate(client, input_ids, cfg.max_new_tokens, case, rep, expected))
+            print_run(runs[-1])
     return runs
+
+
+@contextmanager
+def push_on_and_off(
+    path: Path, initial_peers: list[str]
+) -> Iterator[tuple[DistributedModelForCausalLM, DistributedModelForCausalLM]]:
+    """Two clients of one swarm: server-to-server push on (the default) and off."""
+    with (
+        DistributedModelForCausalLM.from_pretrained(path, initial_peers) as on,
+        DistributedModelForCausalLM.from_pretrained(
+            path, initial_peers, client_config=ClientConfig(push=False)
+        ) as off,
+    ):
+        yield on, off
 
 
 def bench_big_vocab(args: argparse.Namespace, workdir: Path) -> list[Run]:
@@ -226,10 +247,9 @@ def bench_big_vocab(args: argparse.Namespace, workdir: Path) -> list[Run]:
     with LocalSwarm(workdir / "swarm-32k") as swarm:
         swarm.start_dht()
         start_nodes(swarm, path, SPANS, node_args(args))
-        with DistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers) as client:
-            return alternate(
-                local, client, input_ids, cfg, args.reps, expected, first, ("local32k", "swarm32k")
-            )
+        with push_on_and_off(path, swarm.initial_peers) as (on, off):
+            cases = ("local32k", "swarm32k", "nopush32k")
+            return alternate(local, (on, off), input_ids, cfg, args.reps, expected, first, cases)
 
 
 def start_nodes(local: LocalSwarm, path: Path, spans: tuple[str, ...], extra: list[str]) -> list[NodeProcess]:
@@ -323,7 +343,9 @@ class WanSkipped(Exception):
     pass
 
 
-def client_on(path: Path, initial_peers: list[str], host: str) -> DistributedModelForCausalLM:
+def client_on(
+    path: Path, initial_peers: list[str], host: str, config: ClientConfig
+) -> DistributedModelForCausalLM:
     """from_pretrained, but with the client's DHT peer listening on `host`.
 
     from_pretrained's client-mode DHT peer on 127.0.0.1 never joined a DHT peer on the veth
@@ -331,7 +353,6 @@ def client_on(path: Path, initial_peers: list[str], host: str) -> DistributedMod
     """
     ckpt = checkpoint.open_checkpoint(path)
     parts = checkpoint.load_client_parts(ckpt, dtype=torch.float32)
-    config = ClientConfig()
     dht = start_dht(initial_peers=initial_peers, host=host, client_mode=False)
     client = DistributedModelForCausalLM(checkpoint.model_name(path), ckpt.config, parts, dht, config)
     try:
@@ -371,11 +392,11 @@ def bench_wan(
                 node_side.initial_peers = dht_side.initial_peers
                 extra = [*node_args(args), "--host", ns_addr]
                 start_nodes(node_side, path, SPANS, extra)
-                with client_on(path, dht_side.initial_peers, root_addr) as client:
-                    client.generate(input_ids, max_new_tokens=2, eos_token_id=[])  # warm-up
-                    for rep in range(args.wan_reps):
-                        runs.append(swarm_generate(client, input_ids, args.new_tokens, "wan", rep, expected))
-                        print_run(runs[-1])
+                with (
+                    client_on(path, dht_side.initial_peers, root_addr, ClientConfig()) as on,
+                    client_on(path, dht_side.initial_peers, root_addr, ClientConfig(push=False)) as off,
+                ):
+                    runs += wan_runs(args, (on, off), input_ids, expected)
             finally:
                 node_side.close()
                 dht_side.close()
@@ -384,10 +405,42 @@ def bench_wan(
     wan.ran = True
     if args.wan_no_netem:
         wan.reason = "--wan-no-netem: namespaces and veth only, no delay (plumbing check)"
-    wan.steps_per_s = statistics.median(r.decode_steps_per_s for r in runs)
-    wan.ratio = wan.steps_per_s / wan.bound_steps_per_s
-    wan.extra = {"tokens_per_s_end_to_end": statistics.median(r.tokens_per_s for r in runs)}
+    # Caveat: here the nodes share one namespace, so a push between them does not cross the delayed
+    # link (the proxy emulation below delays node-to-node traffic too).
+    summarize_wan(wan, runs)
+    wan.extra["emulation"] = "netns (node-to-node traffic not delayed)"
     return wan, runs
+
+
+def wan_runs(
+    args: argparse.Namespace,
+    clients: tuple[DistributedModelForCausalLM, DistributedModelForCausalLM],
+    input_ids: torch.Tensor,
+    expected: torch.Tensor,
+) -> list[Run]:
+    """(d) with push and without, alternately, `--wan-reps` times each."""
+    runs: list[Run] = []
+    for client in clients:
+        client.generate(input_ids, max_new_tokens=2, eos_token_id=[])  # warm-up
+    for rep in range(args.wan_reps):
+        for client, case in zip(clients, ("wan", "wan-nopush"), strict=True):
+            runs.append(swarm_generate(client, input_ids, args.new_tokens, case, rep, expected))
+            print_run(runs[-1])
+    return runs
+
+
+def summarize_wan(wan: Wan, runs: list[Run]) -> None:
+    on = [r for r in runs if r.case == "wan"]
+    off = [r for r in runs if r.case == "wan-nopush"]
+    wan.push_bound_steps_per_s = 1 / ((wan.hops + 1) * wan.rtt_s / 2 + wan.compute_s)
+    wan.steps_per_s = statistics.median(r.decode_steps_per_s for r in on)
+    wan.ratio = wan.steps_per_s / wan.bound_steps_per_s
+    wan.steps_per_s_no_push = statistics.median(r.decode_steps_per_s for r in off)
+    wan.ratio_no_push = wan.steps_per_s_no_push / wan.bound_steps_per_s
+    wan.extra = {
+        "tokens_per_s_end_to_end": statistics.median(r.tokens_per_s for r in on),
+        "tokens_per_s_end_to_end_no_push": statistics.median(r.tokens_per_s for r in off),
+    }
 
 
 def parse_rate(rate: str) -> float:
@@ -406,10 +459,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def proxied_client(
-    args: argparse.Namespace, path: Path, workdir: Path
-) -> Iterator[DistributedModelForCausalLM]:
-    """2 nodes (SPANS) serving `path`, each behind a WAN proxy whose port it announces, and a client."""
+def proxied_swarm(args: argparse.Namespace, path: Path, workdir: Path) -> Iterator[LocalSwarm]:
+    """2 nodes (SPANS) serving `path`, each behind a WAN proxy whose port it announces (so the
+    client's traffic AND node-to-node pushes cross the emulated link)."""
     delay_s, rate = args.wan_delay_ms / 1000, parse_rate(args.wan_rate)
     with LocalSwarm(workdir) as swarm, contextlib.ExitStack() as proxies:
         swarm.start_dht()
@@ -418,8 +470,19 @@ def proxied_client(
             proxy = proxies.enter_context(wan_proxy(port, delay_s, rate))
             extra = [*node_args(args), "--port", str(port), "--announce-port", str(proxy.port)]
             swarm.start_node(path, span, *extra, name=f"wan-node-{i}")
-        with DistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers) as client:
-            yield client
+        yield swarm
+
+
+@contextmanager
+def proxied_client(
+    args: argparse.Namespace, path: Path, workdir: Path
+) -> Iterator[DistributedModelForCausalLM]:
+    """A client (push on) of a proxied_swarm."""
+    with (
+        proxied_swarm(args, path, workdir) as swarm,
+        DistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers) as client,
+    ):
+        yield client
 
 
 def bench_wan_proxy(
@@ -441,31 +504,28 @@ def bench_wan_proxy(
         return wan, []
     wan.rtt_s = 2 * args.wan_delay_ms / 1000
     wan.bound_steps_per_s = 1 / (wan.hops * wan.rtt_s + wan.compute_s)
-    runs: list[Run] = []
-    with proxied_client(args, path, workdir / "wan-proxy") as client:
-        client.generate(input_ids, max_new_tokens=2, eos_token_id=[])  # warm-up
-        for rep in range(args.wan_reps):
-            runs.append(swarm_generate(client, input_ids, args.new_tokens, "wan", rep, expected))
-            print_run(runs[-1])
+    with (
+        proxied_swarm(args, path, workdir / "wan-proxy") as swarm,
+        push_on_and_off(path, swarm.initial_peers) as clients,
+    ):
+        runs = wan_runs(args, clients, input_ids, expected)
     wan.ran = True
     wan.reason = f"{why}; emulated instead by a userspace proxy per node (bench/wan_proxy.py)"
-    wan.steps_per_s = statistics.median(r.decode_steps_per_s for r in runs)
-    wan.ratio = wan.steps_per_s / wan.bound_steps_per_s
-    wan.extra = {
-        "tokens_per_s_end_to_end": statistics.median(r.tokens_per_s for r in runs),
-        "emulation": "proxy",
-    }
+    summarize_wan(wan, runs)
+    wan.extra["emulation"] = "proxy"
     return wan, runs
 
 
 # ---- output ------------------------------------------------------------------------------------
 
-HEADER = f"{'case':8} {'rep':>3} {'tokens':>6} {'seconds':>8} {'tok/s':>8} {'decode/s':>9} {'match':>5}  note"
+HEADER = (
+    f"{'case':10} {'rep':>3} {'tokens':>6} {'seconds':>8} {'tok/s':>8} {'decode/s':>9} {'match':>5}  note"
+)
 
 
 def print_run(r: Run) -> None:
     print(
-        f"{r.case:8} {r.rep:>3} {r.tokens:>6} {r.seconds:>8.2f} {r.tokens_per_s:>8.1f} "
+        f"{r.case:10} {r.rep:>3} {r.tokens:>6} {r.seconds:>8.2f} {r.tokens_per_s:>8.1f} "
         f"{r.decode_steps_per_s:>9.1f} {'yes' if r.match else 'NO':>5}  {r.note}",
         flush=True,
     )
@@ -569,8 +629,8 @@ def bench(args: argparse.Namespace, workdir: Path) -> int:
     with LocalSwarm(workdir / "swarm") as swarm:
         swarm.start_dht()
         first_half, second_half = start_nodes(swarm, path, SPANS, node_args(args))
-        with DistributedModelForCausalLM.from_pretrained(path, swarm.initial_peers) as client:
-            runs += alternate(local, client, input_ids, cfg, args.reps, expected, first)
+        with push_on_and_off(path, swarm.initial_peers) as (on, off):
+            runs += alternate(local, (on, off), input_ids, cfg, args.reps, expected, first)
 
         # (c): serve both spans a second time, then kill the last hop of the route halfway.
         spares = start_nodes(swarm, path, SPANS, node_args(args))
@@ -602,12 +662,14 @@ def bench(args: argparse.Namespace, workdir: Path) -> int:
     print()
     local_runs = [r for r in runs if r.case == "local"]
     swarm_runs = [r for r in runs if r.case == "swarm"]
+    nopush_tps = statistics.median(r.tokens_per_s for r in runs if r.case == "nopush")
     local_tps = statistics.median(r.tokens_per_s for r in local_runs)
     swarm_tps = statistics.median(r.tokens_per_s for r in swarm_runs)
     swarm_s = statistics.median(r.seconds for r in swarm_runs)
     swarm4, killed = (next(r for r in runs if r.case == case) for case in ("swarm4", "killed"))
     big_local = statistics.median(r.tokens_per_s for r in big_runs if r.case == "local32k")
     big_swarm = statistics.median(r.tokens_per_s for r in big_runs if r.case == "swarm32k")
+    big_nopush = statistics.median(r.tokens_per_s for r in big_runs if r.case == "nopush32k")
     compute_s = 1 / statistics.median(r.decode_steps_per_s for r in local_runs)
 
     if args.skip_wan:
@@ -624,10 +686,13 @@ def bench(args: argparse.Namespace, workdir: Path) -> int:
     all_match = all(r.match for r in runs) and (spec is None or spec["all_match"])
     print()
     print(
-        f"(b)/(a) = {ratio:.2f} (target >= {RATIO_TARGET}); "
+        f"(b)/(a) = {ratio:.2f} (target >= {RATIO_TARGET}), without push {nopush_tps / local_tps:.2f}; "
         f"per-token compute in (a): {compute_s * 1000:.2f} ms"
     )
-    print(f"vocab {BIG_VOCAB}: (b)/(a) = {big_swarm / big_local:.2f} (target >= {BIG_RATIO_TARGET})")
+    print(
+        f"vocab {BIG_VOCAB}: (b)/(a) = {big_swarm / big_local:.2f} (target >= {BIG_RATIO_TARGET}), "
+        f"without push {big_nopush / big_local:.2f}"
+    )
     print(
         f"(c) killed run: {killed.seconds:.2f} s, {extra_s:+.2f} s vs (b) median, "
         f"{killed.seconds - swarm4.seconds:+.2f} s vs undisturbed 4-node run (target < {EXTRA_TARGET_S:g} s)"
@@ -639,17 +704,25 @@ def bench(args: argparse.Namespace, workdir: Path) -> int:
             f"(target >= {RATIO_TARGET}); end to end {wan.extra['tokens_per_s_end_to_end']:.2f} tok/s"
             + (f" [{wan.reason}]" if wan.reason else "")
         )
+        print(
+            f"(d) without push: {wan.steps_per_s_no_push:.2f} decode steps/s "
+            f"(ratio {wan.ratio_no_push:.2f}); "
+            f"push bound 1/({wan.hops + 1} x {wan.rtt_s * 500:.0f} ms + {compute_s * 1000:.1f} ms) = "
+            f"{wan.push_bound_steps_per_s:.2f}"
+        )
     print(f"tokens identical to (a) in every run: {'yes' if all_match else 'NO'}")
     wan_part = (
-        f"wan {wan.steps_per_s:.1f} tok/s of bound {wan.bound_steps_per_s:.1f} (ratio {wan.ratio:.2f})"
+        f"wan push {wan.steps_per_s:.1f} steps/s, no push {wan.steps_per_s_no_push:.1f} "
+        f"(bound {wan.bound_steps_per_s:.1f}, ratio {wan.ratio:.2f})"
         if wan.ran
         else f"wan skipped ({wan.reason})"
     )
     print(
-        f"inference: local {local_tps:.1f} tok/s, swarm {swarm_tps:.1f} tok/s (B/A={ratio:.2f}), "
+        f"inference: local {local_tps:.1f} tok/s, swarm {swarm_tps:.1f} tok/s "
+        f"(B/A={ratio:.2f}, no push {nopush_tps / local_tps:.2f}), "
         f"killed {killed.tokens_per_s:.1f} tok/s ({extra_s:+.2f} s), {wan_part}; "
         f"vocab {BIG_VOCAB}: local {big_local:.1f} tok/s, swarm {big_swarm:.1f} tok/s "
-        f"(B/A={big_swarm / big_local:.2f})"
+        f"(B/A={big_swarm / big_local:.2f}, no push {big_nopush / big_local:.2f})"
     )
     elapsed = time.monotonic() - started
     print(f"benchmark took {elapsed:.0f} s")
@@ -669,10 +742,14 @@ def bench(args: argparse.Namespace, workdir: Path) -> int:
                 "local_tokens_per_s": local_tps,
                 "swarm_tokens_per_s": swarm_tps,
                 "swarm_over_local": ratio,
+                "nopush_tokens_per_s": nopush_tps,
+                "nopush_over_local": nopush_tps / local_tps,
                 "vocab_32000": {
                     "local_tokens_per_s": big_local,
                     "swarm_tokens_per_s": big_swarm,
                     "swarm_over_local": big_swarm / big_local,
+                    "nopush_tokens_per_s": big_nopush,
+                    "nopush_over_local": big_nopush / big_local,
                     "prompt_tokens": len(BIG_PROMPT),
                 },
                 "compute_s_per_token": compute_s,

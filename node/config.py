@@ -76,6 +76,13 @@ class NodeConfig:
             "(--no-tls: plaintext, for benchmarks and older clients)"
         ),
     )
+    push: bool = field(
+        default=True,
+        metadata=_help(
+            "inference sessions: take inputs pushed by the previous node and push outputs to the next "
+            "(--no-push: behave as a node without push; clients then relay this node's inputs and outputs)"
+        ),
+    )
     dht_port: int = field(default=0, metadata=_help("DHT port; 0 picks a free one"))
     metrics_port: int | None = field(
         default=None, metadata=_help("serve Prometheus metrics on this port (0 picks a free one)")

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 if TYPE_CHECKING:
     from swarm.training.collaboration import RoundStats
 
-RPCS: Final = ("Info", "Forward", "Backward", "Inference", "Ping", "CheckReachability")
+RPCS: Final = ("Info", "Forward", "Backward", "Inference", "Ping", "CheckReachability", "Push")
 STATES: Final = ("joining", "online", "draining", "offline")
 PRIORITIES: Final = ("inference", "forward", "backward")
 THROUGHPUT_KINDS: Final = ("announced", "compute", "inference")
@@ -130,6 +130,27 @@ class NodeMetrics:
         self.training_samples = Counter(
             "swarm_node_training_samples",
             "Samples of the optimizer steps this training node took with its stage.",
+            registry=r,
+        )
+        # Server-to-server push (inference sessions): outputs sent straight to the next node of a
+        # route, steps computed on a pushed input, and the two ways a push is not used.
+        self.pushes_sent = Counter(
+            "swarm_node_pushes_sent", "Inference step outputs pushed to the next node of a route.", registry=r
+        )
+        self.pushes_received = Counter(
+            "swarm_node_pushes_received",
+            "Inference steps computed on an input the previous node pushed.",
+            registry=r,
+        )
+        self.push_failures = Counter(
+            "swarm_node_push_failures",
+            "Step outputs this node was asked to push but could not (link not up yet, or broken); "
+            "the client then sends them itself.",
+            registry=r,
+        )
+        self.push_fallbacks = Counter(
+            "swarm_node_push_fallbacks",
+            "Steps that expected a pushed input but were computed on the client's own copy.",
             registry=r,
         )
         self.info = Info("swarm_node", "Static facts about this node.", registry=r)

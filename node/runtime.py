@@ -385,6 +385,7 @@ async def serve(
         metrics=metrics,
         signer=receipts.ReceiptSigner(identity.private_key),
         corrupt_rate=cfg.corrupt_rate,
+        push=cfg.push,
     )
     # A fresh certificate per start: the records announced below pin it, so nothing needs storing.
     certificate = tls.NodeCertificate.generate(str(dht.peer_id)) if cfg.tls else None
@@ -478,6 +479,7 @@ async def shut_down(node: Node, server: grpc.aio.Server, health: Any) -> None:
     node.metrics.set_state("offline")
     await node.announcer.withdraw()
     await server.stop(grace=2)
+    await node.servicer.close()  # its push channels to other nodes
     node.unload()
 
 

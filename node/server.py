@@ -39,6 +39,7 @@ from swarm.errors import (
 from swarm.node.adapters import Adapter
 from swarm.node.backend import BackendClosed, BlockBackend, InferenceSession, deadline_after
 from swarm.node.metrics import NodeMetrics, RequestOutcome
+from swarm.node.push import PUSH_ID_BYTES, PushChannels, PushInputs, PushLink, SessionInbox
 from swarm.request_parsing import ParseRequests
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
         *,
         signer: receipts.ReceiptSigner | None = None,
         corrupt_rate: float = 0.0,
+        push: bool = True,
     ) -> None:
         self.backend = backend
         self.model = model
@@ -96,6 +98,11 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
         # Training nodes: the epoch of the stage's common weights held now (None: own weights), so
         # a spot check compares stage peers only on answers from the same weights.
         self.shared_epoch: Callable[[], int | None] | None = None
+        # Server-to-server push: sessions that take pushed inputs, by push id, and the channels
+        # this node pushes its sessions' outputs over.
+        self.push = push  # False (--no-push): ignore push ids and targets, as a node that predates push
+        self._push_inboxes: dict[bytes, SessionInbox] = {}
+        self._push_channels = PushChannels()
         # Requests and sessions in progress; draining waits for `idle`.
         self.active = 0
         self.idle = asyncio.Event()
@@ -113,6 +120,10 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
             self.active -= 1
             if self.active == 0:
                 self.idle.set()
+
+    async def close(self) -> None:
+        """Close the channels this node pushed over (at shutdown, after the gRPC server stopped)."""
+        await self._push_channels.close()
 
     # ---- validation -------------------------------------------------------------------------
 
@@ -315,48 +326,135 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
         header = swarm_pb2.RequestHeader()
         requests = aiter(request_iterator)
         chain = receipts.CHAIN_START  # digest of every request of the stream so far (Receipt)
+        # Server-to-server push (node/push.py): set up when the client opens with a push_id.
+        inbox: SessionInbox | None = None
+        inputs = PushInputs()
+        link: PushLink | None = None
+        push_id = b""
         try:
             while True:
                 try:  # a client that stops sending must not pin its KV cache forever
                     # asyncio.timeout, not wait_for: no extra task per step (Python 3.11)
                     async with asyncio.timeout(self.limits.session_idle_timeout):
-                        request = await anext(requests)
-                except StopAsyncIteration:
-                    break
+                        item = await (anext(requests, None) if inbox is None else inbox.get())
                 except TimeoutError:
                     raise SessionIdle(
                         f"inference session idle for more than {self.limits.session_idle_timeout} s; "
                         "its KV cache was released"
                     ) from None
-                if self.signer is not None:
-                    chain = receipts.chain_digest(chain, request)
-                if session is None:
-                    header = request.header
-                    backend = self._backend()  # the session stays on it even if the node moves
-                    session = self._open_session(request, context.peer())
-                if not request.HasField("step"):
-                    continue
-                step = request.step
-                hidden = self._decode_hidden(step.hidden_states)
-                span = (session.start, session.end)
-                prompts = self._decode_prompts(step, span)
+                if item is None:
+                    break
+                if isinstance(item, swarm_pb2.PushMessage):
+                    data = inputs.on_push(item)
+                    if data is None or inputs.waiting is None:
+                        continue
+                    step, by_push = inputs.waiting, True
+                else:
+                    request = item
+                    if self.signer is not None:
+                        chain = receipts.chain_digest(chain, request)
+                    if session is None:
+                        header = request.header
+                        backend = self._backend()  # the session stays on it even if the node moves
+                        session = self._open_session(request, context.peer())
+                        push_id = self._register_push(request.open.push_id, requests)
+                        if push_id:
+                            inbox = self._push_inboxes[push_id]
+                    if not request.HasField("step"):
+                        continue
+                    step = request.step
+                    if step.pushed and inbox is None:
+                        raise ProtocolError("a `pushed` step in a session opened without a push_id")
+                    if inputs.is_late_copy(step):
+                        continue  # the push delivered this input first; the step is computed
+                    waited = inputs.waiting
+                    data, by_push = inputs.on_step(step)
+                    if data is None:
+                        continue  # wait for the push (or the client's copy)
+                    if waited is not None:  # the client's copy of a pushed input came first
+                        step = waited
+                        self.metrics.push_fallbacks.inc()
+                if step.HasField("push") and self.push:
+                    link = link or PushLink(self._push_channels)
+                    link.prepare(step.push)  # dials beside the computation, once per target
+                assert session is not None  # pushes reach only an open session's inbox
                 deadline = deadline_after(context.time_remaining())
-                started = time.perf_counter()
-                keep = step.keep if step.HasField("keep") else None
-                out = await backend.step(
-                    session, hidden, step.position, prompts=prompts, deadline=deadline, keep=keep
-                )
-                self.metrics.step_seconds.observe(time.perf_counter() - started)
-                self._count_tokens("Inference", hidden)
-                response = swarm_pb2.InferenceResponse(
-                    hidden_states=self._encode(out, header), step_id=step.step_id, length=session.length
-                )
+                response = await self._inference_step(backend, session, header, step, data, deadline)
+                if step.pushed:
+                    inputs.computed(step.step_id)
+                    response.input_sha256 = receipts.message_digest(data)
+                    if by_push:
+                        self.metrics.pushes_received.inc()
+                response.accepts_push = inbox is not None
+                if link is not None and step.push.step_id:  # step_id 0: only dial (the first step)
+                    # Before answering: the next node starts while this answer travels.
+                    response.pushed = await link.send(step.push, response.hidden_states)
+                    counter = self.metrics.pushes_sent if response.pushed else self.metrics.push_failures
+                    counter.inc()
                 yield self._sign("Inference", chain, response)
         except Exception as e:
             await _abort(context, e)
         finally:
+            if link is not None:
+                link.close()
+            if inbox is not None:
+                self._push_inboxes.pop(push_id, None)
+                await inbox.close()
             if session is not None:
                 backend.close_session(session)
+
+    async def _inference_step(
+        self,
+        backend: BlockBackend,
+        session: InferenceSession,
+        header: swarm_pb2.RequestHeader,
+        step: swarm_pb2.InferenceStep,
+        data: swarm_pb2.Tensor,
+        deadline: float | None,
+    ) -> swarm_pb2.InferenceResponse:
+        hidden = self._decode_hidden(data)
+        prompts = self._decode_prompts(step, (session.start, session.end))
+        started = time.perf_counter()
+        keep = step.keep if step.HasField("keep") else None
+        position = step.position
+        out = await backend.step(session, hidden, position, prompts=prompts, deadline=deadline, keep=keep)
+        self.metrics.step_seconds.observe(time.perf_counter() - started)
+        self._count_tokens("Inference", hidden)
+        return swarm_pb2.InferenceResponse(
+            hidden_states=self._encode(out, header), step_id=step.step_id, length=session.length
+        )
+
+    def _register_push(self, push_id: bytes, requests: AsyncIterator[swarm_pb2.InferenceRequest]) -> bytes:
+        """Make the session reachable by Push under the client's id (b"": the client wants no push)."""
+        if not push_id or not self.push:
+            return b""
+        if len(push_id) != PUSH_ID_BYTES:
+            raise ProtocolError(f"push_id must be {PUSH_ID_BYTES} random bytes, got {len(push_id)}")
+        if push_id in self._push_inboxes:
+            raise ProtocolError("push_id already names another session here; make a fresh random one")
+        self._push_inboxes[push_id] = SessionInbox(requests)
+        return push_id
+
+    async def Push(
+        self, request_iterator: AsyncIterator[swarm_pb2.PushMessage], context: grpc.aio.ServicerContext
+    ) -> swarm_pb2.PushSummary:
+        """Deliver pushed inputs to this node's sessions (NOT_FOUND once the session is gone)."""
+        accepted = 0
+        with self.metrics.track_request("Push", context):
+            try:
+                async for message in request_iterator:
+                    if len(message.push_id) != PUSH_ID_BYTES:
+                        raise ProtocolError(
+                            f"push_id must be {PUSH_ID_BYTES} bytes, got {len(message.push_id)}"
+                        )
+                    inbox = self._push_inboxes.get(message.push_id)
+                    if inbox is None:
+                        raise SessionGone("no inference session here has this push_id (closed?)")
+                    inbox.deliver(message)
+                    accepted += 1
+            except Exception as e:
+                await _abort(context, e)
+        return swarm_pb2.PushSummary(accepted=accepted)
 
     def _open_session(self, request: swarm_pb2.InferenceRequest, owner: str) -> InferenceSession:
         if not request.HasField("header") or not request.HasField("open"):
@@ -438,7 +536,7 @@ async def _abort(context: grpc.aio.ServicerContext, error: BaseException) -> Non
         code = grpc.StatusCode.DEADLINE_EXCEEDED
     elif isinstance(error, BackendClosed):
         code = grpc.StatusCode.UNAVAILABLE
-    elif isinstance(error, AdapterNotLoaded):
+    elif isinstance(error, AdapterNotLoaded | SessionGone):
         code = grpc.StatusCode.NOT_FOUND
     elif isinstance(error, LimitExceeded):
         code = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -475,6 +573,10 @@ async def dial_back(address: str, expected_peer_id: str, cert_sha256: str, timeo
 
 class SessionIdle(SwarmError):
     """The client sent nothing on an open Inference stream for too long."""
+
+
+class SessionGone(SwarmError):
+    """A push names a session this node does not hold (closed, or never opened here)."""
 
 
 def corrupt(t: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@
     swarm generate --model PATH_OR_ID --initial-peers MADDR --prompt "text"   (needs tokenizer.json)
     swarm generate ... --adapter DIR   (a peft LoRA adapter, applied on the remote blocks)
     swarm generate ... --speculative {off,lookup,model} [--draft-model DIR] [--draft-tokens K]
+    swarm generate ... --no-push   (the client relays every hop's output; default: nodes push it on)
 
 Tokens are printed as they are generated.
 
@@ -68,6 +69,13 @@ class GenerateConfig:
             "metavar": "DIR",
         },
     )
+    push: bool = field(
+        default=True,  # ClientConfig.push
+        metadata={
+            "help": "nodes send their outputs straight to the next node of the route (--no-push: "
+            "the client relays every hop's output)"
+        },
+    )
     draft_tokens: int = field(
         default=8,  # swarm.speculative.DEFAULT_DRAFT_TOKENS (that module imports torch: not at start-up)
         metadata={"help": "most drafted tokens verified per round trip"},
@@ -111,7 +119,7 @@ def generate(cfg: GenerateConfig) -> int:
         t = int(token[0])
         print(tokenizer.decode([t]) if tokenizer is not None else t, end="" if tokenizer else " ", flush=True)
 
-    client_config = ClientConfig(verify_rate=cfg.verify_rate)
+    client_config = ClientConfig(verify_rate=cfg.verify_rate, push=cfg.push)
     with DistributedModelForCausalLM.from_pretrained(
         cfg.model, cfg.initial_peers, client_config=client_config
     ) as model:

@@ -1,6 +1,7 @@
 """Faults mid-generation: a node killed (SIGKILL) or hung (SIGSTOP) is replaced, its span re-routed and
-its inputs replayed, with identical tokens (also with speculative decoding on); a span nobody else
-serves fails fast with MissingBlocksError."""
+its inputs replayed, with identical tokens (also with speculative decoding on, and with server-to-server
+push on and off; tests/test_push.py kills and hangs the middle node of a 3-hop route); a span nobody
+else serves fails fast with MissingBlocksError."""
 
 from __future__ import annotations
 
@@ -22,8 +23,12 @@ from swarm.speculative import SpeculativeConfig
 from tests.checkpoints import make_checkpoint
 from tests.test_speculative import SEED, windowed_checkpoint
 
+# Server-to-server push on (the default) and off: failover works the same either way.
+PUSH = pytest.mark.parametrize("push", [True, False], ids=["push", "no-push"])
 
-def test_greedy_tokens_survive_a_killed_node(tmp_path: Path) -> None:
+
+@PUSH
+def test_greedy_tokens_survive_a_killed_node(tmp_path: Path, push: bool) -> None:
     model_path = make_checkpoint(tmp_path / "failover-llama", "llama", num_layers=8, eos_token_id=[])
     prompt = torch.tensor([[5, 9, 31, 77, 2]])
     new_tokens, kill_after = 24, 8
@@ -31,7 +36,9 @@ def test_greedy_tokens_survive_a_killed_node(tmp_path: Path) -> None:
         local.start_dht()
         local.start_node(model_path, "0:4")
         second_half = [local.start_node(model_path, "4:8", name=f"half-{i}") for i in range(2)]
-        with DistributedModelForCausalLM.from_pretrained(model_path, local.initial_peers) as client:
+        with DistributedModelForCausalLM.from_pretrained(
+            model_path, local.initial_peers, client_config=ClientConfig(push=push)
+        ) as client:
             expected = client.generate(prompt, max_new_tokens=new_tokens)
             killed: list[str] = []
 
@@ -54,7 +61,8 @@ def test_greedy_tokens_survive_a_killed_node(tmp_path: Path) -> None:
     assert got.tolist() == expected.tolist()
 
 
-def test_a_hung_node_is_caught_by_the_step_deadline(tmp_path: Path) -> None:
+@PUSH
+def test_a_hung_node_is_caught_by_the_step_deadline(tmp_path: Path, push: bool) -> None:
     """SIGSTOP keeps the TCP connection open, so only the per-step deadline can tell."""
     model_path = make_checkpoint(tmp_path / "hung-llama", "llama", num_layers=8, eos_token_id=[])
     prompt = torch.tensor([[6, 1, 28, 3]])
@@ -63,7 +71,9 @@ def test_a_hung_node_is_caught_by_the_step_deadline(tmp_path: Path) -> None:
         local.start_dht()
         local.start_node(model_path, "0:4")
         second_half = [local.start_node(model_path, "4:8", name=f"half-{i}") for i in range(2)]
-        with DistributedModelForCausalLM.from_pretrained(model_path, local.initial_peers) as client:
+        with DistributedModelForCausalLM.from_pretrained(
+            model_path, local.initial_peers, client_config=ClientConfig(push=push)
+        ) as client:
             started = time.monotonic()
             expected = client.generate(prompt, max_new_tokens=new_tokens)
             undisturbed = time.monotonic() - started
@@ -124,7 +134,8 @@ def test_a_span_served_once_fails_fast_when_its_server_dies(tmp_path: Path) -> N
     assert took < 30, f"took {took:.1f} s to give up"  # no waiting for long timeouts
 
 
-def test_speculative_tokens_survive_a_killed_node(tmp_path: Path) -> None:
+@PUSH
+def test_speculative_tokens_survive_a_killed_node(tmp_path: Path, push: bool) -> None:
     """Speculation on (prompt lookup, drafts accepted and rejected): the replacement replays the
     accepted tokens only, and the tokens equal plain greedy decoding's."""
     model_path = windowed_checkpoint(tmp_path / "failover-windowed")
@@ -133,7 +144,9 @@ def test_speculative_tokens_survive_a_killed_node(tmp_path: Path) -> None:
         local.start_dht()
         local.start_node(model_path, "0:4")
         second_half = [local.start_node(model_path, "4:8", name=f"half-{i}") for i in range(2)]
-        with DistributedModelForCausalLM.from_pretrained(model_path, local.initial_peers) as client:
+        with DistributedModelForCausalLM.from_pretrained(
+            model_path, local.initial_peers, client_config=ClientConfig(push=push)
+        ) as client:
             text = client.generate(torch.tensor([SEED]), max_new_tokens=40)
             prompt = torch.cat([text, text[:, 10:30]], dim=1)  # greedy goes on copying the passage
             expected = client.generate(prompt, max_new_tokens=new_tokens)

@@ -40,7 +40,7 @@ SIZES = [1, 7, 100, 10_000, 1 << 20]
 # Methods that check what they are sent: anything that parses but is not a request they can serve
 # (an empty message, random fields) is refused by validation, also INVALID_ARGUMENT.
 VALIDATING = {"Forward", "Backward", "Inference", "GetState", "LoadAdapter", "Report", "Collect", "Apply"}
-VALIDATING |= {"DownloadState"}
+VALIDATING |= {"DownloadState", "Push"}
 TIMEOUT = 30.0
 
 

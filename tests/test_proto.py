@@ -38,4 +38,5 @@ def test_service_has_the_contracted_rpcs() -> None:
         "CheckReachability": (False, False),
         "LoadAdapter": (False, False),
         "GetState": (False, True),
+        "Push": (True, False),  # server-to-server push: one client stream per session and next node
     }

@@ -179,26 +179,46 @@ class BackwardResponse(_message.Message):
     def __init__(self, grad_inputs: _Optional[_Union[Tensor, _Mapping]] = ..., grad_prompts: _Optional[_Union[Tensor, _Mapping]] = ..., adapter_grads: _Optional[_Iterable[_Union[AdapterTensor, _Mapping]]] = ..., receipt: _Optional[_Union[Receipt, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class InferenceOpen(_message.Message):
-    __slots__ = ("max_length", "batch_size")
+    __slots__ = ("max_length", "batch_size", "push_id")
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PUSH_ID_FIELD_NUMBER: _ClassVar[int]
     max_length: int
     batch_size: int
-    def __init__(self, max_length: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    push_id: bytes
+    def __init__(self, max_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., push_id: _Optional[bytes] = ...) -> None: ...
+
+class PushTarget(_message.Message):
+    __slots__ = ("address", "tls_cert_sha256", "peer_id", "push_id", "step_id")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TLS_CERT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    PUSH_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    tls_cert_sha256: str
+    peer_id: str
+    push_id: bytes
+    step_id: int
+    def __init__(self, address: _Optional[str] = ..., tls_cert_sha256: _Optional[str] = ..., peer_id: _Optional[str] = ..., push_id: _Optional[bytes] = ..., step_id: _Optional[int] = ...) -> None: ...
 
 class InferenceStep(_message.Message):
-    __slots__ = ("hidden_states", "position", "step_id", "prompts", "keep")
+    __slots__ = ("hidden_states", "position", "step_id", "prompts", "keep", "push", "pushed")
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     KEEP_FIELD_NUMBER: _ClassVar[int]
+    PUSH_FIELD_NUMBER: _ClassVar[int]
+    PUSHED_FIELD_NUMBER: _ClassVar[int]
     hidden_states: Tensor
     position: int
     step_id: int
     prompts: Tensor
     keep: int
-    def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., step_id: _Optional[int] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ..., keep: _Optional[int] = ...) -> None: ...
+    push: PushTarget
+    pushed: bool
+    def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., step_id: _Optional[int] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ..., keep: _Optional[int] = ..., push: _Optional[_Union[PushTarget, _Mapping]] = ..., pushed: _Optional[bool] = ...) -> None: ...
 
 class InferenceRequest(_message.Message):
     __slots__ = ("header", "open", "step")
@@ -211,16 +231,38 @@ class InferenceRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[RequestHeader, _Mapping]] = ..., open: _Optional[_Union[InferenceOpen, _Mapping]] = ..., step: _Optional[_Union[InferenceStep, _Mapping]] = ...) -> None: ...
 
 class InferenceResponse(_message.Message):
-    __slots__ = ("hidden_states", "step_id", "length", "receipt")
+    __slots__ = ("hidden_states", "step_id", "length", "receipt", "accepts_push", "pushed", "input_sha256")
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_PUSH_FIELD_NUMBER: _ClassVar[int]
+    PUSHED_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SHA256_FIELD_NUMBER: _ClassVar[int]
     hidden_states: Tensor
     step_id: int
     length: int
     receipt: Receipt
-    def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., step_id: _Optional[int] = ..., length: _Optional[int] = ..., receipt: _Optional[_Union[Receipt, _Mapping]] = ...) -> None: ...
+    accepts_push: bool
+    pushed: bool
+    input_sha256: bytes
+    def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., step_id: _Optional[int] = ..., length: _Optional[int] = ..., receipt: _Optional[_Union[Receipt, _Mapping]] = ..., accepts_push: _Optional[bool] = ..., pushed: _Optional[bool] = ..., input_sha256: _Optional[bytes] = ...) -> None: ...
+
+class PushMessage(_message.Message):
+    __slots__ = ("push_id", "step_id", "hidden_states")
+    PUSH_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
+    push_id: bytes
+    step_id: int
+    hidden_states: Tensor
+    def __init__(self, push_id: _Optional[bytes] = ..., step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class PushSummary(_message.Message):
+    __slots__ = ("accepted",)
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    accepted: int
+    def __init__(self, accepted: _Optional[int] = ...) -> None: ...
 
 class PingRequest(_message.Message):
     __slots__ = ("payload", "reply_bytes")

@@ -75,6 +75,11 @@ class BlockServiceStub:
                 request_serializer=swarm_dot_v1_dot_swarm__pb2.InferenceRequest.SerializeToString,
                 response_deserializer=swarm_dot_v1_dot_swarm__pb2.InferenceResponse.FromString,
                 _registered_method=True)
+        self.Push = channel.stream_unary(
+                '/swarm.v1.BlockService/Push',
+                request_serializer=swarm_dot_v1_dot_swarm__pb2.PushMessage.SerializeToString,
+                response_deserializer=swarm_dot_v1_dot_swarm__pb2.PushSummary.FromString,
+                _registered_method=True)
 
 
 class BlockServiceServicer:
@@ -128,6 +133,14 @@ class BlockServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Push(self, request_iterator, context):
+        """Server-to-server push: one stream per (session, next node); NOT_FOUND once no session there
+        has the message's push_id (a closed or never-opened session).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BlockServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -170,6 +183,11 @@ def add_BlockServiceServicer_to_server(servicer, server):
                     servicer.Inference,
                     request_deserializer=swarm_dot_v1_dot_swarm__pb2.InferenceRequest.FromString,
                     response_serializer=swarm_dot_v1_dot_swarm__pb2.InferenceResponse.SerializeToString,
+            ),
+            'Push': grpc.stream_unary_rpc_method_handler(
+                    servicer.Push,
+                    request_deserializer=swarm_dot_v1_dot_swarm__pb2.PushMessage.FromString,
+                    response_serializer=swarm_dot_v1_dot_swarm__pb2.PushSummary.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -388,6 +406,33 @@ class BlockService:
             '/swarm.v1.BlockService/Inference',
             swarm_dot_v1_dot_swarm__pb2.InferenceRequest.SerializeToString,
             swarm_dot_v1_dot_swarm__pb2.InferenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Push(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/swarm.v1.BlockService/Push',
+            swarm_dot_v1_dot_swarm__pb2.PushMessage.SerializeToString,
+            swarm_dot_v1_dot_swarm__pb2.PushSummary.FromString,
             options,
             channel_credentials,
             insecure,

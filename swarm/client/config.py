@@ -37,6 +37,11 @@ class ClientConfig:
     # require_tls, a node that announces none (a --no-tls node) counts as failed instead of being
     # dialled in plaintext.
     require_tls: bool = False
+    # Server-to-server push in inference sessions: each node sends its output straight to the next
+    # node of the route (client -> A -> B -> client: one leg per hop plus one back, not two legs per
+    # hop). The client still gets every hop's answer (failover replay, spot checks) and sends an
+    # input itself whenever a push did not happen. Off: the client relays every hop's output.
+    push: bool = True
 
     # Spot checks (coordinator/trust.py): the chance that a trusted server's answer is re-run on
     # another server of its blocks (0 turns checks off); a server is trusted once `verify_probation`

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from swarm.errors import PeerUnavailable, ProtocolError, RemoteError
 from swarm.records import ServerRecord
 
 T = TypeVar("T")
+PUSH_ID_BYTES = 16  # as swarm.node.push (the client never imports node)
 
 RETRYABLE_CODES = {
     grpc.StatusCode.UNAVAILABLE,
@@ -299,7 +301,11 @@ async def _unary(hop: Hop, call: Awaitable[T]) -> T:
 
 
 class InferenceStream:
-    """One Inference stream = one KV-cache session on one node for blocks [hop.start, hop.end)."""
+    """One Inference stream = one KV-cache session on one node for blocks [hop.start, hop.end).
+
+    With `push`, the session is opened with a random push id, so the previous node of the route may
+    push this stream's inputs (swarm.node.push); `send`/`receive` then run a step in two halves.
+    """
 
     def __init__(
         self,
@@ -310,6 +316,8 @@ class InferenceStream:
         batch_size: int,
         max_length: int,
         tuning: Tuning = NO_TUNING,
+        *,
+        push: bool = False,
     ):
         self.pool, self.model, self.hop, self.config = pool, model, hop, config
         self.batch_size, self.max_length = batch_size, max_length
@@ -318,6 +326,9 @@ class InferenceStream:
         self._keep: int | None = None  # a rollback the next step tells the node (speculative decoding)
         self._call: Any = None
         self._step_id = 0
+        self._tokens = 0  # tokens of the step in flight
+        self.push_id = os.urandom(PUSH_ID_BYTES) if push else b""
+        self.accepts_push = False  # the node said so in its last answer (older nodes never do)
 
     def rollback(self, keep: int) -> None:
         """Forget every token from position `keep` on. Costs no round trip: the next step carries it."""
@@ -327,35 +338,72 @@ class InferenceStream:
             self.position = keep
             self._keep = keep
 
+    def push_target(self, dial_only: bool = False) -> swarm_pb2.PushTarget:
+        """Where the previous node sends this stream's next input (before that step is sent);
+        `dial_only`: the previous node only opens its link (step_id 0), pushing nothing yet."""
+        return swarm_pb2.PushTarget(
+            address=self.hop.server.grpc_address,
+            tls_cert_sha256=self.hop.server.tls_cert_sha256 or "",
+            peer_id=self.hop.peer_id,
+            push_id=self.push_id,
+            step_id=0 if dial_only else self._step_id + 1,
+        )
+
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:
         """Send new hidden states [batch, new_tokens, hidden]; get the span's outputs for them."""
+        return wire.decode_tensor((await self.step_reply(hidden)).hidden_states)
+
+    async def step_reply(
+        self, hidden: torch.Tensor, push: swarm_pb2.PushTarget | None = None
+    ) -> swarm_pb2.InferenceResponse:
+        """`step`, returning the node's whole answer (`push`: as in `send`)."""
         if self._call is not None or self.tuning.adapter is None:
-            return await self._step(hidden)
+            return await self._step(hidden, push)
         # Opening with an adapter: send it first; if the node dropped it meanwhile, once more.
         await self.pool.ensure_adapter(self.model, self.hop, self.tuning.adapter)
         try:
-            return await self._step(hidden)
+            return await self._step(hidden, push)
         except RemoteError as e:
             if e.code != grpc.StatusCode.NOT_FOUND.name:
                 raise
         self._call = None
         await self.pool.ensure_adapter(self.model, self.hop, self.tuning.adapter, again=True)
-        return await self._step(hidden)
+        return await self._step(hidden, push)
 
-    async def _step(self, hidden: torch.Tensor) -> torch.Tensor:
+    async def _step(
+        self, hidden: torch.Tensor, push: swarm_pb2.PushTarget | None
+    ) -> swarm_pb2.InferenceResponse:
+        await self.send(wire.encode_tensor(hidden, self.config.codec), hidden.shape[1], push)
+        return await self.receive()
+
+    async def send(
+        self, hidden: swarm_pb2.Tensor | None, tokens: int, push: swarm_pb2.PushTarget | None = None
+    ) -> None:
+        """First half of a step: its inputs (None: the previous node pushes them), and where to push
+        its outputs (`push`: the next stream's target)."""
         self._step_id += 1
-        request = swarm_pb2.InferenceRequest(
-            step=swarm_pb2.InferenceStep(
-                hidden_states=wire.encode_tensor(hidden, self.config.codec),
-                position=self.position,
-                step_id=self._step_id,
-            )
-        )
+        step = swarm_pb2.InferenceStep(position=self.position, step_id=self._step_id)
+        if hidden is not None:
+            step.hidden_states.CopyFrom(hidden)
+        else:
+            step.pushed = True
         if self._keep is not None:
-            request.step.keep = self._keep
+            step.keep = self._keep
+        if push is not None:
+            step.push.CopyFrom(push)
         prompts = self.tuning.prompts
         if prompts is not None and self.position < prompts.shape[2]:  # this step reaches into the prefix
-            request.step.prompts.CopyFrom(wire.encode_tensor(prompts, self.config.codec))
+            step.prompts.CopyFrom(wire.encode_tensor(prompts, self.config.codec))
+        self._tokens = tokens
+        await self._write(swarm_pb2.InferenceRequest(step=step))
+
+    async def send_copy(self, hidden: swarm_pb2.Tensor) -> None:
+        """The client's own copy of the input of the step in flight, whose push did not happen."""
+        step = swarm_pb2.InferenceStep(position=self.position, step_id=self._step_id)
+        step.hidden_states.CopyFrom(hidden)
+        await self._write(swarm_pb2.InferenceRequest(step=step))
+
+    async def _write(self, request: swarm_pb2.InferenceRequest) -> None:
         if self._call is None:
             # PeerUnavailable if the node shows another certificate than its record pins
             self._call = (await self.pool.stub(self.hop.server)).Inference()
@@ -363,7 +411,9 @@ class InferenceStream:
                 request_header(self.model, self.hop, self.config.codec, self.tuning.adapter)
             )
             request.open.CopyFrom(
-                swarm_pb2.InferenceOpen(max_length=self.max_length, batch_size=self.batch_size)
+                swarm_pb2.InferenceOpen(
+                    max_length=self.max_length, batch_size=self.batch_size, push_id=self.push_id
+                )
             )
         try:
             # The first write opens the stream (and maybe the connection): connect_timeout bounds it.
@@ -372,11 +422,23 @@ class InferenceStream:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for wraps every await in a new task
             async with asyncio.timeout(write_timeout):
                 await self._call.write(request)
+        except grpc.aio.AioRpcError as e:
+            raise translate_rpc_error(self.hop.peer_id, e) from None
+        except asyncio.InvalidStateError:  # the stream already ended (peer died): report why
+            raise await self._stream_error() from None
+        except TimeoutError:
+            raise PeerUnavailable(
+                f"{self.hop.peer_id} did not take an inference step within {write_timeout} s"
+            ) from None
+
+    async def receive(self) -> swarm_pb2.InferenceResponse:
+        """Second half of a step: the node's answer."""
+        try:
             async with asyncio.timeout(self.config.request_timeout):
                 response = await self._call.read()
         except grpc.aio.AioRpcError as e:
             raise translate_rpc_error(self.hop.peer_id, e) from None
-        except asyncio.InvalidStateError:  # the stream already ended (peer died): report why
+        except asyncio.InvalidStateError:
             raise await self._stream_error() from None
         except TimeoutError:
             raise PeerUnavailable(
@@ -389,8 +451,9 @@ class InferenceStream:
                 f"{self.hop.peer_id} answered step {response.step_id}, expected {self._step_id}"
             )
         self._keep = None
-        self.position += hidden.shape[1]
-        return wire.decode_tensor(response.hidden_states)
+        self.position += self._tokens
+        self.accepts_push = response.accepts_push and bool(self.push_id)
+        return response
 
     async def _stream_error(self) -> Exception:
         """The server ended the stream: report its status (or that it simply went away)."""

@@ -11,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from functools import partial
+from itertools import pairwise
 
 import torch
 
-from swarm import wire
+from swarm import receipts, wire
+from swarm._proto import swarm_pb2
 from swarm.client.config import ClientConfig
 from swarm.client.lora import RemoteLora
 from swarm.client.remote import ChannelPool, InferenceStream, Tuning, call_forward, forward_request
@@ -75,6 +78,10 @@ class InferenceSession:
         self.bans = bans if bans is not None else BanList(config.ban_base, config.ban_limit)
         self.rtts = rtts if rtts is not None else RttTable()
         self.position = 0
+        # Server-to-server push (ClientConfig.push): not with deep prompts, whose per-hop prompts
+        # ride on the client's own messages; off for good after a push that did not add up.
+        self._push_off = not config.push or self.prompts is not None
+        self.push_fallbacks = 0  # pushed steps whose input the client had to send itself
 
     def _avoid(self) -> frozenset[str]:
         return frozenset(self.banned) | self.bans.banned()
@@ -105,7 +112,14 @@ class InferenceSession:
             self.prompts[hop.start : hop.end] if self.prompts is not None else None,
         )
         return InferenceStream(
-            self.pool, self.swarm_map.model, hop, self.config, self.batch_size, self.max_length, tuning
+            self.pool,
+            self.swarm_map.model,
+            hop,
+            self.config,
+            self.batch_size,
+            self.max_length,
+            tuning,
+            push=not self._push_off,
         )
 
     @property
@@ -119,30 +133,108 @@ class InferenceSession:
                 f"inference session max_length {self.max_length} exceeded: holds {self.position}, "
                 f"step adds {hidden.shape[1]}"
             )
-        new_tokens = hidden.shape[1]
+        if self._can_push():
+            out = await self._pushed_step(hidden)
+        else:
+            out, i = hidden, 0
+            while i < len(self.streams):  # the list grows when a failed span is re-routed
+                out = (await self._hop(i, out, None, None))[0]
+                i += 1
+        self.position += hidden.shape[1]
+        return out
+
+    def _can_push(self) -> bool:
+        """Push this step? Some two consecutive hops must take pushes (older nodes do not), and
+        every hop must hold the session's tokens (one that failed a step is re-routed plainly first)."""
+        streams = self.streams
+        return (
+            not self._push_off
+            and any(a.accepts_push and b.accepts_push for a, b in pairwise(streams))
+            and all(s.position == self.position for s in streams)
+        )
+
+    def _dial_next(self, i: int) -> swarm_pb2.PushTarget | None:
+        """On the plain path, let hop i open its push link to the next hop ahead of the first
+        pushed step (a session's first step does this), so that step finds it ready."""
+        if self._push_off or i + 1 >= len(self.streams) or self.streams[i + 1].accepts_push:
+            return None
+        return self.streams[i + 1].push_target(dial_only=True)
+
+    async def _pushed_step(self, hidden: torch.Tensor) -> torch.Tensor:
+        """One step with server-to-server push: the client sends the input to the first hop and
+        tells every hop that the hop before pushes to (both take pushes) that its input comes by
+        push (each such hop's step names the next hop's session as its PushTarget). Then it reads
+        every hop's answer in route order, sending an input itself where a push did not happen
+        (and to a hop after one that does not push), and re-routing a hop that fails as in the
+        plain path."""
+        streams, tokens = list(self.streams), hidden.shape[1]
+        targets: dict[InferenceStream, swarm_pb2.PushTarget] = {
+            a: b.push_target() for a, b in pairwise(streams) if a.accepts_push and b.accepts_push
+        }
+        first = wire.encode_tensor(hidden, self.config.codec)
+        expects: dict[InferenceStream, bool] = {}  # sent this step; True: its input comes by push
+        try:
+            for i, stream in enumerate(streams):
+                fed = i > 0 and streams[i - 1] in targets
+                if i == 0 or fed:
+                    await stream.send(None if fed else first, tokens, targets.get(stream))
+                    expects[stream] = fed
+        except SwarmError as e:  # this stream (and those after it) take the plain path below
+            log.debug("could not send a pushed step: %s", e)
+        out, out_msg = hidden, first
+        delivered = False  # whether the previous hop pushed its output to the current one
         i = 0
         while i < len(self.streams):
-            x = hidden
-
-            async def attempt(n: int, i: int = i, x: torch.Tensor = x) -> torch.Tensor:
-                if n > 1:
-                    await self._reroute(i)
-                return await self._timed_step(i, x)
-
-            hidden = await self.config.retry.run(attempt)
-            self.history[i].append(x)
-            self.outputs[i].append(hidden)
-            stream = self.streams[i]
-            checker = self.checker
-            if (
-                checker is not None
-                and stream not in self._checks
-                and checker.sample_stream(stream.hop.peer_id)
-            ):
-                self._schedule_check(i)
+            out, reply = await self._hop(i, out, out_msg, (expects, delivered), targets)
+            nxt = self.streams[i + 1] if i + 1 < len(self.streams) else None
+            delivered = reply.pushed and nxt is not None and expects.get(nxt, False)
+            out_msg = reply.hidden_states
             i += 1
-        self.position += new_tokens
-        return hidden
+        return out
+
+    async def _hop(
+        self,
+        i: int,
+        x: torch.Tensor,
+        x_msg: swarm_pb2.Tensor | None,
+        pushed: tuple[dict[InferenceStream, bool], bool] | None,
+        targets: dict[InferenceStream, swarm_pb2.PushTarget] | None = None,
+    ) -> tuple[torch.Tensor, swarm_pb2.InferenceResponse]:
+        """Stream i's answer for input x (x_msg: as the previous hop answered it), retried on other
+        servers of its span (re-routed, inputs replayed) when it fails. `pushed`: the streams sent
+        this step already and whether x was pushed to stream i (None: a plain step); `targets`: where
+        each stream pushes its output this step (a stream not sent yet still pushes when it runs)."""
+        sent = pushed[0].pop(self.streams[i], None) if pushed is not None else None
+        delivered = pushed is not None and pushed[1]
+
+        async def attempt(n: int) -> swarm_pb2.InferenceResponse:
+            if n > 1:
+                await self._reroute(i)
+            stream = self.streams[i]
+            if n > 1 or sent is None or x_msg is None:
+                push = (targets or {}).get(stream) if n == 1 else None
+                push = push or self._dial_next(i)
+                return await self._timed(i, x.shape[1], stream.step_reply(x, push))
+            if sent and not delivered:  # the previous hop did not push: send the input ourselves
+                self.push_fallbacks += 1
+                await stream.send_copy(x_msg)
+            reply = await self._timed(i, x.shape[1], stream.receive())
+            if sent and reply.input_sha256 != receipts.message_digest(x_msg):
+                self._push_off = True  # whoever is wrong, this session stops trusting pushes
+                raise PeerUnavailable(
+                    f"{stream.hop.peer_id} computed a step on another input than the previous hop "
+                    "answered (a wrong push?); re-routing it, and pushing no more in this session"
+                )
+            return reply
+
+        reply = await self.config.retry.run(attempt)
+        out = wire.decode_tensor(reply.hidden_states)
+        self.history[i].append(x)
+        self.outputs[i].append(out)
+        stream, checker = self.streams[i], self.checker
+        if checker is not None and stream not in self._checks and checker.sample_stream(stream.hop.peer_id):
+            self._schedule_check(i)
+        return out, reply
 
     def rollback(self, keep: int) -> None:
         """Forget every token from position `keep` on (drafts the client rejected).
@@ -160,10 +252,13 @@ class InferenceSession:
         self._rollbacks.append(keep)  # a check in flight verifies nothing past it (see _check)
         self.position = keep
 
-    async def _timed_step(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Step stream i under a deadline derived from its own measured step time."""
+    async def _timed(
+        self, i: int, tokens: int, answer: Awaitable[swarm_pb2.InferenceResponse]
+    ) -> swarm_pb2.InferenceResponse:
+        """Await stream i's answer under a deadline derived from its own measured step time (with
+        push: the time from the previous hop's answer to this one's)."""
         stream, usual = self.streams[i], self.step_seconds[i]
-        short = x.shape[1] <= SHORT_STEP_TOKENS
+        short = tokens <= SHORT_STEP_TOKENS
         if short and usual is not None:
             deadline = max(self.config.step_timeout_floor, self.config.step_timeout_factor * usual)
         else:  # a prompt, or no measurement yet: the general request timeout
@@ -171,7 +266,7 @@ class InferenceSession:
         started = time.monotonic()
         try:
             async with asyncio.timeout(deadline):  # not wait_for: no extra task per hop and token
-                out = await stream.step(x)
+                out = await answer
         except TimeoutError:
             raise PeerUnavailable(
                 f"{stream.hop.peer_id} did not answer a step within {deadline:.1f} s (hung?)"
