@@ -133,7 +133,7 @@ class NodeMetrics:
             registry=r,
         )
         # Server-to-server push (inference sessions): outputs sent straight to the next node of a
-        # route, steps computed on a pushed input, and the two ways a push is not used.
+        # route, steps computed on a pushed input, and the ways a push is not used.
         self.pushes_sent = Counter(
             "swarm_node_pushes_sent", "Inference step outputs pushed to the next node of a route.", registry=r
         )
@@ -146,6 +146,12 @@ class NodeMetrics:
             "swarm_node_push_failures",
             "Step outputs this node was asked to push but could not (link not up yet, or broken); "
             "the client then sends them itself.",
+            registry=r,
+        )
+        self.push_refusals = Counter(
+            "swarm_node_push_refusals",
+            "Step outputs not pushed because no signed record of the swarm vouches for the target "
+            "the client named (never dialled); the client then sends them itself.",
             registry=r,
         )
         self.push_fallbacks = Counter(

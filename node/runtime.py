@@ -35,6 +35,7 @@ from swarm.node.announcer import Announcer
 from swarm.node.backend import BlockBackend
 from swarm.node.config import NodeConfig
 from swarm.node.metrics import NodeMetrics, start_metrics_server
+from swarm.node.push import PushGate, records_lookup
 from swarm.node.reachability import announce_host, check_reachable
 from swarm.node.server import SERVICE_NAME, BlockServicer, ServerLimits, start_grpc_server
 from swarm.node.throughput import Throughput, default_cache_path, get_throughput
@@ -386,6 +387,8 @@ async def serve(
         signer=receipts.ReceiptSigner(identity.private_key),
         corrupt_rate=cfg.corrupt_rate,
         push=cfg.push,
+        # A client names push targets: dial only nodes the swarm's signed records announce.
+        push_allowed=PushGate(records_lookup(dht, model)).allowed,
     )
     # A fresh certificate per start: the records announced below pin it, so nothing needs storing.
     certificate = tls.NodeCertificate.generate(str(dht.peer_id)) if cfg.tls else None

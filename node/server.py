@@ -39,7 +39,15 @@ from swarm.errors import (
 from swarm.node.adapters import Adapter
 from swarm.node.backend import BackendClosed, BlockBackend, InferenceSession, deadline_after
 from swarm.node.metrics import NodeMetrics, RequestOutcome
-from swarm.node.push import PUSH_ID_BYTES, PushChannels, PushInputs, PushLink, SessionInbox
+from swarm.node.push import (
+    PUSH_ID_BYTES,
+    Allowed,
+    PushChannels,
+    PushInputs,
+    PushLink,
+    SessionInbox,
+    refuse_all,
+)
 from swarm.request_parsing import ParseRequests
 
 log = logging.getLogger(__name__)
@@ -72,6 +80,7 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
         signer: receipts.ReceiptSigner | None = None,
         corrupt_rate: float = 0.0,
         push: bool = True,
+        push_allowed: Allowed = refuse_all,
     ) -> None:
         self.backend = backend
         self.model = model
@@ -99,10 +108,11 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
         # a spot check compares stage peers only on answers from the same weights.
         self.shared_epoch: Callable[[], int | None] | None = None
         # Server-to-server push: sessions that take pushed inputs, by push id, and the channels
-        # this node pushes its sessions' outputs over.
+        # this node pushes its sessions' outputs over, to targets `push_allowed` vouches for (the
+        # runtime's PushGate checks them against the swarm's signed records; by default none is).
         self.push = push  # False (--no-push): ignore push ids and targets, as a node that predates push
         self._push_inboxes: dict[bytes, SessionInbox] = {}
-        self._push_channels = PushChannels()
+        self._push_channels = PushChannels(push_allowed)
         # Requests and sessions in progress; draining waits for `idle`.
         self.active = 0
         self.idle = asyncio.Event()
@@ -374,10 +384,10 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
                     if waited is not None:  # the client's copy of a pushed input came first
                         step = waited
                         self.metrics.push_fallbacks.inc()
-                if step.HasField("push") and self.push:
-                    link = link or PushLink(self._push_channels)
-                    link.prepare(step.push)  # dials beside the computation, once per target
                 assert session is not None  # pushes reach only an open session's inbox
+                if step.HasField("push") and self.push:
+                    link = link or PushLink(self._push_channels, session.end)
+                    link.prepare(step.push)  # checks, then dials, beside the computation: once per target
                 deadline = deadline_after(context.time_remaining())
                 response = await self._inference_step(backend, session, header, step, data, deadline)
                 if step.pushed:
@@ -389,7 +399,10 @@ class BlockServicer(swarm_pb2_grpc.BlockServiceServicer):
                 if link is not None and step.push.step_id:  # step_id 0: only dial (the first step)
                     # Before answering: the next node starts while this answer travels.
                     response.pushed = await link.send(step.push, response.hidden_states)
-                    counter = self.metrics.pushes_sent if response.pushed else self.metrics.push_failures
+                    if response.pushed:
+                        counter = self.metrics.pushes_sent
+                    else:
+                        counter = self.metrics.push_refusals if link.refused else self.metrics.push_failures
                     counter.inc()
                 yield self._sign("Inference", chain, response)
         except Exception as e:

@@ -36,6 +36,7 @@ from swarm.node.announcer import Announcer
 from swarm.node.backend import BlockBackend
 from swarm.node.config import NodeConfig
 from swarm.node.metrics import NodeMetrics
+from swarm.node.push import PushGate, records_lookup
 from swarm.node.reachability import announce_host
 from swarm.node.runtime import serve_metrics, stop_on_signals
 from swarm.node.server import SERVICE_NAME, BlockServicer, ServerLimits, start_grpc_server
@@ -324,6 +325,8 @@ async def _serve_stage(
         metrics=metrics,
         signer=receipts.ReceiptSigner(identity.private_key),
         corrupt_rate=cfg.corrupt_rate,
+        # An inference session here may name push targets too: the same signed records vouch for them.
+        push_allowed=PushGate(records_lookup(dht, model)).allowed,
     )
     servicer.training_status = lambda: (state.epoch, dict(state.fingerprints))
     servicer.shared_epoch = state.shared_epoch

@@ -68,6 +68,10 @@ def test_early_pushes_are_bounded() -> None:
     assert inputs.on_step(pushed(1)) == (None, False)  # the oldest went first
 
 
+async def allow_all(target: swarm_pb2.PushTarget, next_block: int) -> bool:
+    return True
+
+
 async def never() -> AsyncIterator[swarm_pb2.InferenceRequest]:
     await asyncio.Event().wait()
     yield swarm_pb2.InferenceRequest()  # pragma: no cover
@@ -93,14 +97,14 @@ async def test_a_push_link_delivers_over_pinned_tls_and_refuses_another_certific
     server, port, _ = await start_grpc_server(servicer, "127.0.0.1", 0, 1 << 20, certificate=cert)
     push_id = os.urandom(PUSH_ID_BYTES)
     inbox = servicer._push_inboxes[push_id] = SessionInbox(never())  # as an open session registers
-    channels = PushChannels()
+    channels = PushChannels(allow_all)  # what is dialled is checked in the tests below; here: the dial
     target = swarm_pb2.PushTarget(
         address=f"127.0.0.1:{port}", tls_cert_sha256=cert.sha256, peer_id="peer-b", push_id=push_id, step_id=1
     )
     wrong = swarm_pb2.PushTarget()
     wrong.CopyFrom(target)
     wrong.tls_cert_sha256 = tls.NodeCertificate.generate("peer-b").sha256
-    right_link, wrong_link = PushLink(channels), PushLink(channels)
+    right_link, wrong_link = PushLink(channels, 3), PushLink(channels, 3)
     try:
         right_link.prepare(target)
         wrong_link.prepare(wrong)
