@@ -28,7 +28,9 @@ STEPS = NEW_TOKENS - 1  # decoding steps after the prompt: the ones a node pushe
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("forged") / "llama", "llama", num_layers=8, eos_token_id=[])
+    return make_checkpoint(
+        tmp_path_factory.mktemp("forged") / "llama", "llama", num_layers=8, eos_token_id=[]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +131,12 @@ def test_a_listener_named_as_target_is_never_dialled(
     ],
 )
 def test_a_real_node_under_a_wrong_identity_is_not_pushed_to(
-    local_swarm: LocalSwarm, model_path: Path, monkeypatch: pytest.MonkeyPatch, field: str, value: str, why: str
+    local_swarm: LocalSwarm,
+    model_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    field: str,
+    value: str,
+    why: str,
 ) -> None:
     forge(monkeypatch, lambda target: setattr(target, field, value))
     first, second = local_swarm.processes[1:]
@@ -139,5 +146,7 @@ def test_a_real_node_under_a_wrong_identity_is_not_pushed_to(
     assert after["pushes_sent"] == before["pushes_sent"], (before, after)
     assert after["push_refusals"] - before["push_refusals"] == STEPS, (before, after)
     assert push_counts(second)["pushes_received"] == received
-    said = [line for line in first.log_path.read_text().splitlines() if "not pushing to" in line and why in line]
+    said = [
+        line for line in first.log_path.read_text().splitlines() if "not pushing to" in line and why in line
+    ]
     assert len(said) == 1, said
