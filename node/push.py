@@ -10,10 +10,10 @@ computes each step once, on whichever copy of the input arrives first.
 
 The address comes from the client, so a node dials it only once the swarm vouches for it
 (PushGate): a signed, ONLINE record of this node's model, of the target's peer id, announcing the
-target's address and certificate, whose span starts where this session's ends (the next hop of a
-route). Anything else is refused before any connection is made: a client cannot turn volunteers'
-nodes into dialers of arbitrary host:ports. Answers are cached briefly (PUSH_CHECK_TTL), so a
-target costs one bounded DHT lookup (PUSH_CHECK_TIMEOUT) per session start at most.
+target's address and certificate, whose span holds the block where this session's ends (the next
+hop of a route). Anything else is refused before any connection is made: a client cannot turn
+volunteers' nodes into dialers of arbitrary host:ports. Answers are cached briefly
+(PUSH_CHECK_TTL), so a target costs one bounded DHT lookup (PUSH_CHECK_TIMEOUT) per TTL at most.
 
 Everything here is bounded: pushes waiting in a session (MAX_QUEUED_PUSHES), client messages read
 ahead (MAX_READ_AHEAD), the time a push write may take (PUSH_WRITE_TIMEOUT), channels to other
@@ -181,8 +181,10 @@ def record_mismatch(record: ServerRecord, target: swarm_pb2.PushTarget, next_blo
             f"peer {record.peer_id} pins certificate {record.tls_cert_sha256 or 'none (plaintext)'}, "
             f"not {target.tls_cert_sha256 or 'none (plaintext)'}"
         )
-    if record.start != next_block:
-        return f"peer {record.peer_id} serves blocks {record.start}:{record.end}, not from block {next_block}"
+    # Contains, not starts at: routes may enter a node's span mid-way (coordinator.routing), so the
+    # next hop of a session ending at block 4 may be a node of blocks 2:8, used from block 4.
+    if next_block not in record.blocks:
+        return f"peer {record.peer_id} serves blocks {record.start}:{record.end}, not block {next_block}"
     if record.state != ServerState.ONLINE:
         return f"peer {record.peer_id} is {record.state.value}, not online"
     return None

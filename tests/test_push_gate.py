@@ -55,6 +55,8 @@ def target(**changes: object) -> swarm_pb2.PushTarget:
 
 def test_a_record_of_the_next_hop_vouches_for_its_exact_target() -> None:
     assert record_mismatch(record(), target(), NEXT) is None
+    entered_mid_span = record(start=2)  # a route may use a node of blocks 2:8 from block 4 on
+    assert record_mismatch(entered_mid_span, target(), NEXT) is None
     plain = record(tls_cert_sha256=None)  # a --no-tls node: an empty pin is its exact target
     assert record_mismatch(plain, target(tls_cert_sha256=""), NEXT) is None
 
@@ -67,7 +69,8 @@ def test_a_record_of_the_next_hop_vouches_for_its_exact_target() -> None:
         (record(), target(tls_cert_sha256="cd" * 32), f"pins certificate {PIN}, not {'cd' * 32}"),
         (record(), target(tls_cert_sha256=""), f"pins certificate {PIN}, not none (plaintext)"),
         (record(tls_cert_sha256=None), target(), f"pins certificate none (plaintext), not {PIN}"),
-        (record(start=2), target(), "serves blocks 2:8, not from block 4"),
+        (record(start=5), target(), "serves blocks 5:8, not block 4"),
+        (record(start=0, end=4), target(), "serves blocks 0:4, not block 4"),
         (record(state=ServerState.OFFLINE), target(), "is offline, not online"),
         (record(state=ServerState.DRAINING), target(), "is draining, not online"),
         (record(state=ServerState.JOINING), target(), "is joining, not online"),
