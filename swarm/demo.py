@@ -70,17 +70,21 @@ TRAIN_CONFIG = {
     "max_position_embeddings": 512,
     "tie_word_embeddings": False,
 }
-# Every node and the trainer agree on these (a high rate: the model is small and time short).
+# Every node and the trainer agree on these. Small steps, many of them: on the same 6,400 samples
+# one process reaches 1.95 nats/byte with batches of 16 at lr 3e-3 (400 steps), against 2.56 with
+# batches of 64 (100 steps) and 2.68 with those at lr 1e-2, the demo's earlier settings; only the
+# former prints text that looks like Python.
+TARGET_BATCH, LR, WARMUP_STEPS = 16, 3e-3, 20
 NODE_FLAGS = (
     "--train",
     "--num-stages",
     "2",
     "--target-batch-size",
-    "64",
+    str(TARGET_BATCH),
     "--lr",
-    "1e-2",
+    str(LR),
     "--warmup-steps",
-    "5",
+    str(WARMUP_STEPS),
     "--averaging-timeout",
     "3",  # a LAN: a mate that does not hand over its gradients in 3 s sits the round out
 )
@@ -134,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--workdir", default=".demo", help="where logs, checkpoints and the export go")
-    parser.add_argument("--steps", type=int, default=100, help="optimizer steps to train")
+    parser.add_argument("--steps", type=int, default=400, help="optimizer steps to train")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -168,11 +172,14 @@ def run(workdir: Path, steps: int, seed: int) -> int:
         steps=steps,
         micro_batch_size=8,
         in_flight=4,
-        target_batch_size=64,
-        lr=1e-2,
-        warmup_steps=5,
+        target_batch_size=TARGET_BATCH,
+        lr=LR,
+        warmup_steps=WARMUP_STEPS,
         averaging_timeout=3.0,
         seed=seed,
+        # float32 on the wire: with these small steps the int8 codec (the trainer's default) ends
+        # 0.07 nats/byte above one process (same run, held-out too); lossless ends at +0.00.
+        codec="none",
         checkpoint_dir=ckpt_dir,
         data=DataConfig(seq_len=129, max_bytes=16 << 20, seed=seed),
     )
