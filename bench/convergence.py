@@ -104,7 +104,8 @@ CONFIGS: dict[str, tuple[dict[str, Any], int]] = {  # name -> (model config, def
     "demo": (dict(TRAIN_CONFIG), 50),
     "large": (LARGE_CONFIG, 40),
 }
-# What the demo trains with (swarm/demo.py), trainers and nodes alike.
+# What the demo trained with when issue 11's parity figures were taken (trainers and nodes alike);
+# the demo has since moved to batches of 16 at lr 3e-3, float32 on the wire (docs/benchmarks.md).
 MICRO_BATCH, IN_FLIGHT, TARGET_BATCH = 8, 4, 64
 LR, WARMUP_STEPS, SEED = 1e-2, 5, 0
 DATA = DataConfig(seq_len=129, max_bytes=16 << 20, seed=SEED)
