@@ -18,7 +18,8 @@ from swarm.client.model import DistributedModelForCausalLM
 from swarm.client.remote import InferenceStream
 from swarm.localswarm import LocalSwarm, NodeProcess
 from tests.checkpoints import make_checkpoint
-from tests.servers import scrape
+from tests.servers import accepted, scrape
+from tests.servers import listener as listener  # the fixture
 from tests.test_push import local_greedy, session_tokens
 
 PROMPT = torch.tensor([[5, 9, 31, 77, 2]])
@@ -40,29 +41,6 @@ def local_swarm(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> I
         for span in ("0:4", "4:8"):
             local.start_node(model_path, span, "--metrics-port", "0", name=f"node-{span.replace(':', '-')}")
         yield local
-
-
-@pytest.fixture
-def listener() -> Iterator[socket.socket]:
-    """A plain TCP listener on 127.0.0.1:0: the third party a forged target points at."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    sock.setblocking(False)
-    yield sock
-    sock.close()
-
-
-def accepted(sock: socket.socket) -> int:
-    """Connections made to `sock` so far (the kernel completes them without an accept call)."""
-    count = 0
-    while True:
-        try:
-            conn, _ = sock.accept()
-        except BlockingIOError:
-            return count
-        conn.close()
-        count += 1
 
 
 def push_counts(node: NodeProcess) -> dict[str, float]:

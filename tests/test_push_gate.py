@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Iterator
 
 import pytest
 
@@ -22,6 +21,8 @@ from swarm.node.push import (
     target_refusal,
 )
 from swarm.records import ServerRecord, ServerState
+from tests.servers import accepted
+from tests.servers import listener as listener  # the fixture
 
 PIN = "ab" * 32
 NEXT = 4  # the session ends at block 4: the next hop's span starts there
@@ -161,29 +162,6 @@ async def test_a_dht_that_does_not_answer_refuses_the_target(caplog: pytest.LogC
     with caplog.at_level(logging.INFO, logger="swarm.node.push"):
         assert await gate.allowed(target(), NEXT) is False
     assert "could not be read from the DHT (the DHT did not answer within 5.0 s)" in caplog.text
-
-
-@pytest.fixture
-def listener() -> Iterator[socket.socket]:
-    """A plain TCP listener on 127.0.0.1:0: the third party a forged target points at."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    sock.setblocking(False)
-    yield sock
-    sock.close()
-
-
-def accepted(sock: socket.socket) -> int:
-    """Connections made to `sock` so far (the kernel completes them without an accept call)."""
-    count = 0
-    while True:
-        try:
-            conn, _ = sock.accept()
-        except BlockingIOError:
-            return count
-        conn.close()
-        count += 1
 
 
 async def test_a_refused_target_is_never_dialled(listener: socket.socket) -> None:
