@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import ipaddress
 import logging
 import os
@@ -90,6 +91,11 @@ def start_dht(
             # a restarted node's own old entry would count as "taken"
             check_if_identity_free=False,
         )
+        # The DHT runs in a forked child. Garbage the parent left uncollected (gRPC aio calls and
+        # channels, above all) would be finalized there, where gRPC's state is not valid after
+        # fork: a child segfaulted in the garbage collector after in-process gRPC tests. Collect it
+        # here, before the fork, instead.
+        gc.collect()
         try:
             dht.run_in_background(await_ready=True, timeout=startup_timeout)
         except BaseException as e:
