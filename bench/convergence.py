@@ -12,16 +12,20 @@ number of steps, so the same number of samples:
   local_shards  one process on the two trainers' data order (each step takes half its
                 micro-batches from shard 0 of 2, half from shard 1): their reference;
   swarm         a local swarm of 2 stages x 2 peers (real `swarm-node join --train` processes, one
-                torch thread each) and one trainer, 4 micro-batches in flight, int8 activations and
-                gradients on the wire;
+                torch thread each) and one trainer, 4 micro-batches in flight, activations and
+                gradients in the trainer's default codec (bf16) on the wire;
   two trainers  the same swarm (fresh) with two trainers at once, each in its own process, on
                 disjoint shards of the data (--shard 0 2 and 1 2); each step's micro-batches are
                 split between them (4 each), and each waits at every step boundary as a lone
                 trainer does, so every stage computes a step's micro-batches with that step's
                 weights, as one process does;
-  lossless      the same swarm as `swarm` (fresh) with the lossless codec ("none").
+  lossless      the same swarm as `swarm` (fresh) with the lossless codec ("none");
+  int8          the same swarm as `swarm` (fresh) with the int8 codec (blocks of 64), the
+                trainer's default until bf16 replaced it (bench/codec_parity.py: int8's effect on
+                learning swings with the seed).
 
-Averaging modes inside a stage (issue 15), each the same swarm as `swarm` (fresh), one trainer:
+Averaging modes inside a stage (issue 15), each the same swarm as `swarm` (fresh), one trainer,
+int8 on the wire (as they were measured):
 
   gradients int8  gradient averaging with its payloads in int8 with error feedback
                   (`--averaging-codec int8`); `swarm` is gradient averaging in float32;
@@ -57,6 +61,7 @@ times) and
 
     averaging: gradients B B/sample (loss gap G); gradients int8 ...; diloco H=4 B B/sample (loss
         gap G, Rx fewer); ... per stage peer at N samples
+    codecs: swarm bf16 S (gap G), int8 V (gap W), lossless U (gap X) at N samples
     convergence: local L, swarm S (gap G), two trainers T (gap H), lossless swarm U at N samples
 
 (gap = the case minus its one-process reference: local, or local_shards for two trainers; n/a for
@@ -105,14 +110,15 @@ CONFIGS: dict[str, tuple[dict[str, Any], int]] = {  # name -> (model config, def
     "large": (LARGE_CONFIG, 40),
 }
 # What the demo trained with when issue 11's parity figures were taken (trainers and nodes alike);
-# the demo has since moved to batches of 16 at lr 3e-3, float32 on the wire (docs/benchmarks.md).
+# the demo has since moved to batches of 16 at lr 3e-3, bf16 on the wire (docs/benchmarks.md).
 MICRO_BATCH, IN_FLIGHT, TARGET_BATCH = 8, 4, 64
 LR, WARMUP_STEPS, SEED = 1e-2, 5, 0
 DATA = DataConfig(seq_len=129, max_bytes=16 << 20, seed=SEED)
 NUM_STAGES, PEERS_PER_STAGE = 2, 2
 WINDOW = 20  # micro-batches in the compared mean and in the plot's running mean
 GAP_NOTE = 0.05  # a gap above this is called out in the output (nothing is tuned to close it)
-PARITY_CASES = ("local", "local_shards", "swarm", "two_trainers", "lossless")
+PARITY_CASES = ("local", "local_shards", "swarm", "two_trainers", "lossless", "int8")
+WIRE_CODEC = "bf16"  # the trainer's default (TrainerConfig.codec; checked in main)
 # Averaging modes inside a stage (issue 15), each a fresh swarm with one trainer like `swarm` (which
 # is `gradients` averaging in float32): gradients in 8 bits with error feedback, and DiLoCo with an
 # outer step every H steps, its deltas in 8 bits with error feedback ("diloco H=4", ...).
@@ -122,15 +128,22 @@ DILOCO_OUTER_LR, DILOCO_OUTER_MOMENTUM = 0.7, 0.9
 LABELS = {
     "local": "one process",
     "local_shards": "one process, 2 shards' order",
-    "swarm": "swarm (int8)",
-    "two_trainers": "two trainers (int8)",
+    "swarm": "swarm (bf16)",
+    "two_trainers": "two trainers (bf16)",
     "lossless": "swarm (lossless)",
+    "int8": "swarm (int8)",
     GRADIENTS_INT8: "gradients, int8 averaging",
 }
 # What each case is compared with: one process on the same sequences in the same steps. Two
 # trainers read other sequences than one does (shards 0 and 1, half of each step from each), and
 # the order of the data alone moves the last-20 mean by about 0.1 at this length (measured).
-REFERENCE = {"swarm": "local", "two_trainers": "local_shards", "lossless": "local", GRADIENTS_INT8: "local"}
+REFERENCE = {
+    "swarm": "local",
+    "two_trainers": "local_shards",
+    "lossless": "local",
+    "int8": "local",
+    GRADIENTS_INT8: "local",
+}
 AVERAGING_TARGET_RATIO, AVERAGING_TARGET_GAP = 20.0, 0.1  # issue 15: fewer bytes/sample, loss within
 
 
@@ -148,6 +161,16 @@ def label(case: str) -> str:
 
 def reference(case: str) -> str | None:
     return REFERENCE.get(case, "local" if case.startswith("diloco") else None)
+
+
+def wire_codec(case: str) -> str:
+    """The training codec a swarm case sends: the trainer's default unless the case names another;
+    the averaging modes keep int8, which their figures were measured with."""
+    if case == "lossless":
+        return "none"
+    if case in ("int8", GRADIENTS_INT8) or case.startswith("diloco H="):
+        return "int8"
+    return WIRE_CODEC
 
 
 def averaging_flags(case: str) -> list[str]:
@@ -466,7 +489,7 @@ def run_case(case: str, name: str, settings: dict[str, Any], workdir: Path, conf
     if case == "local_shards":
         return local_case(settings, case, trainers=2)
     trainers = 2 if case == "two_trainers" else 1
-    codec = "none" if case == "lossless" else "int8"
+    codec = wire_codec(case)
     folder = workdir / name / re.sub(r"[^A-Za-z0-9_]", "", case.replace(" ", "_"))
     return swarm_case(case, folder, config_dir, settings, trainers, codec)
 
@@ -669,6 +692,12 @@ def summary_lines(name: str, r: dict[str, Any]) -> list[str]:
     averaging = averaging_line(s)
     if averaging:
         lines.append(averaging)
+    if any(f"gap_{c}" in s for c in ("swarm", "int8", "lossless")):
+        codecs = ", ".join(
+            f"{name} {_num(s, f'last{WINDOW}_{c}')} (gap {_num(s, f'gap_{c}', '+.3f')})"
+            for c, name in (("swarm", f"swarm {WIRE_CODEC}"), ("int8", "int8"), ("lossless", "lossless"))
+        )
+        lines.append(f"codecs: {codecs} at {s['samples']} samples")
     lines.append(
         f"convergence: local {_num(s, f'last{WINDOW}_local')}, swarm {_num(s, f'last{WINDOW}_swarm')} "
         f"(gap {_num(s, 'gap_swarm')}), two trainers {_num(s, f'last{WINDOW}_two_trainers')} "
@@ -703,6 +732,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     logging.basicConfig(level=logging.WARNING)
+    from swarm.training.trainer import TrainerConfig
+
+    default_codec = {f.name: f.default for f in fields(TrainerConfig)}["codec"]
+    if default_codec != WIRE_CODEC:
+        parser.error(f"the trainer's default codec is {default_codec!r}; set WIRE_CODEC to it")
     torch.set_num_threads(1)  # the reference as the trainers compute; the nodes need the cores
     names = list(CONFIGS) if args.config == "both" else [args.config]
     run = all_cases() if args.cases is None else tuple(c.strip() for c in args.cases.split(",") if c.strip())

@@ -169,7 +169,12 @@ class TrainCommand:
             "metavar": "K",
         },
     )
-    codec: str = field(default="int8", metadata={"help": "activations and gradients on the wire"})
+    codec: str = field(
+        default="bf16",
+        metadata={
+            "help": "activations and gradients on the wire (int8: half of bf16's bytes, learns less evenly)"
+        },
+    )
     wiring: str = field(default="random", metadata={"help": "random (SWARM) or fixed pipeline"})
     checkpoint_dir: str = field(
         default="swarm-train", metadata={"help": "save (and resume from) trainer.pt here", "metavar": "DIR"}

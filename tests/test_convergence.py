@@ -1,6 +1,6 @@
 """SWARM training learns what one process learns (the short form of bench/convergence.py).
 
-A local swarm of 2 stages x 2 training peers and one trainer (int8 on the wire, 4 micro-batches in
+A local swarm of 2 stages x 2 training peers and one trainer (bf16 on the wire, 4 micro-batches in
 flight) trains the tiny byte-level Llama for 12 steps of 32 samples; swarm.training.local trains
 the same model from the same initial weights on the same data order with the same optimizer
 settings in this process. At equal samples the swarm's loss must be within TOLERANCE of the
@@ -72,7 +72,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runs]:
         seed=0,
         data=DataConfig(seq_len=65, max_bytes=1 << 20, seed=0),
     )
-    assert cfg.codec == "int8"  # what a user's trainer sends
+    assert cfg.codec == "bf16"  # what a user's trainer sends
     local = train_locally(cfg)
     with LocalSwarm(Path(tmp_path_factory.mktemp("swarm"))) as swarm:
         swarm.start_dht()

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from swarm import wire
 from swarm.models.llama import ClientParts, LlamaBlock
 from swarm.training.data import ByteDataset
-from swarm.training.stages import read_config, warmup_factor
+from swarm.training.stages import read_config, stage_span, warmup_factor
 
 if TYPE_CHECKING:  # imported where used: the trainer pulls in the client and gRPC
     from swarm.training.trainer import TrainerConfig
@@ -38,7 +39,48 @@ class LocalRun:
         return sum(tail) / len(tail) if tail else math.nan
 
 
-def next_byte_loss(parts: ClientParts, blocks: list[LlamaBlock], tokens: torch.Tensor) -> torch.Tensor:
+class _WireRounding(torch.autograd.Function):
+    """Identity, except that the tensor and its gradient come out rounded as `codec` sends them."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, codec: str) -> torch.Tensor:
+        ctx.codec = codec  # type: ignore[attr-defined]
+        return _round_trip(x, codec)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _round_trip(grad, ctx.codec), None  # type: ignore[attr-defined]
+
+
+def _round_trip(x: torch.Tensor, codec: str) -> torch.Tensor:
+    return wire.decode_tensor(wire.encode_tensor(x.detach(), codec)).to(x.dtype)
+
+
+class WireBlock(torch.nn.Module):
+    """A block whose input (and, for the last block, output) crosses the wire in `codec`, forward
+    and backward, as in the swarm, where the trainer sends each stage its input and its output's
+    gradient and gets back its output and its input's gradient."""
+
+    def __init__(self, block: LlamaBlock, codec: str, before: bool, after: bool) -> None:
+        super().__init__()
+        self.block, self.codec, self.before, self.after = block, codec, before, after
+
+    def forward(self, x: torch.Tensor, start: int, cache: None) -> torch.Tensor:
+        if self.before:
+            x = _WireRounding.apply(x, self.codec)
+        x = self.block(x, start, cache)
+        return _WireRounding.apply(x, self.codec) if self.after else x
+
+
+def wire_blocks(blocks: list[LlamaBlock], codec: str, num_stages: int) -> list[torch.nn.Module]:
+    """`blocks` with the swarm's wire rounding at the edges of each of `num_stages` stages."""
+    starts = {stage_span(len(blocks), num_stages, s)[0] for s in range(num_stages)}
+    return [WireBlock(b, codec, i in starts, i == len(blocks) - 1) for i, b in enumerate(blocks)]
+
+
+def next_byte_loss(
+    parts: ClientParts, blocks: Sequence[LlamaBlock | torch.nn.Module], tokens: torch.Tensor
+) -> torch.Tensor:
     """Mean next-byte cross-entropy of `tokens` [batch, seq_len] through the whole model."""
     hidden = parts.embed(tokens[:, :-1])
     for block in blocks:
@@ -64,6 +106,8 @@ def train_locally(
     *,
     trainers: int = 1,
     evaluate_every: int = 0,
+    wire_codec: str = "none",
+    num_stages: int = 2,
     on_step: Callable[[int, LocalRun], None] = lambda step, run: None,
 ) -> LocalRun:
     """Train `cfg` in this process: steps x target_batch_size samples, in
@@ -73,7 +117,11 @@ def train_locally(
     With `trainers` = n > 1, the data order of n trainers with `--shard k n`: each step takes
     each shard's next micro-batches, as many as that trainer's share of the step (the step's
     micro-batches split evenly, the first shards taking the remainder). Several trainers see
-    other sequences than one does, so this is their reference."""
+    other sequences than one does, so this is their reference.
+
+    `wire_codec` other than "none" rounds the hidden states and their gradients where a swarm of
+    `num_stages` stages sends them (bench/codec_parity.py): what the codec alone does to learning.
+    Held-out losses are computed without rounding."""
     from swarm.node.training import stage_blocks  # the nodes' initial weights, block by block
     from swarm.training.trainer import initial_parts
 
@@ -87,6 +135,7 @@ def train_locally(
         for k in range(trainers)
     ]
     params = list(parts.parameters()) + [p for b in blocks for p in b.parameters()]
+    trained = blocks if wire_codec == "none" else wire_blocks(blocks, wire_codec, num_stages)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: warmup_factor(cfg.warmup_steps, e))
     per_step = math.ceil(cfg.target_batch_size / cfg.micro_batch_size)  # as the trainer counts
@@ -99,7 +148,7 @@ def train_locally(
         for k in order:
             tokens = shards[k].batch(index[k], cfg.micro_batch_size)
             index[k] += 1
-            loss = next_byte_loss(parts, blocks, tokens)
+            loss = next_byte_loss(parts, trained, tokens)
             (loss / per_step).backward()
             samples = sum(index) * cfg.micro_batch_size
             run.losses.append((time.monotonic() - began, samples, float(loss.detach())))
