@@ -37,25 +37,14 @@ def run_one(job: tuple[str, int, int, str]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from swarm.demo import LR, TARGET_BATCH, TRAIN_CONFIG, WARMUP_STEPS
-    from swarm.training.data import DataConfig
+    from swarm.demo import TRAIN_CONFIG, trainer_config
     from swarm.training.local import train_locally
-    from swarm.training.trainer import TrainerConfig
 
     codec, seed, steps, folder = job
     config_dir = Path(folder) / "byte-llama"
     config_dir.mkdir(exist_ok=True)
     (config_dir / "config.json").write_text(json.dumps(TRAIN_CONFIG))
-    cfg = TrainerConfig(
-        model=str(config_dir),
-        steps=steps,
-        micro_batch_size=8,
-        target_batch_size=TARGET_BATCH,
-        lr=LR,
-        warmup_steps=WARMUP_STEPS,
-        seed=seed,
-        data=DataConfig(seq_len=129, max_bytes=16 << 20, seed=seed),
-    )
+    cfg = trainer_config(config_dir, steps, seed)
     run = train_locally(cfg, evaluate_every=steps, wire_codec=codec, num_stages=2)
     return {
         "codec": codec,

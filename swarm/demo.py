@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,6 +32,7 @@ from swarm.models.llama import LlamaConfig, LlamaForCausalLM
 
 if TYPE_CHECKING:
     from swarm.training.data import DataConfig
+    from swarm.training.trainer import TrainerConfig
 
 # The inference demo's model (bench/inference.py uses it): 8 blocks, hidden 512.
 DEMO_CONFIG = dict(
@@ -150,14 +151,35 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def trainer_config(config_dir: Path, steps: int, seed: int, **extra: Any) -> TrainerConfig:
+    """The demo's training settings for the model in `config_dir` (bench/codec_parity.py trains
+    with them too); `extra`: more TrainerConfig fields."""
+    from swarm.training.data import DataConfig
+    from swarm.training.trainer import TrainerConfig
+
+    return TrainerConfig(
+        model=str(config_dir),
+        steps=steps,
+        micro_batch_size=8,
+        target_batch_size=TARGET_BATCH,
+        lr=LR,
+        warmup_steps=WARMUP_STEPS,
+        seed=seed,
+        # bf16 on the wire (the trainer's default, half of float32's bytes): with these small steps
+        # it ended 0.01 from one process and float32 0.00, while int8 ended 0.07 above it.
+        codec="bf16",
+        data=DataConfig(seq_len=129, max_bytes=16 << 20, seed=seed),
+        **extra,
+    )
+
+
 def run(workdir: Path, steps: int, seed: int) -> int:
     from swarm.cli import ProgressLine
     from swarm.dht import start_dht
     from swarm.records import NodeIdentity
-    from swarm.training.data import DataConfig
     from swarm.training.export import export_model
     from swarm.training.local import train_locally
-    from swarm.training.trainer import TRAINER_CHECKPOINT, Trainer, TrainerConfig
+    from swarm.training.trainer import TRAINER_CHECKPOINT, Trainer
 
     config_dir = workdir / "byte-llama"
     config_dir.mkdir(parents=True, exist_ok=True)
@@ -167,22 +189,7 @@ def run(workdir: Path, steps: int, seed: int) -> int:
     for old in ckpt_dir.glob("*"):  # a fresh run each time: no resume from an earlier demo
         old.unlink()
 
-    cfg = TrainerConfig(
-        model=str(config_dir),
-        steps=steps,
-        micro_batch_size=8,
-        in_flight=4,
-        target_batch_size=TARGET_BATCH,
-        lr=LR,
-        warmup_steps=WARMUP_STEPS,
-        averaging_timeout=3.0,
-        seed=seed,
-        # bf16 on the wire (the trainer's default, half of float32's bytes): with these small steps
-        # it ended 0.01 from one process and float32 0.00, while int8 ended 0.07 above it.
-        codec="bf16",
-        checkpoint_dir=ckpt_dir,
-        data=DataConfig(seq_len=129, max_bytes=16 << 20, seed=seed),
-    )
+    cfg = trainer_config(config_dir, steps, seed, averaging_timeout=3.0, checkpoint_dir=ckpt_dir)
     print(f"demo: the same training in one process first ({steps} steps), the yardstick ...", flush=True)
     reference = train_locally(cfg, evaluate_every=steps)
     reference_held_out = reference.held_out[-1][1]
