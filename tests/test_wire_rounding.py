@@ -66,3 +66,33 @@ def test_int8_moves_the_loss_and_gradients_a_little_and_float32_not_at_all(tmp_p
     assert not torch.equal(int8_grad, exact_grad)
     error = float((int8_grad - exact_grad).norm() / exact_grad.norm())
     assert 0 < error < 0.05, error
+
+
+def test_reversed_sums_take_the_same_micro_batches_and_differ_only_by_rounding(tmp_path: Path) -> None:
+    from swarm.training.local import train_locally
+    from swarm.training.trainer import TrainerConfig
+
+    (tmp_path / "config.json").write_text(json.dumps(BYTE_CONFIG))
+    cfg = TrainerConfig(
+        model=str(tmp_path),
+        steps=2,
+        micro_batch_size=2,
+        target_batch_size=8,
+        lr=1e-2,
+        warmup_steps=1,
+        seed=0,
+        data=DataConfig(seq_len=33, max_bytes=1 << 16),
+    )
+    plain = train_locally(cfg)
+    reversed_ = train_locally(cfg, reverse_sums=True)
+    per_step = 4
+    assert (
+        [s for _, s, _ in reversed_.losses] == [s for _, s, _ in plain.losses] == [2 * i for i in range(1, 9)]
+    )
+    first = [loss for _, _, loss in plain.losses[:per_step]]
+    # Step 1 runs on the initial weights: the same four losses, in reverse order.
+    assert [loss for _, _, loss in reversed_.losses[:per_step]] == first[::-1]
+    # Step 2 starts from weights updated by the same gradients summed in another order: the same
+    # losses up to float rounding (a wrong or missing micro-batch would move them by far more).
+    for (_, _, a), (_, _, b) in zip(reversed_.losses[per_step:][::-1], plain.losses[per_step:], strict=True):
+        assert abs(a - b) < 1e-4

@@ -108,6 +108,7 @@ def train_locally(
     evaluate_every: int = 0,
     wire_codec: str = "none",
     num_stages: int = 2,
+    reverse_sums: bool = False,
     on_step: Callable[[int, LocalRun], None] = lambda step, run: None,
 ) -> LocalRun:
     """Train `cfg` in this process: steps x target_batch_size samples, in
@@ -121,7 +122,11 @@ def train_locally(
 
     `wire_codec` other than "none" rounds the hidden states and their gradients where a swarm of
     `num_stages` stages sends them (bench/codec_parity.py): what the codec alone does to learning.
-    Held-out losses are computed without rounding."""
+    Held-out losses are computed without rounding.
+
+    `reverse_sums` runs each step's micro-batches in reverse order: the same gradients summed in
+    another order, so only float rounding differs. Against an unchanged run it sizes how far
+    rounding alone moves the loss (bench/convergence.py's `local_reversed`)."""
     from swarm.node.training import stage_blocks  # the nodes' initial weights, block by block
     from swarm.training.trainer import initial_parts
 
@@ -145,12 +150,18 @@ def train_locally(
     began = time.monotonic()
     index = [0] * trainers
     for step in range(cfg.steps):
+        todo = []  # (shard, its batch index) of this step's micro-batches
         for k in order:
-            tokens = shards[k].batch(index[k], cfg.micro_batch_size)
+            todo.append((k, index[k]))
             index[k] += 1
+        if reverse_sums:
+            todo.reverse()
+        before = sum(index) - len(todo)  # micro-batches of earlier steps
+        for done, (k, i) in enumerate(todo, 1):
+            tokens = shards[k].batch(i, cfg.micro_batch_size)
             loss = next_byte_loss(parts, trained, tokens)
             (loss / per_step).backward()
-            samples = sum(index) * cfg.micro_batch_size
+            samples = (before + done) * cfg.micro_batch_size
             run.losses.append((time.monotonic() - began, samples, float(loss.detach())))
         optimizer.step()
         schedule.step()
