@@ -764,7 +764,7 @@ def plot(results: dict[str, Any], path: Path) -> bool:
         seeds = sorted({seed for ss in r["summary"]["seeds"].values() for seed in ss})
         ax.set_title(
             f"{name}: {r['params'] / 1e6:.2f} M parameters, {r['steps']} steps, "
-            f"mean of seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+            + (f"mean of seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}")
         )
         ax.set_xlabel("samples")
         ax.set_ylabel(f"loss, running mean of {WINDOW} micro-batches (nats/byte)")
