@@ -251,7 +251,8 @@ class ComputeWorker:
         finally:
             with self._cond:
                 self._busy = False
-                self._cond.notify()  # work queued meanwhile is the worker's now
+                if any(self._queues):  # work queued meanwhile is the worker's now (else no wake-up)
+                    self._cond.notify()
 
     @property
     def alive(self) -> bool:

@@ -323,7 +323,8 @@ class DistributedModelForCausalLM:
         while True:
             while not decoder.done:
                 with torch.inference_mode():
-                    hidden = self.parts.embed(decoder.new_ids)
+                    # after the first step, new_ids are tokens sampled here: no range check needed
+                    hidden = self.parts.embed(decoder.new_ids, check=decoder.position == 0)
                 out = await session.step(hidden)
                 with torch.inference_mode():
                     # nodes answer in their own compute dtype; the local head runs in ours
