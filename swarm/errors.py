@@ -64,13 +64,23 @@ class MissingBlocksError(SwarmError):
 
     retryable = True
 
-    def __init__(self, model: str, blocks: list[int]) -> None:
+    def __init__(self, model: str, blocks: list[int], *, after: str = "") -> None:
         self.model = model
         self.blocks = sorted(blocks)
-        super().__init__(
-            f"no server in the swarm serves blocks {_ranges(self.blocks)} of model {model!r}; "
-            "start a node for them (swarm-node join --blocks START:END) or check --initial-peers"
-        )
+        # `after`: why the servers that did serve them are out of reach for this request (the first
+        # failure the retries saw), e.g. each refused a session longer than its limit.
+        self.after = after
+        if after:
+            hint = f"; the servers tried for them failed first: {after}"
+        else:
+            hint = "; start a node for them (swarm-node join --blocks START:END) or check --initial-peers"
+        blocks_of = f"blocks {_ranges(self.blocks)} of model {model!r}"
+        super().__init__(f"no server in the swarm serves {blocks_of}{hint}")
+
+    def after_failure(self, failure: Exception) -> MissingBlocksError:
+        """The same error, saying that it came after `failure` (a server of these blocks failed or
+        refused), which is then the likelier cause than an empty swarm."""
+        return MissingBlocksError(self.model, self.blocks, after=str(failure))
 
 
 class AdapterNotLoaded(SwarmError):

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from swarm.errors import ConfigError, SwarmError
+from swarm.errors import ConfigError, MissingBlocksError, SwarmError
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -47,11 +47,16 @@ class RetryPolicy:
 
         `fn` gets the attempt number so it can re-plan (e.g. route around a banned peer).
         """
+        first: SwarmError | None = None  # the first failure: often the real cause of the last one
         for attempt in range(1, self.max_attempts + 1):
             try:
                 return await fn(attempt)
             except SwarmError as e:
+                first = first or e
                 if not e.retryable or attempt == self.max_attempts:
+                    # Re-planning around a failed server can leave no server at all: say why it failed.
+                    if isinstance(e, MissingBlocksError) and not isinstance(first, MissingBlocksError):
+                        raise e.after_failure(first) from e
                     raise
                 log.info("attempt %d/%d failed (%s); retrying", attempt, self.max_attempts, e)
                 await asyncio.sleep(self.delay(attempt))

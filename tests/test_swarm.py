@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import swarm
 from swarm import checkpoint, wire
 from swarm._proto import swarm_pb2, swarm_pb2_grpc
 from swarm.client.model import DistributedModelForCausalLM
-from swarm.errors import MissingBlocksError
+from swarm.errors import ConfigError, MissingBlocksError
 from swarm.localswarm import LocalSwarm, NodeProcess
 from tests.checkpoints import make_checkpoint
 
@@ -253,6 +254,28 @@ def test_inference_stream_matches_forward_and_checks_positions(channel: grpc.Cha
         inference(channel, [first, swarm_pb2.InferenceRequest(step=step(hidden[:, 5:], 3, 2))])
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "position 3" in info.value.details()
+
+
+def test_generate_refuses_bad_prompts_and_says_why_nodes_refused_a_session(
+    local_swarm: LocalSwarm, model_path: Path
+) -> None:
+    # a client of its own: a refused session must not ban the nodes for this client's next work
+    with DistributedModelForCausalLM.from_pretrained(model_path, local_swarm.initial_peers) as model:
+        vocab = model.config.vocab_size
+        for bad, words in [
+            (torch.tensor([[1, vocab]]), f"token ids must be in [0, {vocab})"),
+            (torch.tensor([[-1, 2]]), "got ids from -1 to 2"),
+            (torch.tensor([[1.0, 2.0]]), "integer token ids"),
+            (torch.zeros(1, 0, dtype=torch.long), "no tokens"),
+        ]:
+            with pytest.raises(ConfigError, match=re.escape(words)):
+                model.generate(bad, max_new_tokens=2)
+        # longer than any node takes: every node of 0:4 refuses, and the error names their limit
+        with pytest.raises(MissingBlocksError, match="max_session_length") as info:
+            model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=10**6)
+        assert "RESOURCE_EXHAUSTED" in str(info.value)
+        out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3)  # at once: nobody was banned
+        assert out.shape == (1, 6)
 
 
 def test_inference_limits(channel: grpc.Channel) -> None:

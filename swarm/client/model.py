@@ -255,6 +255,7 @@ class DistributedModelForCausalLM:
         """
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
+        self._check_input_ids(input_ids)
         named = "a loaded model" if isinstance(draft_model, LlamaForCausalLM) else draft_model
         spec = SpeculativeConfig(
             speculative, None if named is None else str(named), draft_tokens=draft_tokens
@@ -290,6 +291,22 @@ class DistributedModelForCausalLM:
             finally:
                 if streamer is not None:
                     streamer.end()
+
+    def _check_input_ids(self, input_ids: torch.Tensor) -> None:
+        """Refuse a prompt the model cannot embed before any server is asked to hold a session."""
+        vocab = self.config.vocab_size
+        if input_ids.dim() != 2 or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise ConfigError(
+                f"input_ids must be integer token ids [batch, tokens], got {input_ids.dtype} of shape "
+                f"{list(input_ids.shape)}"
+            )
+        if input_ids.shape[1] == 0:
+            raise ConfigError("input_ids holds no tokens: give a prompt of at least one token")
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab:
+            raise ConfigError(
+                f"token ids must be in [0, {vocab}) for this model, got ids from {low} to {high}"
+            )
 
     def _draft_model(self, draft_model: str | Path | LlamaForCausalLM | None) -> LlamaForCausalLM:
         """The draft model, loaded once per path and kept for the next generate()."""

@@ -28,7 +28,7 @@ from swarm.coordinator.routing import Hop, min_latency_route
 from swarm.coordinator.rtt import RttTable
 from swarm.coordinator.swarm_map import SwarmMapCache
 from swarm.coordinator.trust import agree, first_disagreement
-from swarm.errors import MissingBlocksError, PeerUnavailable, SwarmError
+from swarm.errors import MissingBlocksError, PeerUnavailable, RemoteError, SwarmError
 
 log = logging.getLogger(__name__)
 
@@ -206,10 +206,19 @@ class InferenceSession:
         each stream pushes its output this step (a stream not sent yet still pushes when it runs)."""
         sent = pushed[0].pop(self.streams[i], None) if pushed is not None else None
         delivered = pushed is not None and pushed[1]
+        failure: SwarmError | None = None  # the previous attempt's
 
         async def attempt(n: int) -> swarm_pb2.InferenceResponse:
+            nonlocal failure
             if n > 1:
-                await self._reroute(i)
+                await self._reroute(i, refused=_over_a_limit(failure))
+            try:
+                return await answer(n)
+            except SwarmError as e:
+                failure = e
+                raise
+
+        async def answer(n: int) -> swarm_pb2.InferenceResponse:
             stream = self.streams[i]
             if n > 1 or sent is None or x_msg is None:
                 push = (targets or {}).get(stream) if n == 1 else None
@@ -279,17 +288,20 @@ class InferenceSession:
             self.step_seconds[i] = 0.8 * usual + 0.2 * took
         return out
 
-    async def _reroute(self, i: int) -> None:
-        """Replace stream i (whose peer just failed) by a fresh route over the same span."""
+    async def _reroute(self, i: int, refused: bool = False) -> None:
+        """Replace stream i (whose peer just failed) by a fresh route over the same span. `refused`:
+        the peer refused this session as over one of its limits (a longer session than it takes, a
+        full cache): it is avoided in this session only, not banned for the client's other work."""
         failed = self.streams[i]
-        if failed.hop.peer_id not in self.banned:  # one failure, one ban: retries do not stack them
+        if failed.hop.peer_id not in self.banned and not refused:  # one failure, one ban: no stacking
             self.bans.ban(failed.hop.peer_id)
         self.banned.add(failed.hop.peer_id)
         await failed.close()
         hops = await self._route(failed.hop.start, failed.hop.end)
         log.warning(
-            "peer %s failed; re-routing blocks %d:%d via %s",
+            "peer %s %s; re-routing blocks %d:%d via %s",
             failed.hop.peer_id,
+            "refused the session (over one of its limits)" if refused else "failed",
             failed.hop.start,
             failed.hop.end,
             [h.peer_id for h in hops],
@@ -468,3 +480,8 @@ def _truncate(history: list[torch.Tensor], keep: int) -> None:
         if total < keep:  # the cut falls inside this step's tokens
             history.append(last[:, : keep - total])
             total = keep
+
+
+def _over_a_limit(error: SwarmError | None) -> bool:
+    """A node's refusal of a request over one of its limits (not a failure of the node)."""
+    return isinstance(error, RemoteError) and error.code == "RESOURCE_EXHAUSTED"
