@@ -20,7 +20,7 @@ import socket
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import hivemind
 from hivemind.dht import DHT
@@ -159,13 +159,24 @@ def visible_maddrs(dht: DHT) -> list[str]:
     return [str(m) for m in dht.get_visible_maddrs()]
 
 
+def _retrieve(answer: asyncio.Future[Any]) -> None:
+    """Mark an answer nobody waits for any more as seen (asyncio would log a lost exception)."""
+    if not answer.cancelled():
+        answer.exception()
+
+
 async def dht_call(future: concurrent.futures.Future[T], *, timeout: float | None = None) -> T:
     """Await the MPFuture of `dht.get/store/run_coroutine(..., return_future=True)` without blocking.
 
     Errors come back as DHTError (a timeout, a dead DHT process, or the DHT's own exception).
     """
+    answer = asyncio.wrap_future(future)
+    answer.add_done_callback(_retrieve)
     try:
-        return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+        # Shielded: a caller that stops waiting (cancelled, timed out) leaves the request to finish in
+        # the DHT process and drops its answer. Cancelling hivemind's future instead makes the DHT
+        # process fail to set its result later, which it logs as an ERROR with two tracebacks.
+        return await asyncio.wait_for(asyncio.shield(answer), timeout)
     except TimeoutError:  # asyncio's is the builtin since 3.11
         raise DHTError(f"the DHT did not answer within {timeout} s") from None
     except asyncio.CancelledError:

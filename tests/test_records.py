@@ -391,3 +391,20 @@ async def test_dht_call_turns_timeouts_and_failures_into_dht_errors() -> None:
     failed.set_exception(RuntimeError("boom"))
     with pytest.raises(DHTError, match="RuntimeError: boom"):
         await dht_call(failed)
+
+
+async def test_a_caller_that_stops_waiting_leaves_the_dht_request_to_finish() -> None:
+    # hivemind's DHT process logs an ERROR with tracebacks when it answers a cancelled future
+    pending: concurrent.futures.Future[int] = concurrent.futures.Future()
+    waiter = asyncio.ensure_future(dht_call(pending))
+    await asyncio.wait([waiter], timeout=0)  # let it start waiting
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert not pending.cancelled()
+    timed_out: concurrent.futures.Future[int] = concurrent.futures.Future()
+    with pytest.raises(DHTError):
+        await dht_call(timed_out, timeout=0.01)
+    assert not timed_out.cancelled()
+    pending.set_result(1)  # the DHT answers later: dropped without complaint
+    timed_out.set_exception(RuntimeError("late failure"))
