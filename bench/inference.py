@@ -193,6 +193,16 @@ def session_generate(
     return timer.run(case, 0, out, expected, "; ".join([*notes, f"route {route}"]))
 
 
+def paired_ratios(runs: list[Run], local: str, swarm: str) -> list[float]:
+    """tokens/s of `swarm` over `local` for each rep that ran both."""
+    by_rep = {(r.case, r.rep): r.tokens_per_s for r in runs}
+    return [
+        by_rep[(swarm, rep)] / tps
+        for (case, rep), tps in sorted(by_rep.items(), key=lambda kv: kv[0][1])
+        if case == local and (swarm, rep) in by_rep
+    ]
+
+
 def alternate(
     local: Local,
     clients: tuple[DistributedModelForCausalLM, DistributedModelForCausalLM],
@@ -671,6 +681,10 @@ def bench(args: argparse.Namespace, workdir: Path) -> int:
     big_swarm = statistics.median(r.tokens_per_s for r in big_runs if r.case == "swarm32k")
     big_nopush = statistics.median(r.tokens_per_s for r in big_runs if r.case == "nopush32k")
     compute_s = 1 / statistics.median(r.decode_steps_per_s for r in local_runs)
+    # Each rep's (b) over the same rep's (a), run right after it: a second view of B/A that a slow
+    # drift of the machine's speed (other tenants) moves less than a ratio of medians.
+    paired = paired_ratios(runs, "local", "swarm")
+    big_paired = paired_ratios(big_runs, "local32k", "swarm32k")
 
     if args.skip_wan:
         wan = Wan(ran=False, reason="--skip-wan")
@@ -693,6 +707,11 @@ def bench(args: argparse.Namespace, workdir: Path) -> int:
         f"vocab {BIG_VOCAB}: (b)/(a) = {big_swarm / big_local:.2f} (target >= {BIG_RATIO_TARGET}), "
         f"without push {big_nopush / big_local:.2f}"
     )
+    for label, ratios in (("", paired), (f"vocab {BIG_VOCAB}: ", big_paired)):
+        print(
+            f"{label}(b)/(a) rep by rep: {' '.join(f'{x:.3f}' for x in ratios)} "
+            f"(median {statistics.median(ratios):.3f})"
+        )
     print(
         f"(c) killed run: {killed.seconds:.2f} s, {extra_s:+.2f} s vs (b) median, "
         f"{killed.seconds - swarm4.seconds:+.2f} s vs undisturbed 4-node run (target < {EXTRA_TARGET_S:g} s)"
@@ -742,12 +761,14 @@ def bench(args: argparse.Namespace, workdir: Path) -> int:
                 "local_tokens_per_s": local_tps,
                 "swarm_tokens_per_s": swarm_tps,
                 "swarm_over_local": ratio,
+                "swarm_over_local_by_rep": paired,
                 "nopush_tokens_per_s": nopush_tps,
                 "nopush_over_local": nopush_tps / local_tps,
                 "vocab_32000": {
                     "local_tokens_per_s": big_local,
                     "swarm_tokens_per_s": big_swarm,
                     "swarm_over_local": big_swarm / big_local,
+                    "swarm_over_local_by_rep": big_paired,
                     "nopush_tokens_per_s": big_nopush,
                     "nopush_over_local": big_nopush / big_local,
                     "prompt_tokens": len(BIG_PROMPT),
