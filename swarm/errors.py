@@ -103,6 +103,12 @@ class RemoteError(SwarmError):
         self.retryable = retryable
         super().__init__(f"{peer}: {code}: {details}")
 
+    @property
+    def over_a_limit(self) -> bool:
+        """The node refused the request as over one of its limits (session length, a full cache):
+        a refusal of this request, not a failure of the node."""
+        return self.code == "RESOURCE_EXHAUSTED"
+
 
 def _ranges(blocks: list[int]) -> str:
     """[0, 1, 2, 5] -> '0:3, 5:6' (half-open spans, as the CLI takes them)."""

@@ -36,7 +36,7 @@ from swarm.coordinator.rtt import RttTable
 from swarm.coordinator.swarm_map import SwarmMapCache
 from swarm.errors import ConfigError, MissingBlocksError, SwarmError
 from swarm.generation import Decoder, SamplingConfig, eos_ids
-from swarm.models.llama import ClientParts, LlamaConfig, LlamaForCausalLM
+from swarm.models.llama import ClientParts, LlamaConfig, LlamaForCausalLM, check_token_ids
 from swarm.speculative import (
     DEFAULT_DRAFT_TOKENS,
     SpeculationStats,
@@ -294,7 +294,6 @@ class DistributedModelForCausalLM:
 
     def _check_input_ids(self, input_ids: torch.Tensor) -> None:
         """Refuse a prompt the model cannot embed before any server is asked to hold a session."""
-        vocab = self.config.vocab_size
         if input_ids.dim() != 2 or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
             raise ConfigError(
                 f"input_ids must be integer token ids [batch, tokens], got {input_ids.dtype} of shape "
@@ -302,11 +301,7 @@ class DistributedModelForCausalLM:
             )
         if input_ids.shape[1] == 0:
             raise ConfigError("input_ids holds no tokens: give a prompt of at least one token")
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= vocab:
-            raise ConfigError(
-                f"token ids must be in [0, {vocab}) for this model, got ids from {low} to {high}"
-            )
+        check_token_ids(input_ids, self.config.vocab_size)
 
     def _draft_model(self, draft_model: str | Path | LlamaForCausalLM | None) -> LlamaForCausalLM:
         """The draft model, loaded once per path and kept for the next generate()."""

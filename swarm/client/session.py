@@ -211,7 +211,7 @@ class InferenceSession:
         async def attempt(n: int) -> swarm_pb2.InferenceResponse:
             nonlocal failure
             if n > 1:
-                await self._reroute(i, refused=_over_a_limit(failure))
+                await self._reroute(i, refused=isinstance(failure, RemoteError) and failure.over_a_limit)
             try:
                 return await answer(n)
             except SwarmError as e:
@@ -480,8 +480,3 @@ def _truncate(history: list[torch.Tensor], keep: int) -> None:
         if total < keep:  # the cut falls inside this step's tokens
             history.append(last[:, : keep - total])
             total = keep
-
-
-def _over_a_limit(error: SwarmError | None) -> bool:
-    """A node's refusal of a request over one of its limits (not a failure of the node)."""
-    return isinstance(error, RemoteError) and error.code == "RESOURCE_EXHAUSTED"

@@ -596,6 +596,14 @@ def init_weights(module: nn.Module, seed: int, std: float = 0.02) -> None:
 # ----------------------------------------------------------------------------- client parts and full model
 
 
+def check_token_ids(input_ids: Tensor, vocab_size: int) -> None:
+    """Refuse ids the embedding has no row for (a ConfigError, which is a ValueError)."""
+    if input_ids.numel():
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab_size:
+            raise ConfigError(f"token ids must be in [0, {vocab_size}), got ids from {low} to {high}")
+
+
 class ClientParts(nn.Module):
     """What the client keeps locally: token embeddings, final norm, LM head."""
 
@@ -617,15 +625,8 @@ class ClientParts(nn.Module):
         this model's own logits (always in range): two reductions less per decoded token."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {list(input_ids.shape)}")
-        if (
-            check
-            and input_ids.numel()
-            and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size)
-        ):
-            raise ValueError(
-                f"token ids must be in [0, {self.config.vocab_size}), got [{int(input_ids.min())}, "
-                f"{int(input_ids.max())}]"
-            )
+        if check:
+            check_token_ids(input_ids, self.config.vocab_size)
         return self.embed_tokens(input_ids)
 
     def logits(self, hidden: Tensor) -> Tensor:
